@@ -1,0 +1,167 @@
+//! A1111-compatible generation metadata (the PNG `parameters` text chunk) and atomic PNG
+//! writing.
+//!
+//! Layout, as AUTOMATIC1111 writes it: the prompt, `Negative prompt: …` when non-empty, then
+//! one line of `Key: value` pairs in A1111's key order; a value containing `,` `:` or a
+//! newline is JSON-quoted.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::error::{Error, Result};
+
+/// The values behind one image's `parameters` chunk.
+#[derive(Debug, Clone)]
+pub struct Parameters {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub sampler: String,
+    pub schedule_type: Option<String>,
+    pub cfg_scale: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub model: String,
+    /// A1111 writes "RNG: CPU" when noise did not come from the (default) GPU generator.
+    pub rng: Option<String>,
+}
+
+fn quote(v: &str) -> String {
+    if v.contains(',') || v.contains(':') || v.contains('\n') {
+        serde_json::to_string(v).unwrap_or_else(|_| v.to_string())
+    } else {
+        v.to_string()
+    }
+}
+
+/// Formats a float as Python's `str()` would for A1111's values (7.0 → "7.0", 7.5 → "7.5").
+fn py_float(x: f64) -> String {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{x:.1}")
+    } else {
+        format!("{x}")
+    }
+}
+
+impl Parameters {
+    /// The `parameters` text.
+    pub fn to_a1111(&self) -> String {
+        let mut pairs: Vec<(&str, String)> = vec![
+            ("Steps", self.steps.to_string()),
+            ("Sampler", self.sampler.clone()),
+        ];
+        if let Some(s) = &self.schedule_type {
+            pairs.push(("Schedule type", s.clone()));
+        }
+        pairs.push(("CFG scale", py_float(self.cfg_scale)));
+        pairs.push(("Seed", self.seed.to_string()));
+        pairs.push(("Size", format!("{}x{}", self.width, self.height)));
+        pairs.push(("Model", self.model.clone()));
+        if let Some(r) = &self.rng {
+            pairs.push(("RNG", r.clone()));
+        }
+        pairs.push((
+            "Version",
+            format!("sd-studio {}", env!("CARGO_PKG_VERSION")),
+        ));
+        let line = pairs
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", quote(v)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let neg = if self.negative_prompt.is_empty() {
+            String::new()
+        } else {
+            format!("\nNegative prompt: {}", self.negative_prompt)
+        };
+        format!("{}{}\n{}", self.prompt, neg, line)
+            .trim()
+            .to_string()
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
+/// crash never leaves a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let werr = |e: std::io::Error| Error::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(werr)
+}
+
+/// Encodes RGB8 pixels as PNG with the `parameters` text chunk (tEXt when Latin-1, else iTXt).
+pub fn encode_png(rgb: &[u8], width: usize, height: usize, parameters: &str) -> Result<Vec<u8>> {
+    let perr = |e: png::EncodingError| Error::invalid("png", e.to_string());
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        if parameters.chars().all(|c| (c as u32) < 256) {
+            enc.add_text_chunk("parameters".into(), parameters.into())
+                .map_err(perr)?;
+        } else {
+            enc.add_itxt_chunk("parameters".into(), parameters.into())
+                .map_err(perr)?;
+        }
+        let mut w = enc.write_header().map_err(perr)?;
+        w.write_image_data(rgb).map_err(perr)?;
+        w.finish().map_err(perr)?;
+    }
+    Ok(out)
+}
+
+/// Reads the `parameters` text back from a PNG (ours or A1111's).
+pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::read(path, e))?;
+    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let reader = decoder.read_info().map_err(|e| Error::read(path, e))?;
+    let info = reader.info();
+    if let Some(t) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+    {
+        return Ok(Some(t.text.clone()));
+    }
+    if let Some(t) = info.utf8_text.iter().find(|t| t.keyword == "parameters") {
+        return Ok(Some(t.get_text().map_err(|e| Error::read(path, e))?));
+    }
+    if let Some(t) = info
+        .compressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+    {
+        return Ok(Some(t.get_text().map_err(|e| Error::read(path, e))?));
+    }
+    Ok(None)
+}
+
+/// `dir/{seed}.png`, or `dir/{seed}-2.png`, … if taken.
+pub fn output_path(dir: &Path, seed: u64) -> PathBuf {
+    let first = dir.join(format!("{seed}.png"));
+    if !first.exists() {
+        return first;
+    }
+    (2..)
+        .map(|k| dir.join(format!("{seed}-{k}.png")))
+        .find(|p| !p.exists())
+        .unwrap_or(first)
+}

@@ -1,0 +1,50 @@
+//! The generation engine: models, samplers, noise and the txt2img pipeline. Never imports
+//! egui; talks to the outside through plain data.
+
+pub mod clip;
+pub mod config;
+pub mod error;
+pub mod metadata;
+pub mod model;
+pub mod pipeline;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;
+pub mod unet;
+
+pub use error::{Error, Result};
+
+use candle_core::{DType, Device};
+
+/// `--device cpu|cuda` → a candle device, with a clear error when CUDA is not built in.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(Error::invalid(
+                    "device",
+                    "cuda: this build has no CUDA support (rebuild with --features cuda)",
+                ));
+            }
+            Device::new_cuda(0).map_err(|e| Error::invalid("device", format!("cuda: {e}")))
+        }
+        other => Err(Error::invalid(
+            "device",
+            format!("{other:?} is not cpu or cuda"),
+        )),
+    }
+}
+
+/// `--dtype f32|f16|bf16`.
+pub fn dtype(name: &str) -> Result<DType> {
+    match name {
+        "f32" | "fp32" => Ok(DType::F32),
+        "f16" | "fp16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(Error::invalid(
+            "dtype",
+            format!("{other:?} is not f32, f16 or bf16"),
+        )),
+    }
+}

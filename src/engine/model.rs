@@ -1,0 +1,390 @@
+//! Finding and loading a Stable Diffusion model: a diffusers folder (model_index.json,
+//! unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub repo id resolved through
+//! hf-hub into the cache Python's huggingface_hub uses (HF_HUB_CACHE, HF_HOME,
+//! HF_HUB_OFFLINE are honoured, so a model diffusers already downloaded is found offline).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+
+use super::clip::ClipTextModel;
+use super::config::{ClipConfig, JsonConfig, UNetConfig, VaeConfig};
+use super::error::{Error, Result};
+use super::schedulers::SchedulerConfig;
+use super::tokenizer::ClipTokenizer;
+use super::unet::UNet;
+
+pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
+
+const PICKLE_EXTS: [&str; 4] = ["ckpt", "bin", "pt", "pth"];
+
+fn is_pickle(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| PICKLE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Where the Python hub client keeps its cache: HF_HUB_CACHE, else HF_HOME/hub, else
+/// ~/.cache/huggingface/hub.
+pub fn hub_cache_dir() -> PathBuf {
+    if let Some(p) =
+        std::env::var_os("HF_HUB_CACHE").or_else(|| std::env::var_os("HUGGINGFACE_HUB_CACHE"))
+    {
+        return PathBuf::from(p);
+    }
+    if let Some(h) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(h).join("hub");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("huggingface").join("hub")
+}
+
+fn offline() -> bool {
+    matches!(
+        std::env::var("HF_HUB_OFFLINE").as_deref(),
+        Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes") | Ok("ON") | Ok("on")
+    )
+}
+
+fn looks_like_repo_id(s: &str) -> bool {
+    let parts: Vec<_> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+        && !s.starts_with('.')
+}
+
+/// Turns `--model` into a local diffusers folder, downloading from the hub if needed.
+pub fn resolve(spec: &str, prefer_fp16: bool) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    if path.is_file() {
+        if is_pickle(path) {
+            return Err(Error::Pickle {
+                path: path.to_path_buf(),
+            });
+        }
+        return Err(Error::invalid(
+            "model",
+            format!("{spec} is a single file; single-file checkpoints are not supported yet, pass a diffusers folder or hub id"),
+        ));
+    }
+    if !looks_like_repo_id(spec) {
+        return Err(Error::NotFound {
+            what: "model folder".into(),
+            path: path.to_path_buf(),
+        });
+    }
+    resolve_hub(spec, prefer_fp16)
+}
+
+fn resolve_hub(repo: &str, prefer_fp16: bool) -> Result<PathBuf> {
+    let cache_dir = hub_cache_dir();
+    let cache = hf_hub::Cache::new(cache_dir.clone());
+    let cached = cache.model(repo.to_string());
+    if let Some(index) = cached.get("model_index.json") {
+        let root = index.parent().map(Path::to_path_buf).unwrap_or_default();
+        // A complete download has weights for every component.
+        if ["unet", "vae", "text_encoder"]
+            .iter()
+            .all(|c| find_weights(&root.join(c), prefer_fp16).is_ok())
+        {
+            return Ok(root);
+        }
+    }
+    if offline() {
+        return Err(Error::Hub {
+            repo: repo.into(),
+            reason: format!(
+                "not in the cache at {} and HF_HUB_OFFLINE is set",
+                cache_dir.display()
+            ),
+        });
+    }
+    let hub_err = |e: hf_hub::api::sync::ApiError| Error::Hub {
+        repo: repo.into(),
+        reason: e.to_string(),
+    };
+    let api = hf_hub::api::sync::ApiBuilder::new()
+        .with_cache_dir(cache_dir)
+        .with_progress(true)
+        .build()
+        .map_err(hub_err)?;
+    let r = api.model(repo.to_string());
+    let info = r.info().map_err(hub_err)?;
+    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let index = r.get("model_index.json").map_err(hub_err)?;
+    for f in [
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+    ] {
+        if files.iter().any(|x| x == f) {
+            r.get(f).map_err(hub_err)?;
+        }
+    }
+    for component in ["unet", "vae", "text_encoder"] {
+        let names: Vec<&str> = files
+            .iter()
+            .filter_map(|f| f.strip_prefix(&format!("{component}/")))
+            .filter(|f| !f.contains('/'))
+            .collect();
+        let chosen = choose_weight_names(&names, prefer_fp16).ok_or_else(|| Error::Hub {
+            repo: repo.into(),
+            reason: format!(
+                "no .safetensors weights for {component} (pickle weights are never loaded)"
+            ),
+        })?;
+        for name in chosen {
+            let p = r.get(&format!("{component}/{name}")).map_err(hub_err)?;
+            if name.ends_with(".index.json") {
+                for shard in shard_files(&p)? {
+                    r.get(&format!("{component}/{shard}")).map_err(hub_err)?;
+                }
+            }
+        }
+    }
+    Ok(index.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// From a component folder's file names, the safetensors file (or shard index) to load.
+fn choose_weight_names<'a>(names: &[&'a str], prefer_fp16: bool) -> Option<Vec<&'a str>> {
+    let stems = ["diffusion_pytorch_model", "model"];
+    let mut order: Vec<String> = Vec::new();
+    for stem in stems {
+        let plain = [
+            format!("{stem}.safetensors"),
+            format!("{stem}.safetensors.index.json"),
+        ];
+        let fp16 = [
+            format!("{stem}.fp16.safetensors"),
+            format!("{stem}.safetensors.index.fp16.json"),
+        ];
+        if prefer_fp16 {
+            order.extend(fp16.iter().cloned().chain(plain.iter().cloned()));
+        } else {
+            order.extend(plain.iter().cloned().chain(fp16.iter().cloned()));
+        }
+    }
+    order.iter().find_map(|want| {
+        names
+            .iter()
+            .find(|n| **n == want.as_str())
+            .map(|n| vec![*n])
+    })
+}
+
+fn shard_files(index: &Path) -> Result<Vec<String>> {
+    let c = JsonConfig::load(index)?;
+    let map = c
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| c.err("weight_map", "missing"))?;
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// The safetensors files holding one component's weights (`unet/`, `vae/`, `text_encoder/`).
+pub fn find_weights(dir: &Path, prefer_fp16: bool) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Err(Error::NotFound {
+            what: "component folder".into(),
+            path: dir.to_path_buf(),
+        });
+    }
+    let entries: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::read(dir, e))?
+        .filter_map(|e| {
+            e.ok()
+                .and_then(|e| e.file_name().to_str().map(str::to_string))
+        })
+        .collect();
+    let names: Vec<&str> = entries.iter().map(String::as_str).collect();
+    match choose_weight_names(&names, prefer_fp16) {
+        Some(chosen) => {
+            let mut out = Vec::new();
+            for n in chosen {
+                let p = dir.join(n);
+                if n.ends_with(".index.json") {
+                    out.extend(shard_files(&p)?.into_iter().map(|s| dir.join(s)));
+                } else {
+                    out.push(p);
+                }
+            }
+            Ok(out)
+        }
+        None => {
+            if let Some(p) = names.iter().map(|n| dir.join(n)).find(|p| is_pickle(p)) {
+                return Err(Error::Pickle { path: p });
+            }
+            Err(Error::NotFound {
+                what: "safetensors weights".into(),
+                path: dir.to_path_buf(),
+            })
+        }
+    }
+}
+
+/// Memory-maps safetensors files as a VarBuilder, checking headers and sizes first.
+pub fn var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    component: &'static str,
+) -> Result<VarBuilder<'static>> {
+    for f in files {
+        if !f.is_file() {
+            return Err(Error::NotFound {
+                what: format!("{component} weights"),
+                path: f.clone(),
+            });
+        }
+        if is_pickle(f) {
+            return Err(Error::Pickle { path: f.clone() });
+        }
+    }
+    // SAFETY: the files are mapped read-only; like every safetensors loader we rely on no
+    // other process truncating them while the model is loaded.
+    #[allow(unsafe_code)]
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) };
+    vb.map_err(|e| Error::Weights {
+        component,
+        path: files.first().cloned().unwrap_or_default(),
+        reason: candle_msg(&e),
+    })
+}
+
+/// Everything in a model folder, parsed but not yet loaded.
+pub struct ModelFiles {
+    pub root: PathBuf,
+    pub unet_config: UNetConfig,
+    pub vae_config: VaeConfig,
+    pub clip_config: ClipConfig,
+    pub scheduler_config: SchedulerConfig,
+    pub unet_weights: Vec<PathBuf>,
+    pub vae_weights: Vec<PathBuf>,
+    pub text_encoder_weights: Vec<PathBuf>,
+}
+
+impl ModelFiles {
+    pub fn from_dir(root: &Path, prefer_fp16: bool) -> Result<Self> {
+        let index = root.join("model_index.json");
+        if index.is_file() {
+            let c = JsonConfig::load(&index)?;
+            let class = c.str_or("_class_name", "StableDiffusionPipeline")?;
+            if class.contains("XL") || class.contains("StableDiffusion3") || class.contains("Flux")
+            {
+                return Err(c.err(
+                    "_class_name",
+                    format!("{class} is not supported (Stable Diffusion 1.x/2.x only)"),
+                ));
+            }
+        } else if !root.join("unet").is_dir() {
+            return Err(Error::NotFound {
+                what: "diffusers model (model_index.json)".into(),
+                path: index,
+            });
+        }
+        let unet_config =
+            UNetConfig::from_json(&JsonConfig::load(&root.join("unet").join("config.json"))?)?;
+        let vae_config =
+            VaeConfig::from_json(&JsonConfig::load(&root.join("vae").join("config.json"))?)?;
+        let clip_config = ClipConfig::from_json(&JsonConfig::load(
+            &root.join("text_encoder").join("config.json"),
+        )?)?;
+        let scheduler_config = SchedulerConfig::from_json(JsonConfig::load(
+            &root.join("scheduler").join("scheduler_config.json"),
+        )?)?;
+        if clip_config.hidden_size != unet_config.cross_attention_dim {
+            return Err(Error::Config {
+                path: root.join("unet").join("config.json"),
+                field: "cross_attention_dim".into(),
+                reason: format!(
+                    "{} does not match the text encoder's hidden_size {}",
+                    unet_config.cross_attention_dim, clip_config.hidden_size
+                ),
+            });
+        }
+        if vae_config.latent_channels != unet_config.in_channels {
+            return Err(Error::Config {
+                path: root.join("unet").join("config.json"),
+                field: "in_channels".into(),
+                reason: format!("{} channels, but the VAE makes {} latent channels (inpainting models are not supported yet)", unet_config.in_channels, vae_config.latent_channels),
+            });
+        }
+        Ok(Self {
+            unet_weights: find_weights(&root.join("unet"), prefer_fp16)?,
+            vae_weights: find_weights(&root.join("vae"), prefer_fp16)?,
+            text_encoder_weights: find_weights(&root.join("text_encoder"), prefer_fp16)?,
+            root: root.to_path_buf(),
+            unet_config,
+            vae_config,
+            clip_config,
+            scheduler_config,
+        })
+    }
+
+    pub fn load_tokenizer(&self) -> Result<ClipTokenizer> {
+        ClipTokenizer::from_dir(&self.root.join("tokenizer"))
+    }
+
+    pub fn load_text_encoder(&self, dtype: DType, device: &Device) -> Result<ClipTextModel> {
+        let vb = var_builder(&self.text_encoder_weights, dtype, device, "text encoder")?;
+        ClipTextModel::new(vb, &self.clip_config).map_err(|e| Error::Weights {
+            component: "text encoder",
+            path: self.text_encoder_weights[0].clone(),
+            reason: candle_msg(&e),
+        })
+    }
+
+    pub fn load_unet(&self, dtype: DType, device: &Device) -> Result<UNet> {
+        let vb = var_builder(&self.unet_weights, dtype, device, "unet")?;
+        UNet::new(vb, &self.unet_config).map_err(|e| Error::Weights {
+            component: "unet",
+            path: self.unet_weights[0].clone(),
+            reason: candle_msg(&e),
+        })
+    }
+
+    pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<AutoEncoderKL> {
+        let vb = var_builder(&self.vae_weights, dtype, device, "vae")?;
+        let c = &self.vae_config;
+        let cfg = AutoEncoderKLConfig {
+            block_out_channels: c.block_out_channels.clone(),
+            layers_per_block: c.layers_per_block,
+            latent_channels: c.latent_channels,
+            norm_num_groups: c.norm_num_groups,
+            use_quant_conv: c.use_quant_conv,
+            use_post_quant_conv: c.use_post_quant_conv,
+        };
+        AutoEncoderKL::new(vb, c.in_channels, c.out_channels, cfg).map_err(|e| Error::Weights {
+            component: "vae",
+            path: self.vae_weights[0].clone(),
+            reason: candle_msg(&e),
+        })
+    }
+}
+
+/// A candle error's message without the backtrace it carries when RUST_BACKTRACE is set.
+pub fn candle_msg(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}

@@ -1,0 +1,356 @@
+//! Text to image, step by step as diffusers' `StableDiffusionPipeline.__call__`:
+//! 1. check inputs, 2. encode the prompt (and negative prompt for guidance),
+//! 3. set up the sampler's timesteps, 4. draw the initial latents (one generator per
+//! image: image i uses seed + i), 5. denoise with classifier-free guidance in one batched
+//! UNet call per step, 6. decode each image with the VAE.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
+
+use super::clip::ClipTextModel;
+use super::error::{Context, Error, Result};
+use super::model::ModelFiles;
+use super::rng::{NoiseStream, RngKind};
+use super::schedulers::SchedulerKind;
+use super::tokenizer::ClipTokenizer;
+use super::unet::UNet;
+
+/// Everything that decides an image.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub batch: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub scheduler: SchedulerKind,
+    pub width: usize,
+    pub height: usize,
+    pub rng: RngKind,
+    /// Replaces the drawn noise, as diffusers' `latents=`: f32 [batch, 4, h/8, w/8] on the CPU.
+    pub init_latents: Option<Tensor>,
+}
+
+/// One finished image.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    /// Row-major RGB8.
+    pub rgb: Vec<u8>,
+}
+
+/// Progress of a running job, handed to the caller after every denoising step.
+pub struct StepInfo<'a> {
+    /// 1-based.
+    pub step: usize,
+    pub total: usize,
+    /// The sampler's current estimate of the clean latents [batch, 4, h/8, w/8].
+    pub pred_original: Option<&'a Tensor>,
+}
+
+/// Time spent in each phase of the last job, in seconds.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub encode: f64,
+    pub steps: Vec<f64>,
+    pub decode: f64,
+}
+
+/// A loaded Stable Diffusion model.
+pub struct StableDiffusion {
+    pub files: ModelFiles,
+    pub device: Device,
+    pub dtype: DType,
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet,
+    vae: AutoEncoderKL,
+    vae_f32: OnceLock<Result<AutoEncoderKL, String>>,
+    pub last_timings: Timings,
+}
+
+fn dims_ok(what: &'static str, v: usize, multiple: usize) -> Result<()> {
+    if v == 0 || v % multiple != 0 {
+        return Err(Error::invalid(
+            what,
+            format!("{v} is not a positive multiple of {multiple}"),
+        ));
+    }
+    Ok(())
+}
+
+impl StableDiffusion {
+    pub fn load(files: ModelFiles, device: Device, dtype: DType) -> Result<Self> {
+        let tokenizer = files.load_tokenizer()?;
+        let text_encoder = files.load_text_encoder(dtype, &device)?;
+        let unet = files.load_unet(dtype, &device)?;
+        let vae = files.load_vae(dtype, &device)?;
+        Ok(Self {
+            files,
+            device,
+            dtype,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            vae_f32: OnceLock::new(),
+            last_timings: Timings::default(),
+        })
+    }
+
+    pub fn root(&self) -> &PathBuf {
+        &self.files.root
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn unet(&self) -> &UNet {
+        &self.unet
+    }
+
+    pub fn vae(&self) -> &AutoEncoderKL {
+        &self.vae
+    }
+
+    /// Pixels per latent cell.
+    pub fn scale_factor(&self) -> usize {
+        self.files.vae_config.scale_factor()
+    }
+
+    /// Prompt → `last_hidden_state` [1, 77, dim] in the model dtype. Warns on truncation.
+    pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
+        let tokens = self.tokenizer.encode(text)?;
+        if tokens.truncated > 0 {
+            eprintln!(
+                "warning: prompt is {} tokens too long for CLIP's {} and was truncated",
+                tokens.truncated, self.tokenizer.max_length
+            );
+        }
+        let ids = Tensor::new(tokens.ids.as_slice(), &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .ctx("prompt ids")?;
+        self.text_encoder.forward(&ids).ctx("text encoder")
+    }
+
+    pub fn encode_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        self.text_encoder
+            .forward(&ids.to_device(&self.device).ctx("ids")?)
+            .ctx("text encoder")
+    }
+
+    /// Checks a request against this model before any work starts.
+    pub fn check(&self, req: &GenerateRequest) -> Result<()> {
+        let f = self.scale_factor();
+        dims_ok("width", req.width, f)?;
+        dims_ok("height", req.height, f)?;
+        if req.batch == 0 {
+            return Err(Error::invalid("batch", "must be at least 1"));
+        }
+        if req.steps == 0 {
+            return Err(Error::invalid("steps", "must be at least 1"));
+        }
+        if !req.guidance.is_finite() || req.guidance < 0.0 {
+            return Err(Error::invalid(
+                "guidance",
+                format!("{} is not a finite number ≥ 0", req.guidance),
+            ));
+        }
+        if let Some(l) = &req.init_latents {
+            let want = [
+                req.batch,
+                self.files.unet_config.in_channels,
+                req.height / f,
+                req.width / f,
+            ];
+            if l.dims() != want {
+                return Err(Error::invalid(
+                    "init latents",
+                    format!(
+                        "shape {:?}, expected {:?} for batch {} at {}x{}",
+                        l.dims(),
+                        want,
+                        req.batch,
+                        req.width,
+                        req.height
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a whole job. `on_step` sees every step; returning an error (e.g.
+    /// [`Error::Cancelled`]) stops the job there.
+    pub fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(StepInfo) -> Result<()>,
+    ) -> Result<Vec<GeneratedImage>> {
+        // 1. Check inputs.
+        self.check(req)?;
+        let f = self.scale_factor();
+        let (lh, lw) = (req.height / f, req.width / f);
+        let channels = self.files.unet_config.in_channels;
+        let n = req.batch;
+        let dev = self.device.clone();
+        let mut timings = Timings::default();
+
+        // 2. Encode the prompt; guidance > 1 adds the negative prompt as a batch half.
+        let t0 = Instant::now();
+        let guided = req.guidance > 1.0;
+        let cond = self.encode_prompt(&req.prompt)?;
+        let context = if guided {
+            let uncond = self.encode_prompt(&req.negative_prompt)?;
+            let halves = [
+                uncond.repeat((n, 1, 1)).ctx("context")?,
+                cond.repeat((n, 1, 1)).ctx("context")?,
+            ];
+            Tensor::cat(&halves, 0).ctx("context")?
+        } else {
+            cond.repeat((n, 1, 1)).ctx("context")?
+        };
+        timings.encode = t0.elapsed().as_secs_f64();
+
+        // 3. Timesteps.
+        let mut scheduler = req
+            .scheduler
+            .build(&self.files.scheduler_config, req.steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+
+        // 4. Initial latents: each image's own generator, so the batch never changes an image.
+        let mut streams: Vec<NoiseStream> = (0..n)
+            .map(|i| NoiseStream::new(req.rng, req.seed.wrapping_add(i as u64)))
+            .collect();
+        let per_image = channels * lh * lw;
+        let draw = |streams: &mut Vec<NoiseStream>| -> Result<Tensor> {
+            let data: Vec<f32> = streams
+                .iter_mut()
+                .flat_map(|s| s.randn(per_image))
+                .collect();
+            Tensor::from_vec(data, (n, channels, lh, lw), &dev).ctx("noise")
+        };
+        let latents = match &req.init_latents {
+            Some(l) => l
+                .to_dtype(DType::F32)
+                .and_then(|l| l.to_device(&dev))
+                .ctx("init latents")?,
+            None => draw(&mut streams)?,
+        };
+        let mut latents = (latents * scheduler.init_noise_sigma()).ctx("latents")?;
+
+        // 5. Denoise.
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let ts = Instant::now();
+            let input = if guided {
+                Tensor::cat(&[&latents, &latents], 0).ctx("cfg batch")?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(&input, i)?;
+            let pred = self
+                .unet
+                .forward(&input.to_dtype(self.dtype).ctx("unet input")?, t, &context)
+                .and_then(|p| p.to_dtype(DType::F32))
+                .ctx("unet")?;
+            let pred = if guided {
+                let uncond = pred.narrow(0, 0, n).ctx("cfg")?;
+                let cond = pred.narrow(0, n, n).ctx("cfg")?;
+                (&uncond + ((cond - &uncond).ctx("cfg")? * req.guidance).ctx("cfg")?).ctx("cfg")?
+            } else {
+                pred
+            };
+            let mut noise = || draw(&mut streams);
+            let out = scheduler.step(&pred, i, &latents, &mut noise)?;
+            latents = out.prev_sample;
+            timings.steps.push(ts.elapsed().as_secs_f64());
+            on_step(StepInfo {
+                step: i + 1,
+                total,
+                pred_original: out.pred_original.as_ref(),
+            })?;
+        }
+
+        // 6. Decode one image at a time (same result, a fraction of the memory).
+        let t0 = Instant::now();
+        let mut images = Vec::with_capacity(n);
+        for i in 0..n {
+            let l = latents.narrow(0, i, 1).ctx("decode")?;
+            let rgb = self.decode(&l)?;
+            images.push(GeneratedImage {
+                seed: req.seed.wrapping_add(i as u64),
+                width: req.width,
+                height: req.height,
+                rgb,
+            });
+        }
+        timings.decode = t0.elapsed().as_secs_f64();
+        self.last_timings = timings;
+        Ok(images)
+    }
+
+    /// Latents [1, 4, h, w] (unscaled, as the sampler leaves them) → RGB8 pixels. In reduced
+    /// precision, an image with non-finite values is decoded again in f32 (logged once).
+    pub fn decode(&self, latents: &Tensor) -> Result<Vec<u8>> {
+        let c = &self.files.vae_config;
+        let z = ((latents / c.scaling_factor).ctx("decode")? + c.shift_factor).ctx("decode")?;
+        let img = self
+            .vae
+            .decode(&z.to_dtype(self.dtype).ctx("decode")?)
+            .and_then(|x| x.to_dtype(DType::F32))
+            .ctx("vae decode")?;
+        let finite = img
+            .flatten_all()
+            .and_then(|x| x.to_vec1::<f32>())
+            .ctx("vae decode")?
+            .iter()
+            .all(|v| v.is_finite());
+        let img = if finite || self.dtype == DType::F32 {
+            img
+        } else {
+            let vae32 = self.vae_f32.get_or_init(|| {
+                eprintln!(
+                    "note: the VAE overflowed in {:?}; decoding in f32 instead",
+                    self.dtype
+                );
+                self.files
+                    .load_vae(DType::F32, &self.device)
+                    .map_err(|e| e.to_string())
+            });
+            let vae32 = vae32
+                .as_ref()
+                .map_err(|e| Error::invalid("vae", e.clone()))?;
+            vae32
+                .decode(&z.to_dtype(DType::F32).ctx("decode")?)
+                .ctx("vae decode (f32)")?
+        };
+        to_rgb8(&img)
+    }
+}
+
+/// [1, 3, h, w] in [-1, 1] → RGB8, as diffusers: (x/2 + 0.5).clamp(0, 1) * 255, rounded.
+pub fn to_rgb8(img: &Tensor) -> Result<Vec<u8>> {
+    let x = ((img / 2.0).ctx("rgb")? + 0.5)
+        .and_then(|x| x.clamp(0f32, 1f32))
+        .ctx("rgb")?;
+    let x = (x * 255.0).and_then(|x| x.round()).ctx("rgb")?;
+    let x = x
+        .squeeze(0)
+        .and_then(|x| x.permute((1, 2, 0)))
+        .and_then(|x| x.flatten_all())
+        .ctx("rgb")?;
+    Ok(x.to_vec1::<f32>()
+        .ctx("rgb")?
+        .into_iter()
+        .map(|v| v as u8)
+        .collect())
+}

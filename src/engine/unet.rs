@@ -1,0 +1,540 @@
+//! The denoising UNet (diffusers' `UNet2DConditionModel`) for SD 1.x/2.x, built from
+//! `unet/config.json`: ResNet blocks with timestep conditioning, spatial transformers with
+//! self- and cross-attention in the levels the config names, skip connections between the
+//! down and up paths. Weight names follow diffusers exactly.
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::{
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
+    LayerNorm, Linear, VarBuilder,
+};
+
+use super::config::UNetConfig;
+
+type R<T> = candle_core::Result<T>;
+
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> R<Conv2d> {
+    conv2d(
+        cin,
+        cout,
+        k,
+        Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        },
+        vb,
+    )
+}
+
+/// Sinusoidal timestep features, as diffusers' `get_timestep_embedding` (computed in f32).
+fn timestep_features(
+    t: f64,
+    batch: usize,
+    dim: usize,
+    flip: bool,
+    shift: f64,
+    dev: &candle_core::Device,
+) -> R<Tensor> {
+    let half = dim / 2;
+    let mut row = vec![0f32; dim];
+    for i in 0..half {
+        let exponent = (-(10000f32.ln()) * i as f32) / (half as f32 - shift as f32);
+        let arg = t as f32 * exponent.exp();
+        let (s, c) = (arg.sin(), arg.cos());
+        if flip {
+            row[i] = c;
+            row[half + i] = s;
+        } else {
+            row[i] = s;
+            row[half + i] = c;
+        }
+    }
+    Tensor::from_vec(row, (1, dim), dev)?.repeat((batch, 1))
+}
+
+struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+    output_scale: f64,
+}
+
+impl ResnetBlock {
+    fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        temb: usize,
+        groups: usize,
+        eps: f64,
+        output_scale: f64,
+    ) -> R<Self> {
+        Ok(Self {
+            norm1: group_norm(groups, cin, eps, vb.pp("norm1"))?,
+            conv1: conv(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
+            time_emb_proj: linear(temb, cout, vb.pp("time_emb_proj"))?,
+            norm2: group_norm(groups, cout, eps, vb.pp("norm2"))?,
+            conv2: conv(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
+            shortcut: if cin != cout {
+                Some(conv(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?)
+            } else {
+                None
+            },
+            output_scale,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, temb: &Tensor) -> R<Tensor> {
+        let h = self
+            .conv1
+            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let t = self
+            .time_emb_proj
+            .forward(&candle_nn::ops::silu(temb)?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self
+            .conv2
+            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let skip = match &self.shortcut {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (skip + h)?;
+        if self.output_scale == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale
+        }
+    }
+}
+
+/// Multi-head attention; `context` None means self-attention.
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> R<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: linear_no_bias(dim, inner, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: linear(inner, dim, vb.pp("to_out").pp("0"))?,
+            heads,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    fn split_heads(&self, x: Tensor) -> R<Tensor> {
+        let (b, t, inner) = x.dims3()?;
+        x.reshape((b, t, self.heads, inner / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> R<Tensor> {
+        let ctx = context.unwrap_or(xs);
+        let (b, t, _) = xs.dims3()?;
+        let q = self.split_heads((self.to_q.forward(xs)? * self.scale)?)?;
+        let k = self.split_heads(self.to_k.forward(ctx)?)?;
+        let v = self.split_heads(self.to_v.forward(ctx)?)?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ys = probs.matmul(&v)?.transpose(1, 2)?;
+        let inner = ys.dim(2)? * ys.dim(3)?;
+        self.to_out.forward(&ys.reshape((b, t, inner))?)
+    }
+}
+
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_in: Linear,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> R<Self> {
+        let ff_inner = dim * 4;
+        Ok(Self {
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim)?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim)?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff_in: linear(dim, ff_inner * 2, vb.pp("ff").pp("net").pp("0").pp("proj"))?,
+            ff_out: linear(ff_inner, dim, vb.pp("ff").pp("net").pp("2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> R<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + &xs)?;
+        // GEGLU feed-forward with exact (erf) GELU, as diffusers.
+        let h = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let gated =
+            (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        self.ff_out.forward(&gated)? + xs
+    }
+}
+
+enum Proj {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel`: group norm, projection in, transformer blocks, projection out.
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Proj,
+}
+
+impl SpatialTransformer {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        depth: usize,
+        context_dim: usize,
+        groups: usize,
+        linear_proj: bool,
+    ) -> R<Self> {
+        let head_dim = channels / heads;
+        let proj = |name: &str| -> R<Proj> {
+            Ok(if linear_proj {
+                Proj::Linear(linear(channels, channels, vb.pp(name))?)
+            } else {
+                Proj::Conv(conv(channels, channels, 1, 1, 0, vb.pp(name))?)
+            })
+        };
+        Ok(Self {
+            norm: group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: proj("proj_in")?,
+            blocks: (0..depth)
+                .map(|i| {
+                    TransformerBlock::new(
+                        vb.pp("transformer_blocks").pp(i),
+                        channels,
+                        context_dim,
+                        heads,
+                        head_dim,
+                    )
+                })
+                .collect::<R<Vec<_>>>()?,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> R<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let to_tokens =
+            |x: Tensor| -> R<Tensor> { x.permute((0, 2, 3, 1))?.reshape((b, h * w, c)) };
+        let normed = self.norm.forward(xs)?;
+        let mut x = match &self.proj_in {
+            Proj::Conv(p) => to_tokens(p.forward(&normed)?)?,
+            Proj::Linear(p) => p.forward(&to_tokens(normed)?)?,
+        };
+        for block in &self.blocks {
+            x = block.forward(&x, context)?;
+        }
+        let to_image = |x: Tensor| -> R<Tensor> {
+            x.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let out = match &self.proj_out {
+            Proj::Conv(p) => p.forward(&to_image(x)?)?,
+            Proj::Linear(p) => to_image(p.forward(&x)?)?,
+        };
+        out + xs
+    }
+}
+
+struct Level {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    /// Downsampler (down path) or upsampler (up path) convolution.
+    sampler: Option<Conv2d>,
+}
+
+/// The whole UNet.
+pub struct UNet {
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down: Vec<Level>,
+    mid_resnets: Vec<ResnetBlock>,
+    mid_attention: SpatialTransformer,
+    up: Vec<Level>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    config: UNetConfig,
+}
+
+impl UNet {
+    pub fn new(vb: VarBuilder, c: &UNetConfig) -> R<Self> {
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let temb = ch[0] * 4;
+        let g = c.norm_num_groups;
+        let eps = c.norm_eps;
+        let ctx = c.cross_attention_dim;
+        let st = |vb: VarBuilder, channels: usize, i: usize| {
+            SpatialTransformer::new(
+                vb,
+                channels,
+                c.num_heads[i],
+                c.transformer_layers[i],
+                ctx,
+                g,
+                c.use_linear_projection,
+            )
+        };
+
+        let mut down = Vec::with_capacity(n);
+        for i in 0..n {
+            let vb = vb.pp("down_blocks").pp(i);
+            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..c.layers_per_block {
+                let rin = if j == 0 { cin } else { ch[i] };
+                resnets.push(ResnetBlock::new(
+                    vb.pp("resnets").pp(j),
+                    rin,
+                    ch[i],
+                    temb,
+                    g,
+                    eps,
+                    1.0,
+                )?);
+                if c.cross_attn[i] {
+                    attentions.push(st(vb.pp("attentions").pp(j), ch[i], i)?);
+                }
+            }
+            let sampler = if i + 1 < n {
+                Some(conv(
+                    ch[i],
+                    ch[i],
+                    3,
+                    2,
+                    c.downsample_padding,
+                    vb.pp("downsamplers").pp(0).pp("conv"),
+                )?)
+            } else {
+                None
+            };
+            down.push(Level {
+                resnets,
+                attentions,
+                sampler,
+            });
+        }
+
+        let mvb = vb.pp("mid_block");
+        let last = ch[n - 1];
+        let mid_resnets = vec![
+            ResnetBlock::new(
+                mvb.pp("resnets").pp(0),
+                last,
+                last,
+                temb,
+                g,
+                eps,
+                c.mid_block_scale_factor,
+            )?,
+            ResnetBlock::new(
+                mvb.pp("resnets").pp(1),
+                last,
+                last,
+                temb,
+                g,
+                eps,
+                c.mid_block_scale_factor,
+            )?,
+        ];
+        let mid_attention = st(mvb.pp("attentions").pp(0), last, n - 1)?;
+
+        let mut up = Vec::with_capacity(n);
+        for i in 0..n {
+            let vb = vb.pp("up_blocks").pp(i);
+            let level = n - 1 - i;
+            let out = ch[level];
+            let prev_out = if i == 0 { last } else { ch[level + 1] };
+            let skip_in = ch[level.saturating_sub(1)];
+            let layers = c.layers_per_block + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..layers {
+                let res_skip = if j == layers - 1 { skip_in } else { out };
+                let rin = if j == 0 { prev_out } else { out };
+                resnets.push(ResnetBlock::new(
+                    vb.pp("resnets").pp(j),
+                    rin + res_skip,
+                    out,
+                    temb,
+                    g,
+                    eps,
+                    1.0,
+                )?);
+                if c.cross_attn[level] {
+                    attentions.push(st(vb.pp("attentions").pp(j), out, level)?);
+                }
+            }
+            let sampler = if i + 1 < n {
+                Some(conv(
+                    out,
+                    out,
+                    3,
+                    1,
+                    1,
+                    vb.pp("upsamplers").pp(0).pp("conv"),
+                )?)
+            } else {
+                None
+            };
+            up.push(Level {
+                resnets,
+                attentions,
+                sampler,
+            });
+        }
+
+        Ok(Self {
+            conv_in: conv(c.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?,
+            time_linear_1: linear(ch[0], temb, vb.pp("time_embedding").pp("linear_1"))?,
+            time_linear_2: linear(temb, temb, vb.pp("time_embedding").pp("linear_2"))?,
+            down,
+            mid_resnets,
+            mid_attention,
+            up,
+            norm_out: group_norm(g, ch[0], eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv(ch[0], c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            config: c.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Predicts noise (or v) for `sample` [b, c, h, w] at `timestep` given `context` [b, tokens, dim].
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> R<Tensor> {
+        let c = &self.config;
+        let (b, _, h, w) = sample.dims4()?;
+        let dtype = sample.dtype();
+        let n = c.block_out_channels.len();
+        let factor = 1usize << (n - 1);
+        let odd_size = h % factor != 0 || w % factor != 0;
+
+        let sample = if c.center_input_sample {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
+        let t = timestep_features(
+            timestep,
+            b,
+            c.block_out_channels[0],
+            c.flip_sin_to_cos,
+            c.freq_shift,
+            sample.device(),
+        )?
+        .to_dtype(dtype)?;
+        let temb = self
+            .time_linear_2
+            .forward(&candle_nn::ops::silu(&self.time_linear_1.forward(&t)?)?)?;
+
+        let mut x = self.conv_in.forward(&sample)?;
+        let mut skips = vec![x.clone()];
+        for level in &self.down {
+            for (j, resnet) in level.resnets.iter().enumerate() {
+                x = resnet.forward(&x, &temb)?;
+                if let Some(attn) = level.attentions.get(j) {
+                    x = attn.forward(&x, context)?;
+                }
+                skips.push(x.clone());
+            }
+            if let Some(ds) = &level.sampler {
+                if c.downsample_padding == 0 {
+                    x = x
+                        .pad_with_zeros(D::Minus1, 0, 1)?
+                        .pad_with_zeros(D::Minus2, 0, 1)?;
+                }
+                x = ds.forward(&x)?;
+                skips.push(x.clone());
+            }
+        }
+
+        x = self.mid_resnets[0].forward(&x, &temb)?;
+        x = self.mid_attention.forward(&x, context)?;
+        x = self.mid_resnets[1].forward(&x, &temb)?;
+
+        for level in &self.up {
+            for (j, resnet) in level.resnets.iter().enumerate() {
+                let skip = skips.pop().ok_or_else(|| {
+                    candle_core::Error::Msg("unet: skip connections exhausted".into())
+                })?;
+                x = Tensor::cat(&[&x, &skip], 1)?;
+                x = resnet.forward(&x, &temb)?;
+                if let Some(attn) = level.attentions.get(j) {
+                    x = attn.forward(&x, context)?;
+                }
+            }
+            if let Some(us) = &level.sampler {
+                let (_, _, xh, xw) = x.dims4()?;
+                let (th, tw) = match (odd_size, skips.last()) {
+                    (true, Some(s)) => (s.dim(2)?, s.dim(3)?),
+                    _ => (xh * 2, xw * 2),
+                };
+                x = us.forward(&x.upsample_nearest2d(th, tw)?)?;
+            }
+        }
+
+        let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
+        let out = self.conv_out.forward(&x)?;
+        if out.dtype() != dtype {
+            out.to_dtype(dtype)
+        } else {
+            Ok(out)
+        }
+    }
+}

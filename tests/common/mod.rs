@@ -1,0 +1,78 @@
+//! Shared helpers for the integration tests: fixture paths, loading the tiny models, and
+//! comparing against diffusers' reference outputs.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use sd_studio::engine::model::ModelFiles;
+use sd_studio::engine::pipeline::StableDiffusion;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+pub fn load_model(name: &str) -> StableDiffusion {
+    let files = ModelFiles::from_dir(&model_dir(name), false).expect("fixture model files");
+    StableDiffusion::load(files, Device::Cpu, DType::F32).expect("load fixture model")
+}
+
+pub fn refs_json(name: &str) -> serde_json::Value {
+    let p = fixtures().join("refs").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("read refs json"))
+        .expect("parse refs json")
+}
+
+pub fn load_safetensors(name: &str) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("refs").join(name), &Device::Cpu)
+        .expect("load refs safetensors")
+}
+
+/// max |a - b| / max |b|: the relative error the parity tests bound.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    diff / scale
+}
+
+/// RGB8 pixels of a PNG.
+pub fn read_png_rgb(path: &std::path::Path) -> (usize, usize, Vec<u8>) {
+    let img = image::open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+        .to_rgb8();
+    (img.width() as usize, img.height() as usize, img.into_raw())
+}
+
+/// Largest per-channel difference between two RGB8 images.
+pub fn max_pixel_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}

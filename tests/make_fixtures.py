@@ -1,0 +1,748 @@
+#!/usr/bin/env python3
+"""Generate the diffusers reference fixtures used by sd-studio's Rust tests.
+
+What it makes (everything under ``tests/fixtures/``):
+
+* ``tiny-sd15/``  -- a tiny, random-weight, SD-1.5-shaped pipeline (epsilon
+  prediction, PNDM scheduler config copied from runwayml/stable-diffusion-v1-5)
+  in the exact diffusers folder layout, weights stored as float16 safetensors
+  with the regular file names (``diffusion_pytorch_model.safetensors``,
+  ``model.safetensors``).
+* ``tiny-sd2v/``  -- a tiny, random-weight, SD-2.x-shaped pipeline
+  (v_prediction, DDIM scheduler config copied from
+  stabilityai/stable-diffusion-2-1, linear-projection transformers,
+  per-block head counts, tokenizer padding with "!"), weights stored as the
+  ``fp16`` variant (``*.fp16.safetensors`` only).
+* Both carry a ``tokenizer/`` folder (vocab.json, merges.txt,
+  tokenizer_config.json, special_tokens_map.json) rebuilt from the real CLIP
+  BPE file ``bpe_simple_vocab_16e6.txt.gz`` in the layout the hub's
+  openai/clip-vit-large-patch14 tokenizer uses (49408 tokens).
+* ``refs/`` -- reference outputs computed by diffusers/transformers on CPU in
+  float32 from the models *as reloaded from disk* (so the references match
+  the float16-rounded weights the Rust side will read):
+    - ``tokens.json``: token ids for tricky prompts with both tokenizers;
+    - ``randn.safetensors`` / ``randn.json``: ``torch.randn`` draws from
+      seeded CPU ``torch.Generator``s (single draws and sequences);
+    - ``components_<model>.safetensors``: text encoder, UNet and VAE-decoder
+      inputs/outputs;
+    - ``schedulers.json``: timesteps / sigmas / init_noise_sigma of each
+      scheduler after ``set_timesteps``;
+    - ``latents_64x64.safetensors``, ``images/*.png``, ``cases.json``:
+      full text-to-image pipeline runs.
+
+How to run (from the repository root)::
+
+    pip install torch diffusers transformers safetensors numpy pillow open_clip_torch
+    python tests/make_fixtures.py            # finds the BPE file via `import open_clip`
+    python tests/make_fixtures.py --bpe /path/to/bpe_simple_vocab_16e6.txt.gz
+
+Token ids come from the pipeline's own ``transformers.CLIPTokenizer`` (in
+transformers >= 5 that is the only CLIP tokenizer; there is no "slow" one any
+more); they are cross-checked against an independent pure-Python BPE written
+here, and the script fails if the two disagree.
+
+Nothing is downloaded: every model is built from a config with random
+weights (``torch.manual_seed`` before each build), so the output is
+deterministic for a given torch/diffusers/transformers version.  Everything
+runs on CPU in float32 with ``torch.set_num_threads(2)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import shutil
+import sys
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils import logging as diffusers_logging
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+REFS = FIXTURES / "refs"
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+# the hub CLIP tokenizers use the first 49152 - 256 - 2 merges of the BPE file
+N_MERGES = 49152 - 256 - 2
+
+PROMPT = "a photo of an astronaut riding a horse"
+NEGATIVE = "blurry, low quality"
+
+# Scheduler config files, written verbatim as the hub repos ship them.
+# Note: neither has a "timestep_spacing" key, so schedulers created with
+# from_config() fall back to their own class default spacing.
+SD15_SCHEDULER_JSON = """{
+  "_class_name": "PNDMScheduler",
+  "_diffusers_version": "0.6.0",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "num_train_timesteps": 1000,
+  "set_alpha_to_one": false,
+  "skip_prk_steps": true,
+  "steps_offset": 1,
+  "trained_betas": null,
+  "clip_sample": false
+}
+"""
+
+SD21_SCHEDULER_JSON = """{
+  "_class_name": "DDIMScheduler",
+  "_diffusers_version": "0.8.0",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "clip_sample": false,
+  "num_train_timesteps": 1000,
+  "prediction_type": "v_prediction",
+  "set_alpha_to_one": false,
+  "skip_prk_steps": true,
+  "steps_offset": 1,
+  "trained_betas": null
+}
+"""
+
+SCHEDULER_NAMES = ["euler", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras", "pndm"]
+
+
+# --------------------------------------------------------------------------
+# Tokenizer files
+# --------------------------------------------------------------------------
+
+
+def find_bpe(path_arg: str | None) -> Path:
+    if path_arg:
+        p = Path(path_arg)
+        if not p.is_file():
+            sys.exit(f"--bpe {p} does not exist")
+        return p
+    # Locate the installed open_clip package without executing its __init__
+    # (which pulls in optional deps such as ftfy); fall back to importing it.
+    spec = importlib.util.find_spec("open_clip")
+    if spec is not None and spec.submodule_search_locations:
+        pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    else:
+        try:
+            import open_clip  # only used to locate its data file
+        except ImportError:
+            sys.exit("open_clip is not importable; pass --bpe /path/to/bpe_simple_vocab_16e6.txt.gz")
+        pkg_dir = Path(open_clip.__file__).resolve().parent
+    p = pkg_dir / "bpe_simple_vocab_16e6.txt.gz"
+    if not p.is_file():
+        sys.exit(f"{p} not found; pass --bpe explicitly")
+    return p
+
+
+def byte_to_unicode_table() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode char map, in CLIP's vocab order.
+
+    Bytes that are already printable (and not space) map to themselves and come
+    first, in increasing order; the 68 remaining bytes are mapped, in increasing
+    byte order, onto code points 256, 257, ... and follow them.
+    """
+    printable = (
+        list(range(0x21, 0x7F))  # '!' .. '~'
+        + list(range(0xA1, 0xAD))  # '¡' .. '¬'
+        + list(range(0xAE, 0x100))  # '®' .. 'ÿ'
+    )
+    table: dict[int, str] = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def build_vocab_and_merges(bpe_path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    with gzip.open(bpe_path, "rb") as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
+    assert len(merges) == N_MERGES and all(len(m) == 2 for m in merges)
+    units = list(byte_to_unicode_table().values())
+    tokens = units + [u + "</w>" for u in units] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    assert len(vocab) == len(tokens) == 49408, len(vocab)
+    return vocab, merges
+
+
+def _special(content: str, with_type: bool) -> dict:
+    d = {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+    if with_type:
+        d = {"__type": "AddedToken", **d}
+    return d
+
+
+def write_tokenizer(dirpath: Path, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str) -> None:
+    """Write the 4 files the hub CLIP tokenizer folders of SD 1.5 / SD 2.1 contain."""
+    if dirpath.exists():
+        shutil.rmtree(dirpath)
+    dirpath.mkdir(parents=True)
+    # compact JSON (same mapping as the hub file, smaller on disk)
+    with open(dirpath / "vocab.json", "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False, separators=(",", ":"))
+    with open(dirpath / "merges.txt", "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        for a, b in merges:
+            f.write(f"{a} {b}\n")
+    cfg = {
+        "add_prefix_space": False,
+        "bos_token": _special(BOS, True),
+        "do_lower_case": True,
+        "eos_token": _special(EOS, True),
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": pad_token,
+        "special_tokens_map_file": "./special_tokens_map.json",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": _special(EOS, True),
+    }
+    with open(dirpath / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+    smap = {
+        "bos_token": _special(BOS, False),
+        "eos_token": _special(EOS, False),
+        "pad_token": pad_token,
+        "unk_token": _special(EOS, False),
+    }
+    with open(dirpath / "special_tokens_map.json", "w", encoding="utf-8") as f:
+        json.dump(smap, f, indent=2)
+        f.write("\n")
+
+
+class ReferenceBPE:
+    """Independent pure-Python CLIP tokenizer used only to cross-check transformers.
+
+    Text clean-up: NFC, collapse whitespace runs to one space, strip, lowercase
+    (what openai's CLIP does minus ftfy's mojibake repair).  ``specials`` are
+    cut out of the text before BPE and mapped straight to their ids, as
+    transformers does with a tokenizer's special tokens -- which includes the
+    pad token, so SD 2's pad token "!" turns every "!" into id 0.
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], specials: list[str]):
+        import regex
+
+        self.specials_re = regex.compile("(" + "|".join(regex.escape(t) for t in specials) + ")")
+        self.specials = set(specials)
+        self.vocab = vocab
+        self.rank = {m: i for i, m in enumerate(merges)}
+        self.byte_map = byte_to_unicode_table()
+        self.word_re = regex.compile(
+            r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE,
+        )
+        self.ws_re = regex.compile(r"\s+")
+        self.cache: dict[str, list[str]] = {}
+
+    def _bpe(self, word: str) -> list[str]:
+        if word in self.cache:
+            return self.cache[word]
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            best = None
+            for i in range(len(parts) - 1):
+                r = self.rank.get((parts[i], parts[i + 1]))
+                if r is not None and (best is None or r < best[0]):
+                    best = (r, parts[i], parts[i + 1])
+            if best is None:
+                break
+            _, a, b = best
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and parts[i] == a and parts[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = parts
+        return parts
+
+    def encode(self, text: str, pad_id: int, max_len: int = 77) -> list[int]:
+        text = self.ws_re.sub(" ", unicodedata.normalize("NFC", text)).strip().lower()
+        ids: list[int] = []
+        for segment in self.specials_re.split(text):
+            if segment in self.specials:
+                ids.append(self.vocab[segment])
+                continue
+            for w in self.word_re.findall(segment):
+                mapped = "".join(self.byte_map[b] for b in w.encode("utf-8"))
+                ids.extend(self.vocab[p] for p in self._bpe(mapped))
+        ids = [self.vocab[BOS]] + ids[: max_len - 2] + [self.vocab[EOS]]
+        return ids + [pad_id] * (max_len - len(ids))
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+
+def build_vae(seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=64,
+    )
+
+
+def build_sd15_components() -> dict:
+    torch.manual_seed(1501)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+    vae = build_vae(1502)
+    torch.manual_seed(1503)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=16,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    scheduler = PNDMScheduler.from_config(json.loads(SD15_SCHEDULER_JSON))
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+
+
+def build_sd2v_components() -> dict:
+    torch.manual_seed(2101)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=16,
+        attention_head_dim=[1, 2, 2, 2],
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+    )
+    vae = build_vae(2102)
+    torch.manual_seed(2103)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=16,
+            # ids as in stabilityai/stable-diffusion-2-1 text_encoder/config.json
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    )
+    scheduler = DDIMScheduler.from_config(json.loads(SD21_SCHEDULER_JSON))
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+
+
+def save_model(name: str, comps: dict, vocab, merges, pad_token: str, scheduler_json: str, variant: str | None):
+    out = FIXTURES / name
+    if out.exists():
+        shutil.rmtree(out)
+    tmp_tok = out.parent / f".{name}-tok-tmp"
+    write_tokenizer(tmp_tok, vocab, merges, pad_token)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_tok)
+    shutil.rmtree(tmp_tok)
+    pipe = StableDiffusionPipeline(
+        vae=comps["vae"],
+        text_encoder=comps["text_encoder"],
+        tokenizer=tokenizer,
+        unet=comps["unet"],
+        scheduler=comps["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True, variant=variant)
+    # Replace what save_pretrained wrote for the tokenizer and scheduler with
+    # the files exactly as the hub repos ship them.
+    write_tokenizer(out / "tokenizer", vocab, merges, pad_token)
+    (out / "scheduler" / "scheduler_config.json").write_text(scheduler_json)
+    if variant:
+        # only the variant files may exist
+        for p in out.rglob("*.safetensors"):
+            assert p.name.endswith(f".{variant}.safetensors"), p
+    del pipe
+
+
+def load_pipe(name: str, variant: str | None) -> StableDiffusionPipeline:
+    kw = {"variant": variant} if variant else {}
+    pipe = StableDiffusionPipeline.from_pretrained(FIXTURES / name, torch_dtype=torch.float32, **kw)
+    pipe.to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.eval()
+        assert next(m.parameters()).dtype == torch.float32
+    return pipe
+
+
+# --------------------------------------------------------------------------
+# References
+# --------------------------------------------------------------------------
+
+TOKEN_PROMPTS = [
+    "",
+    "a photo of a cat",
+    "A photo of an astronaut riding a horse on Mars",
+    "  multiple   spaces\nnew line\n\ttab\t end  ",
+    "UPPER CASE Words MiXeD",
+    "Café déjà vu, naïve façade",
+    "hello, world. it's 5:30pm & 100% done!!",
+    "wow! amazing !",
+    "don't won't they're I'm we've you'll she'd",
+    "a cute cat 🐱🔥 with sparkles ✨",
+    "猫と犬",
+    "1234567 and 3.14159",
+    "(masterpiece:1.2), best quality, [ugly], {detailed}, <lora:foo:0.8>",
+    "a <|endoftext|> b <|startoftext|> c",
+    "snake_case-words/path\\back \"quoted\" #hashtag @user $9.99",
+    " ".join(["a very long prompt that keeps going"] * 14),
+]
+
+
+def make_token_refs(pipes: dict[str, StableDiffusionPipeline], vocab, merges) -> list[str]:
+    tok15 = pipes["tiny-sd15"].tokenizer
+    tok2 = pipes["tiny-sd2v"].tokenizer
+    ref15 = ReferenceBPE(vocab, merges, [BOS, EOS])
+    ref2 = ReferenceBPE(vocab, merges, [BOS, EOS, "!"])
+
+    cat = tok15("a photo of a cat").input_ids
+    assert cat == [49406, 320, 1125, 539, 320, 2368, 49407], cat
+    assert tok15.pad_token_id == 49407 and tok2.pad_token_id == 0, (tok15.pad_token_id, tok2.pad_token_id)
+
+    def ids(tok, p):
+        return tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+
+    out = []
+    mismatches = []
+    for p in TOKEN_PROMPTS:
+        a, b = ids(tok15, p), ids(tok2, p)
+        assert len(a) == len(b) == 77
+        if a != ref15.encode(p, 49407) or b != ref2.encode(p, 0):
+            mismatches.append(p)
+        out.append({"prompt": p, "ids_sd15": a, "ids_sd2": b})
+    assert any(r["ids_sd2"][76] == 49407 for r in out), "no prompt got truncated"
+    with open(REFS / "tokens.json", "w", encoding="utf-8") as f:
+        json.dump(out, f, ensure_ascii=False, indent=1)
+    if mismatches:
+        return [f"tokens: transformers CLIPTokenizer differs from the python reference BPE for {p!r}" for p in mismatches]
+    print("tokens: transformers CLIPTokenizer agrees with the independent python BPE on all prompts")
+    return []
+
+
+def make_randn_refs() -> None:
+    shapes = [(1, 4, 8, 8), (3,), (15,), (16,), (17,), (5, 7), (1, 4, 12, 8), (2, 3, 5, 5), (1, 4, 64, 64)]
+    seeds = [0, 42, 1234, 2**32 + 5]
+    tensors: dict[str, torch.Tensor] = {}
+    meta = []
+    for seed in seeds:
+        for shape in shapes:
+            name = f"s{seed}_" + "x".join(map(str, shape))
+            g = torch.Generator("cpu").manual_seed(seed)
+            tensors[name] = torch.randn(shape, generator=g, dtype=torch.float32)
+            meta.append({"name": name, "seed": seed, "shape": list(shape), "position": None})
+    for seed, seq in [(42, [(1, 4, 8, 8), (1, 4, 8, 8)]), (7, [(3,), (20,), (1,), (2,)])]:
+        g = torch.Generator("cpu").manual_seed(seed)
+        for i, shape in enumerate(seq):
+            name = f"seq_s{seed}_{i}"
+            tensors[name] = torch.randn(shape, generator=g, dtype=torch.float32)
+            meta.append({"name": name, "seed": seed, "shape": list(shape), "position": i})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, REFS / "randn.safetensors")
+    with open(REFS / "randn.json", "w") as f:
+        json.dump(
+            {
+                "generator": "torch.Generator('cpu').manual_seed(seed); torch.randn(shape, generator=g) float32; "
+                "entries with a position are consecutive draws on one generator",
+                "tensors": meta,
+            },
+            f,
+            indent=1,
+        )
+
+
+@torch.no_grad()
+def make_component_refs(name: str, pipe: StableDiffusionPipeline) -> None:
+    tok = pipe.tokenizer
+    text_ids = tok(
+        [PROMPT, ""], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(torch.int64)
+    text_out = pipe.text_encoder(text_ids)[0]
+    unet_sample = torch.randn((2, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(0))
+    unet_timestep = torch.tensor([981.0], dtype=torch.float32)
+    unet_out = pipe.unet(unet_sample, 981, encoder_hidden_states=text_out).sample
+    vae_latents = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(1))
+    vae_out = pipe.vae.decode(vae_latents).sample
+    tensors = dict(
+        text_ids=text_ids,
+        text_out=text_out,
+        unet_sample=unet_sample,
+        unet_timestep=unet_timestep,
+        unet_out=unet_out,
+        vae_latents=vae_latents,
+        vae_out=vae_out,
+    )
+    for k, v in tensors.items():
+        assert torch.isfinite(v.float()).all(), (name, k)
+    assert tuple(text_out.shape) == (2, 77, 16) and tuple(vae_out.shape) == (1, 3, 64, 64)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, REFS / f"components_{name}.safetensors")
+
+
+def make_scheduler(sched_name: str, cfg):
+    if sched_name == "euler":
+        return EulerDiscreteScheduler.from_config(cfg)
+    if sched_name == "euler-a":
+        return EulerAncestralDiscreteScheduler.from_config(cfg)
+    if sched_name == "ddim":
+        return DDIMScheduler.from_config(cfg)
+    if sched_name == "dpm++2m":
+        return DPMSolverMultistepScheduler.from_config(cfg)
+    if sched_name == "dpm++2m-karras":
+        return DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True)
+    if sched_name == "pndm":
+        return PNDMScheduler.from_config(cfg)
+    raise ValueError(sched_name)
+
+
+def _floats(t) -> list[float]:
+    if isinstance(t, torch.Tensor):
+        return [float(x) for x in t.detach().cpu().double().tolist()]
+    return [float(x) for x in np.asarray(t, dtype=np.float64).tolist()]
+
+
+def make_scheduler_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
+    out = []
+    for model, pipe in pipes.items():
+        cfg = pipe.scheduler.config
+        for sched_name in SCHEDULER_NAMES:
+            for steps in (8, 20):
+                s = make_scheduler(sched_name, cfg)
+                s.set_timesteps(steps, device="cpu")
+                sigmas = getattr(s, "sigmas", None)
+                out.append(
+                    {
+                        "model": model,
+                        "scheduler": sched_name,
+                        "class": type(s).__name__,
+                        "steps": steps,
+                        "timesteps": _floats(s.timesteps),
+                        "timesteps_dtype": str(s.timesteps.dtype).replace("torch.", ""),
+                        "sigmas": _floats(sigmas) if sigmas is not None else None,
+                        "init_noise_sigma": float(s.init_noise_sigma),
+                        "timestep_spacing": s.config.get("timestep_spacing"),
+                        "prediction_type": s.config.get("prediction_type"),
+                        "steps_offset": s.config.get("steps_offset"),
+                        # full effective config of the scheduler built by from_config
+                        "config": {k: v for k, v in s.config.items() if not k.startswith("_")},
+                    }
+                )
+    with open(REFS / "schedulers.json", "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    return (img * 255).round().astype(np.uint8)
+
+
+def pipeline_cases() -> list[dict]:
+    cases = []
+
+    def add(model, sched, steps, seeds, guidance=7.5, negative=NEGATIVE, width=64, height=64, init=False, tag=""):
+        name = f"{model}_{sched}_{steps}st_{width}x{height}_g{guidance:g}" + (
+            "_init" if init else "_seeds" + "-".join(map(str, seeds))
+        ) + tag
+        cases.append(
+            dict(
+                name=name,
+                model=model,
+                scheduler=sched,
+                steps=steps,
+                guidance=guidance,
+                prompt=PROMPT,
+                negative_prompt=negative,
+                width=width,
+                height=height,
+                seeds=list(seeds),
+                init_latents="refs/latents_64x64.safetensors" if init else None,
+            )
+        )
+
+    for model in ("tiny-sd15", "tiny-sd2v"):
+        for sched in SCHEDULER_NAMES:
+            add(model, sched, 8, [42, 43])
+    for sched in SCHEDULER_NAMES:
+        add("tiny-sd15", sched, 8, [0], init=True)
+    add("tiny-sd15", "euler-a", 20, [5])
+    add("tiny-sd15", "dpm++2m-karras", 20, [5])
+    add("tiny-sd15", "euler-a", 8, [7], width=96, height=64)
+    add("tiny-sd15", "euler", 8, [9], guidance=1.0, negative="")
+    add("tiny-sd2v", "dpm++2m", 20, [11], width=64, height=96)
+    return cases
+
+
+@torch.no_grad()
+def make_pipeline_refs(pipes: dict[str, StableDiffusionPipeline]) -> list[str]:
+    img_dir = REFS / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    init_latents = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(100))
+    save_file({"latents": init_latents.contiguous()}, REFS / "latents_64x64.safetensors")
+    problems = []
+    cases = pipeline_cases()
+    for case in cases:
+        pipe = pipes[case["model"]]
+        base_cfg = pipe.scheduler.config
+        pipe_scheduler = pipe.scheduler
+        pipe.scheduler = make_scheduler(case["scheduler"], base_cfg)
+        try:
+            gens = [torch.Generator("cpu").manual_seed(s) for s in case["seeds"]]
+            kwargs = dict(
+                negative_prompt=case["negative_prompt"],
+                num_inference_steps=case["steps"],
+                guidance_scale=case["guidance"],
+                width=case["width"],
+                height=case["height"],
+                num_images_per_prompt=len(case["seeds"]),
+                generator=gens,
+                output_type="np",
+            )
+            if case["init_latents"]:
+                kwargs["latents"] = init_latents.clone()
+            images = pipe(case["prompt"], **kwargs).images
+        finally:
+            pipe.scheduler = pipe_scheduler
+        assert images.shape == (len(case["seeds"]), case["height"], case["width"], 3), images.shape
+        if not np.isfinite(images).all():
+            problems.append(f"{case['name']}: NaN/inf in image")
+        paths = []
+        for seed, img in zip(case["seeds"], images):
+            u8 = to_uint8(img)
+            if u8.min() == u8.max() or len(np.unique(u8.reshape(-1, 3), axis=0)) < 2:
+                problems.append(f"{case['name']} seed {seed}: image is a single colour")
+            rel = f"refs/images/{case['name']}_seed{seed}.png"
+            Image.fromarray(u8).save(FIXTURES / rel, optimize=True)
+            paths.append(rel)
+        case["images"] = paths
+        print(f"  case {case['name']}: {len(paths)} image(s), mean {images.mean():.4f} std {images.std():.4f}")
+    with open(REFS / "cases.json", "w") as f:
+        json.dump(cases, f, indent=1)
+    return problems
+
+
+def check_no_nan_files() -> list[str]:
+    problems = []
+    for p in sorted(FIXTURES.rglob("*.safetensors")):
+        for k, v in load_file(p).items():
+            if v.is_floating_point() and not torch.isfinite(v.float()).all():
+                problems.append(f"{p.relative_to(FIXTURES)}:{k} has NaN/inf")
+    return problems
+
+
+def summary() -> None:
+    total = 0
+    print("\nfiles under tests/fixtures:")
+    for p in sorted(FIXTURES.rglob("*")):
+        if p.is_file():
+            n = p.stat().st_size
+            total += n
+            print(f"  {n:>10}  {p.relative_to(FIXTURES)}")
+    print(f"total: {total} bytes ({total / 2**20:.2f} MiB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bpe", help="path to bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip)")
+    args = ap.parse_args()
+
+    torch.set_num_threads(2)
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    bpe = find_bpe(args.bpe)
+    print(f"torch {torch.__version__}; using BPE file {bpe}")
+
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    if REFS.exists():
+        shutil.rmtree(REFS)
+    REFS.mkdir(parents=True)
+
+    vocab, merges = build_vocab_and_merges(bpe)
+
+    save_model("tiny-sd15", build_sd15_components(), vocab, merges, EOS, SD15_SCHEDULER_JSON, variant=None)
+    save_model("tiny-sd2v", build_sd2v_components(), vocab, merges, "!", SD21_SCHEDULER_JSON, variant="fp16")
+
+    pipes = {"tiny-sd15": load_pipe("tiny-sd15", None), "tiny-sd2v": load_pipe("tiny-sd2v", "fp16")}
+
+    problems = make_token_refs(pipes, vocab, merges)
+    make_randn_refs()
+    for name, pipe in pipes.items():
+        make_component_refs(name, pipe)
+    make_scheduler_refs(pipes)
+    problems += make_pipeline_refs(pipes)
+    problems += check_no_nan_files()
+
+    summary()
+    if problems:
+        print("\nPROBLEMS:")
+        for p in problems:
+            print("  " + p)
+        sys.exit(1)
+    print("\nall sanity checks passed")
+
+
+if __name__ == "__main__":
+    main()
