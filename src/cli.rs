@@ -56,7 +56,7 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// Classifier-free guidance scale (CFG); 1 or less skips the negative prompt.
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     pub guidance: f64,
     /// Image width in pixels (a multiple of 8).
     #[arg(long, default_value_t = 512)]

@@ -564,6 +564,16 @@ def _floats(t) -> list[float]:
     return [float(x) for x in np.asarray(t, dtype=np.float64).tolist()]
 
 
+def _finite_json(x):
+    if isinstance(x, float) and not np.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_json(v) for v in x]
+    return x
+
+
 def make_scheduler_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
     out = []
     for model, pipe in pipes.items():
@@ -591,7 +601,8 @@ def make_scheduler_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
                     }
                 )
     with open(REFS / "schedulers.json", "w") as f:
-        json.dump(out, f, indent=1)
+        # Strict JSON: non-finite config values (e.g. lambda_min_clipped = -inf) as strings.
+        json.dump(_finite_json(out), f, indent=1, allow_nan=False)
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:

@@ -100,6 +100,9 @@ impl Scheduler for DpmPp2M {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
     fn init_noise_sigma(&self) -> f64 {
         1.0
     }

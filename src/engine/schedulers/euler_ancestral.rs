@@ -30,6 +30,9 @@ impl Scheduler for EulerAncestral {
     fn timesteps(&self) -> &[f64] {
         &self.sched.timesteps
     }
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sched.sigmas)
+    }
     fn init_noise_sigma(&self) -> f64 {
         self.sched.init_noise_sigma
     }

@@ -31,6 +31,10 @@ pub struct StepOutput {
 pub trait Scheduler: Send {
     /// The timesteps handed to the UNet, in order (PNDM has one more than the step count).
     fn timesteps(&self) -> &[f64];
+    /// The noise levels, one per timestep plus a final 0, for sigma-space samplers.
+    fn sigmas(&self) -> Option<&[f32]> {
+        None
+    }
     /// Standard deviation of the initial noise.
     fn init_noise_sigma(&self) -> f64;
     /// Scales the UNet input at step `i` (identity for DDIM-style samplers).

@@ -1,0 +1,369 @@
+//! The `sd-studio` binary as a user runs it: outputs, metadata, and one clear line for
+//! every bad input (non-zero exit, no panic, no output file).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sd-studio"));
+    c.env("HF_HUB_OFFLINE", "1").env("RUST_BACKTRACE", "0");
+    c
+}
+
+fn tiny() -> String {
+    common::model_dir("tiny-sd15").display().to_string()
+}
+
+/// A fast, valid generate command on the tiny model writing into `out`.
+fn generate(out: &Path, extra: &[&str]) -> Output {
+    let model = tiny();
+    let defaults = [
+        ("--model", model.as_str()),
+        ("--prompt", "a cat, sitting: on a mat"),
+        ("--steps", "3"),
+        ("--width", "64"),
+        ("--height", "64"),
+        ("--seed", "7"),
+    ];
+    let mut c = bin();
+    c.arg("generate");
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            c.args([flag, value]);
+        }
+    }
+    c.arg("--out").arg(out).args(extra);
+    c.output().expect("run sd-studio")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn pngs(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Runs a failing command and checks the one-line error and that nothing was written.
+fn assert_fails(out: &Path, o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure for {needle:?}, stderr: {err}"
+    );
+    assert_ne!(o.status.code(), Some(101), "panicked: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line in {err:?}"));
+    assert!(
+        line.contains(needle),
+        "error line {line:?} does not mention {needle:?}"
+    );
+    assert!(
+        pngs(out)
+            .iter()
+            .all(|p| p.extension().map(|e| e != "png").unwrap_or(true)),
+        "output written despite the error"
+    );
+}
+
+#[test]
+fn generate_writes_pngs_with_a1111_metadata_and_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = generate(
+        dir.path(),
+        &[
+            "--batch",
+            "2",
+            "--negative-prompt",
+            "blurry",
+            "--scheduler",
+            "dpm++2m-karras",
+            "--guidance",
+            "7",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8(o.stdout.clone()).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["seed"], 7);
+    assert_eq!(lines[1]["seed"], 8);
+    assert_eq!(lines[0]["scheduler"], "dpm++2m-karras");
+    assert!(lines[0]["elapsed"].as_f64().unwrap() > 0.0);
+    let path = PathBuf::from(lines[1]["path"].as_str().unwrap());
+    assert_eq!(path.file_name().unwrap(), "8.png");
+    let params = sd_studio::engine::metadata::read_png_parameters(&path)
+        .unwrap()
+        .expect("parameters chunk");
+    let expected_tail = "Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, Seed: 8, Size: 64x64, Model: tiny-sd15, RNG: CPU";
+    assert_eq!(params.lines().next(), Some("a cat, sitting: on a mat"));
+    assert_eq!(params.lines().nth(1), Some("Negative prompt: blurry"));
+    assert!(
+        params.lines().nth(2).unwrap().starts_with(expected_tail),
+        "{params}"
+    );
+    assert!(stderr(&o).contains("step 3/3"));
+    // No temporary files left behind.
+    assert_eq!(pngs(dir.path()).len(), 2);
+    let (w, h, _) = common::read_png_rgb(&path);
+    assert_eq!((w, h), (64, 64));
+}
+
+#[test]
+fn random_seed_is_printed_and_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = bin();
+    c.args([
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+    ])
+    .arg(dir.path());
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seed: u64 = stderr(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("seed: "))
+        .expect("seed line")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(dir.path().join(format!("{seed}.png")).is_file());
+}
+
+#[test]
+fn bad_inputs_give_one_clear_line_and_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--width".into(), "65".into()],
+            "width: 65 is not a positive multiple of 8",
+        ),
+        (vec!["--height".into(), "0".into()], "height"),
+        (vec!["--steps".into(), "0".into()], "steps"),
+        (
+            vec!["--steps".into(), "5000".into()],
+            "exceeds the model's 1000 training timesteps",
+        ),
+        (vec!["--guidance".into(), "NaN".into()], "guidance"),
+        (vec!["--guidance".into(), "-1".into()], "guidance"),
+        (
+            vec!["--scheduler".into(), "bogus".into()],
+            "unknown scheduler \"bogus\"",
+        ),
+        (
+            vec!["--timestep-spacing".into(), "sideways".into()],
+            "timestep spacing",
+        ),
+        (vec!["--rng".into(), "dice".into()], "rng"),
+        (vec!["--dtype".into(), "f8".into()], "dtype"),
+        (vec!["--device".into(), "tpu".into()], "device"),
+        (vec!["--batch".into(), "0".into()], "batch"),
+    ];
+    for (extra, needle) in cases {
+        let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let o = generate(&out, &args);
+        assert_fails(&out, &o, needle);
+    }
+}
+
+#[test]
+fn bad_model_paths_and_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = |model: &Path| {
+        let mut c = bin();
+        c.args([
+            "generate", "--prompt", "x", "--steps", "1", "--width", "64", "--height", "64",
+            "--model",
+        ])
+        .arg(model)
+        .arg("--out")
+        .arg(&out);
+        c.output().unwrap()
+    };
+    // Missing folder.
+    let missing = dir.path().join("no-such-model");
+    assert_fails(&out, &run(&missing), "no-such-model");
+    // A pickle checkpoint.
+    let ckpt = dir.path().join("model.ckpt");
+    std::fs::write(&ckpt, b"not really a pickle").unwrap();
+    assert_fails(&out, &run(&ckpt), "refusing to load pickle weights");
+
+    // Copies of the tiny model with one thing broken each.
+    let copy = |name: &str| -> PathBuf {
+        let dst = dir.path().join(name);
+        copy_dir(&common::model_dir("tiny-sd15"), &dst);
+        dst
+    };
+    let m = copy("truncated");
+    let w = m.join("unet").join("diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails(&out, &run(&m), "diffusion_pytorch_model.safetensors");
+
+    let m = copy("garbage");
+    std::fs::write(
+        m.join("vae").join("diffusion_pytorch_model.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage",
+    )
+    .unwrap();
+    assert_fails(&out, &run(&m), "vae");
+
+    let m = copy("pickle-only");
+    std::fs::remove_file(m.join("text_encoder").join("model.safetensors")).unwrap();
+    std::fs::write(m.join("text_encoder").join("pytorch_model.bin"), b"pickle").unwrap();
+    assert_fails(
+        &out,
+        &run(&m),
+        "pytorch_model.bin: refusing to load pickle weights",
+    );
+
+    let m = copy("wrong-shape");
+    let cfg = m.join("unet").join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"layers_per_block\": 2", "\"layers_per_block\": 3");
+    std::fs::write(&cfg, text).unwrap();
+    assert_fails(&out, &run(&m), "unet weights in");
+
+    let m = copy("bad-config");
+    let cfg = m.join("unet").join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"CrossAttnDownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\"");
+    std::fs::write(&cfg, text).unwrap();
+    assert_fails(&out, &run(&m), "down_block_types");
+
+    let m = copy("bad-json");
+    std::fs::write(
+        m.join("scheduler").join("scheduler_config.json"),
+        b"{ not json",
+    )
+    .unwrap();
+    assert_fails(&out, &run(&m), "scheduler_config.json");
+
+    let m = copy("missing-tokenizer");
+    std::fs::remove_file(m.join("tokenizer").join("merges.txt")).unwrap();
+    assert_fails(&out, &run(&m), "merges.txt");
+}
+
+#[test]
+fn init_latents_errors_and_unwritable_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let missing = dir.path().join("nope.safetensors");
+    assert_fails(
+        &out,
+        &generate(&out, &["--init-latents", missing.to_str().unwrap()]),
+        "nope.safetensors",
+    );
+
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"junk").unwrap();
+    assert_fails(
+        &out,
+        &generate(&out, &["--init-latents", junk.to_str().unwrap()]),
+        "junk.safetensors",
+    );
+
+    // Right file, wrong shape for 64x64 batch 1 (the fixture is [1,4,8,8]; ask for 96x64).
+    let good = common::fixtures()
+        .join("refs")
+        .join("latents_64x64.safetensors");
+    let o = generate(
+        &out,
+        &["--init-latents", good.to_str().unwrap(), "--width", "96"],
+    );
+    assert_fails(&out, &o, "init latents");
+
+    let named_wrong = dir.path().join("other.safetensors");
+    let t = candle_core::Tensor::zeros(
+        (1, 4, 8, 8),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("noise".to_string(), t)]),
+        &named_wrong,
+    )
+    .unwrap();
+    assert_fails(
+        &out,
+        &generate(&out, &["--init-latents", named_wrong.to_str().unwrap()]),
+        "no tensor named `latents`",
+    );
+
+    // An --out that is a file, not a folder.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let o = generate(&file, &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot write"), "{}", stderr(&o));
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let o = bin().args(["generate", "--help"]).output().unwrap();
+    let help = String::from_utf8(o.stdout).unwrap();
+    for flag in [
+        "--model",
+        "--prompt",
+        "--negative-prompt",
+        "--seed",
+        "--batch",
+        "--steps",
+        "--guidance",
+        "--scheduler",
+        "--width",
+        "--height",
+        "--device",
+        "--dtype",
+        "--rng",
+        "--init-latents",
+        "--out",
+    ] {
+        assert!(help.contains(flag), "generate --help lacks {flag}");
+    }
+    let o = bin().arg("--help").output().unwrap();
+    let help = String::from_utf8(o.stdout).unwrap();
+    for cmd in ["generate", "bench", "schedulers"] {
+        assert!(help.contains(cmd));
+    }
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
