@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::engine::metadata::{encode_png, output_path, write_atomic, Parameters};
 use crate::engine::model::{self, ModelFiles, DEFAULT_MODEL};
-use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
+use crate::engine::pipeline::{GenerateRequest, StableDiffusion, Variation};
+use crate::engine::presets;
 use crate::engine::rng::RngKind;
 use crate::engine::schedulers::{SchedulerKind, TimestepSpacing};
 use crate::engine::{self, Error, Result};
@@ -46,24 +47,26 @@ pub struct ModelArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
-    /// Sampler: euler, euler-a, ddim, dpm++2m, dpm++2m-karras, pndm (A1111 names work too).
-    #[arg(long, default_value = "dpm++2m-karras")]
-    pub scheduler: String,
+    /// Sampler, by CLI or A1111 name (`sd-studio schedulers` lists them)
+    /// [default: the model's preset, else its scheduler config].
+    #[arg(long)]
+    pub scheduler: Option<String>,
     /// Override the config's timestep spacing: leading, trailing or linspace.
     #[arg(long)]
     pub timestep_spacing: Option<String>,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
-    /// Classifier-free guidance scale (CFG); 1 or less skips the negative prompt.
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
-    pub guidance: f64,
-    /// Image width in pixels (a multiple of 8).
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    /// Image height in pixels (a multiple of 8).
-    #[arg(long, default_value_t = 512)]
-    pub height: usize,
+    /// Denoising steps [default: the model's preset, else 20].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (CFG); 1 or less skips the negative prompt
+    /// [default: the model's preset, else 7.5].
+    #[arg(long, allow_negative_numbers = true)]
+    pub guidance: Option<f64>,
+    /// Image width in pixels, a multiple of 8 [default: the model's native size].
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels, a multiple of 8 [default: the model's native size].
+    #[arg(long)]
+    pub height: Option<usize>,
     /// Number of images; image i uses seed + i.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -84,12 +87,19 @@ pub struct GenerateArgs {
     pub seed: Option<u64>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Noise source: torch-cpu (identical to torch.Generator("cpu")).
-    #[arg(long, default_value = "torch-cpu")]
+    /// Noise source: torch-cuda (torch.Generator("cuda"), A1111's default "GPU" noise, computed
+    /// on any device) or torch-cpu (torch.Generator("cpu")).
+    #[arg(long, default_value = "torch-cuda")]
     pub rng: String,
     /// Safetensors file with tensor `latents` (f32 [batch,4,H/8,W/8]) used instead of drawn noise.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
+    /// A1111 variation seed: blend in this seed's noise (image i of a batch uses it + i).
+    #[arg(long)]
+    pub variation_seed: Option<u64>,
+    /// How far towards the variation seed's noise, 0..1.
+    #[arg(long, allow_negative_numbers = true)]
+    pub variation_strength: Option<f64>,
     /// Output folder (created if missing).
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
@@ -148,16 +158,29 @@ fn random_seed() -> u64 {
     h.finish() & 0xffff_ffff
 }
 
+/// Settings after model presets filled what the user left out.
+struct Settings {
+    scheduler: SchedulerKind,
+    steps: usize,
+    guidance: f64,
+    width: usize,
+    height: usize,
+}
+
 /// Checks everything that needs no weights, so bad input fails before a slow load.
 struct Prepared {
     device: Device,
     dtype: DType,
-    scheduler: SchedulerKind,
     files: ModelFiles,
+    settings: Settings,
 }
 
 fn prepare(m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
-    let scheduler = SchedulerKind::parse(&s.scheduler)?;
+    let scheduler = s
+        .scheduler
+        .as_deref()
+        .map(SchedulerKind::parse)
+        .transpose()?;
     let spacing = match &s.timestep_spacing {
         None => None,
         Some(x) => Some(TimestepSpacing::parse(x).ok_or_else(|| {
@@ -167,21 +190,25 @@ fn prepare(m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
             )
         })?),
     };
-    if s.steps == 0 {
+    if s.steps == Some(0) {
         return Err(Error::invalid("steps", "must be at least 1"));
     }
-    if !s.guidance.is_finite() || s.guidance < 0.0 {
-        return Err(Error::invalid(
-            "guidance",
-            format!("{} is not a finite number ≥ 0", s.guidance),
-        ));
+    if let Some(g) = s.guidance {
+        if !g.is_finite() || g < 0.0 {
+            return Err(Error::invalid(
+                "guidance",
+                format!("{g} is not a finite number ≥ 0"),
+            ));
+        }
     }
     for (what, v) in [("width", s.width), ("height", s.height)] {
-        if v == 0 || v % 8 != 0 {
-            return Err(Error::invalid(
-                what,
-                format!("{v} is not a positive multiple of 8"),
-            ));
+        if let Some(v) = v {
+            if v == 0 || v % 8 != 0 {
+                return Err(Error::invalid(
+                    what,
+                    format!("{v} is not a positive multiple of 8"),
+                ));
+            }
         }
     }
     if s.batch == 0 {
@@ -191,14 +218,27 @@ fn prepare(m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
     let device = engine::device(&m.device)?;
     let root = model::resolve(&m.model, dtype != DType::F32)?;
     let mut files = ModelFiles::from_dir(&root, dtype != DType::F32)?;
-    files.scheduler_config = files.scheduler_config.clone().with_spacing(spacing);
+    let d = presets::defaults_for(&m.model, &files);
+    files.scheduler_config = files
+        .scheduler_config
+        .clone()
+        .with_spacing(spacing.or(d.spacing));
+    let settings = Settings {
+        scheduler: scheduler.unwrap_or(d.scheduler),
+        steps: s.steps.unwrap_or(d.steps),
+        guidance: s.guidance.unwrap_or(d.guidance),
+        width: s.width.unwrap_or(d.width),
+        height: s.height.unwrap_or(d.height),
+    };
     // Fail on a bad step count now rather than after loading.
-    scheduler.build(&files.scheduler_config, s.steps)?;
+    settings
+        .scheduler
+        .build(&files.scheduler_config, settings.steps)?;
     Ok(Prepared {
         device,
         dtype,
-        scheduler,
         files,
+        settings,
     })
 }
 
@@ -274,19 +314,36 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             s
         }
     };
-    let s = &a.sampling;
+    let variation = match (a.variation_seed, a.variation_strength) {
+        (None, None) => None,
+        (seed, strength) => {
+            let strength = strength.unwrap_or(0.0);
+            if !(0.0..=1.0).contains(&strength) || strength.is_nan() {
+                return Err(Error::invalid(
+                    "variation strength",
+                    format!("{strength} is outside 0..1"),
+                ));
+            }
+            Some(Variation {
+                seed: seed.unwrap_or_else(random_seed),
+                strength,
+            })
+        }
+    };
+    let st = &p.settings;
     let req = GenerateRequest {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
         seed,
-        batch: s.batch,
-        steps: s.steps,
-        guidance: s.guidance,
-        scheduler: p.scheduler,
-        width: s.width,
-        height: s.height,
+        batch: a.sampling.batch,
+        steps: st.steps,
+        guidance: st.guidance,
+        scheduler: st.scheduler,
+        width: st.width,
+        height: st.height,
         rng,
         init_latents,
+        variation,
     };
     let label = model_label(&a.model.model);
     let start = Instant::now();
@@ -303,7 +360,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         Ok(())
     })?;
     let elapsed = start.elapsed().as_secs_f64();
-    let (sampler, schedule_type) = p.scheduler.a1111_name();
+    let (sampler, schedule_type) = st.scheduler.a1111_name();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for img in images {
@@ -318,18 +375,22 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             width: img.width,
             height: img.height,
             model: label.clone(),
-            rng: match rng {
-                RngKind::TorchCpu => Some("CPU".into()),
-            },
+            variation: img.variation_seed.zip(req.variation.map(|v| v.strength)),
+            rng: rng.a1111_name().map(str::to_string),
         };
         let png = encode_png(&img.rgb, img.width, img.height, &params.to_a1111())?;
-        let path = output_path(&a.out, img.seed);
+        let stem = match img.variation_seed {
+            Some(v) => format!("{}-{v}", img.seed),
+            None => img.seed.to_string(),
+        };
+        let path = output_path(&a.out, &stem);
         write_atomic(&path, &png)?;
         let line = serde_json::json!({
             "seed": img.seed,
+            "variation_seed": img.variation_seed,
             "path": path,
             "model": label,
-            "scheduler": p.scheduler.cli_name(),
+            "scheduler": st.scheduler.cli_name(),
             "steps": req.steps,
             "guidance": req.guidance,
             "width": img.width,
@@ -355,7 +416,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     }
     let p = prepare(&a.model, &a.sampling)?;
-    let s = &a.sampling;
+    let s = &p.settings;
     let t0 = Instant::now();
     let mut sd = StableDiffusion::load(p.files, p.device, p.dtype)?;
     let load = t0.elapsed().as_secs_f64();
@@ -363,14 +424,15 @@ fn bench(a: &BenchArgs) -> Result<()> {
         prompt: "a photograph of an astronaut riding a horse".into(),
         negative_prompt: String::new(),
         seed: 0,
-        batch: s.batch,
+        batch: a.sampling.batch,
         steps: s.steps,
         guidance: s.guidance,
-        scheduler: p.scheduler,
+        scheduler: s.scheduler,
         width: s.width,
         height: s.height,
         rng: RngKind::TorchCpu,
         init_latents: None,
+        variation: None,
     };
     let (mut enc, mut step, mut dec) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..=a.runs {
@@ -386,8 +448,8 @@ fn bench(a: &BenchArgs) -> Result<()> {
     let (e, st, d) = (median(&mut enc), median(&mut step), median(&mut dec));
     let line = serde_json::json!({
         "model": a.model.model, "device": a.model.device, "dtype": a.model.dtype,
-        "width": s.width, "height": s.height, "batch": s.batch, "guidance": s.guidance,
-        "scheduler": p.scheduler.cli_name(), "steps": s.steps, "runs": a.runs,
+        "width": s.width, "height": s.height, "batch": a.sampling.batch, "guidance": s.guidance,
+        "scheduler": s.scheduler.cli_name(), "steps": s.steps, "runs": a.runs,
         "threads": if a.threads > 0 { a.threads } else { candle_core::utils::get_num_threads() },
         "load_s": load, "text_encode_s": e, "step_s": st, "it_per_s": if st > 0.0 { 1.0 / st } else { 0.0 }, "decode_s": d,
     });

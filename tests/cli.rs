@@ -89,6 +89,8 @@ fn generate_writes_pngs_with_a1111_metadata_and_json_lines() {
             "dpm++2m-karras",
             "--guidance",
             "7",
+            "--rng",
+            "torch-cpu",
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));

@@ -32,7 +32,7 @@ What it makes (everything under ``tests/fixtures/``):
 
 How to run (from the repository root)::
 
-    pip install torch diffusers transformers safetensors numpy pillow open_clip_torch
+    pip install torch diffusers transformers safetensors numpy scipy pillow open_clip_torch
     python tests/make_fixtures.py            # finds the BPE file via `import open_clip`
     python tests/make_fixtures.py --bpe /path/to/bpe_simple_vocab_16e6.txt.gz
 
@@ -66,10 +66,17 @@ from safetensors.torch import load_file, save_file
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
+    UniPCMultistepScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -124,6 +131,12 @@ SD21_SCHEDULER_JSON = """{
 """
 
 SCHEDULER_NAMES = ["euler", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras", "pndm"]
+# Added with the full scheduler set (issue 4); kept separate so the first cases keep their order.
+MORE_SCHEDULERS = [
+    "heun", "lms", "lms-karras", "dpm2", "dpm2-a", "dpm++2m-sde", "dpm++2m-sde-karras",
+    "unipc", "ddpm", "lcm",
+]
+ALL_SCHEDULERS = SCHEDULER_NAMES + MORE_SCHEDULERS
 
 
 # --------------------------------------------------------------------------
@@ -555,6 +568,26 @@ def make_scheduler(sched_name: str, cfg):
         return DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True)
     if sched_name == "pndm":
         return PNDMScheduler.from_config(cfg)
+    if sched_name == "heun":
+        return HeunDiscreteScheduler.from_config(cfg)
+    if sched_name == "lms":
+        return LMSDiscreteScheduler.from_config(cfg)
+    if sched_name == "lms-karras":
+        return LMSDiscreteScheduler.from_config(cfg, use_karras_sigmas=True)
+    if sched_name == "dpm2":
+        return KDPM2DiscreteScheduler.from_config(cfg)
+    if sched_name == "dpm2-a":
+        return KDPM2AncestralDiscreteScheduler.from_config(cfg)
+    if sched_name == "dpm++2m-sde":
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="sde-dpmsolver++")
+    if sched_name == "dpm++2m-sde-karras":
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)
+    if sched_name == "unipc":
+        return UniPCMultistepScheduler.from_config(cfg)
+    if sched_name == "ddpm":
+        return DDPMScheduler.from_config(cfg)
+    if sched_name == "lcm":
+        return LCMScheduler.from_config(cfg)
     raise ValueError(sched_name)
 
 
@@ -578,7 +611,7 @@ def make_scheduler_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
     out = []
     for model, pipe in pipes.items():
         cfg = pipe.scheduler.config
-        for sched_name in SCHEDULER_NAMES:
+        for sched_name in ALL_SCHEDULERS:
             for steps in (8, 20):
                 s = make_scheduler(sched_name, cfg)
                 s.set_timesteps(steps, device="cpu")
@@ -612,10 +645,11 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 def pipeline_cases() -> list[dict]:
     cases = []
 
-    def add(model, sched, steps, seeds, guidance=7.5, negative=NEGATIVE, width=64, height=64, init=False, tag=""):
+    def add(model, sched, steps, seeds, guidance=7.5, negative=NEGATIVE, width=64, height=64, init=False, tag="",
+            spacing=None):
         name = f"{model}_{sched}_{steps}st_{width}x{height}_g{guidance:g}" + (
             "_init" if init else "_seeds" + "-".join(map(str, seeds))
-        ) + tag
+        ) + tag + (f"_{spacing}" if spacing else "")
         cases.append(
             dict(
                 name=name,
@@ -629,6 +663,7 @@ def pipeline_cases() -> list[dict]:
                 height=height,
                 seeds=list(seeds),
                 init_latents="refs/latents_64x64.safetensors" if init else None,
+                timestep_spacing=spacing,
             )
         )
 
@@ -642,6 +677,18 @@ def pipeline_cases() -> list[dict]:
     add("tiny-sd15", "euler-a", 8, [7], width=96, height=64)
     add("tiny-sd15", "euler", 8, [9], guidance=1.0, negative="")
     add("tiny-sd2v", "dpm++2m", 20, [11], width=64, height=96)
+    # The rest of the scheduler set: both models, 8 steps (two seeds) and 20 steps (one).
+    for model in ("tiny-sd15", "tiny-sd2v"):
+        for sched in MORE_SCHEDULERS:
+            add(model, sched, 8, [42, 43])
+            add(model, sched, 20, [21])
+        for sched in SCHEDULER_NAMES:
+            add(model, sched, 20, [21])
+    # Few-step set-ups: SD-Turbo style (Euler a, trailing spacing, no guidance) and LCM.
+    add("tiny-sd2v", "euler-a", 1, [3], guidance=0.0, negative="", spacing="trailing")
+    add("tiny-sd2v", "euler-a", 4, [3], guidance=0.0, negative="", spacing="trailing")
+    add("tiny-sd15", "lcm", 4, [4], guidance=1.0, negative="")
+    add("tiny-sd15", "ddim", 4, [4], guidance=0.0, negative="", spacing="trailing")
     return cases
 
 
@@ -658,6 +705,8 @@ def make_pipeline_refs(pipes: dict[str, StableDiffusionPipeline]) -> list[str]:
         base_cfg = pipe.scheduler.config
         pipe_scheduler = pipe.scheduler
         pipe.scheduler = make_scheduler(case["scheduler"], base_cfg)
+        if case.get("timestep_spacing"):
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=case["timestep_spacing"])
         try:
             gens = [torch.Generator("cpu").manual_seed(s) for s in case["seeds"]]
             kwargs = dict(

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use sd_studio::engine::pipeline::{GenerateRequest, StableDiffusion};
 use sd_studio::engine::rng::RngKind;
-use sd_studio::engine::schedulers::SchedulerKind;
+use sd_studio::engine::schedulers::{SchedulerConfig, SchedulerKind, TimestepSpacing};
 
 const MAX_DIFF: u8 = 2;
 
@@ -36,6 +36,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         height: case["height"].as_u64().unwrap() as usize,
         rng: RngKind::TorchCpu,
         init_latents,
+        variation: None,
     }
 }
 
@@ -52,6 +53,19 @@ fn every_case_matches_diffusers() {
         let sd = models
             .entry(model.clone())
             .or_insert_with(|| common::load_model(&model));
+        let base = sd_studio::engine::config::JsonConfig::load(
+            &sd.files
+                .root
+                .join("scheduler")
+                .join("scheduler_config.json"),
+        )
+        .unwrap();
+        let spacing = case["timestep_spacing"]
+            .as_str()
+            .map(|s| TimestepSpacing::parse(s).unwrap());
+        sd.files.scheduler_config = SchedulerConfig::from_json(base)
+            .unwrap()
+            .with_spacing(spacing);
         let req = request(case);
         seen_schedulers.insert(req.scheduler.cli_name());
         let images = sd
@@ -99,6 +113,7 @@ fn batch_size_never_changes_an_image() {
         height: 64,
         rng: RngKind::TorchCpu,
         init_latents: None,
+        variation: None,
     };
     let batch = sd.generate(&base, &mut |_| Ok(())).unwrap();
     let single = sd
@@ -137,6 +152,7 @@ fn steps_are_reported_and_cancel_stops_the_job() {
         height: 64,
         rng: RngKind::TorchCpu,
         init_latents: None,
+        variation: None,
     };
     let mut seen = Vec::new();
     sd.generate(&req, &mut |s| {

@@ -23,6 +23,8 @@ pub struct Parameters {
     pub width: usize,
     pub height: usize,
     pub model: String,
+    /// "Variation seed" and "Variation seed strength".
+    pub variation: Option<(u64, f64)>,
     /// A1111 writes "RNG: CPU" when noise did not come from the (default) GPU generator.
     pub rng: Option<String>,
 }
@@ -58,6 +60,10 @@ impl Parameters {
         pairs.push(("Seed", self.seed.to_string()));
         pairs.push(("Size", format!("{}x{}", self.width, self.height)));
         pairs.push(("Model", self.model.clone()));
+        if let Some((seed, strength)) = self.variation {
+            pairs.push(("Variation seed", seed.to_string()));
+            pairs.push(("Variation seed strength", py_float(strength)));
+        }
         if let Some(r) = &self.rng {
             pairs.push(("RNG", r.clone()));
         }
@@ -154,14 +160,14 @@ pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
     Ok(None)
 }
 
-/// `dir/{seed}.png`, or `dir/{seed}-2.png`, … if taken.
-pub fn output_path(dir: &Path, seed: u64) -> PathBuf {
-    let first = dir.join(format!("{seed}.png"));
+/// `dir/{stem}.png`, or `dir/{stem}-2.png`, … if taken; the stem is the seed, or `{seed}-{variation seed}`.
+pub fn output_path(dir: &Path, stem: &str) -> PathBuf {
+    let first = dir.join(format!("{stem}.png"));
     if !first.exists() {
         return first;
     }
     (2..)
-        .map(|k| dir.join(format!("{seed}-{k}.png")))
+        .map(|k| dir.join(format!("{stem}-{k}.png")))
         .find(|p| !p.exists())
         .unwrap_or(first)
 }

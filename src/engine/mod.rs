@@ -7,6 +7,7 @@ pub mod error;
 pub mod metadata;
 pub mod model;
 pub mod pipeline;
+pub mod presets;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;

@@ -34,12 +34,87 @@ pub struct GenerateRequest {
     pub rng: RngKind,
     /// Replaces the drawn noise, as diffusers' `latents=`: f32 [batch, 4, h/8, w/8] on the CPU.
     pub init_latents: Option<Tensor>,
+    /// A1111's variation seed: blends in another seed's noise.
+    pub variation: Option<Variation>,
+}
+
+/// A1111's "Variation seed" and "Variation seed strength": the initial noise is the
+/// spherical interpolation from the main seed's noise towards the variation seed's.
+/// In a batch every image keeps the main seed and image i uses variation seed + i.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Variation {
+    pub seed: u64,
+    /// 0 = the main seed's image, 1 = the variation seed's.
+    pub strength: f64,
+}
+
+impl GenerateRequest {
+    /// The (seed, variation seed) of image `i`, as A1111 assigns them.
+    pub fn seeds_of(&self, i: usize) -> (u64, Option<u64>) {
+        match self.variation {
+            Some(v) if v.strength != 0.0 => (self.seed, Some(v.seed.wrapping_add(i as u64))),
+            _ => (self.seed.wrapping_add(i as u64), None),
+        }
+    }
+}
+
+/// A1111's `slerp` on one image's noise [c, h, w]: angles are taken per (channel, column)
+/// over the rows (its `dim=1` on a batchless tensor), which is what reproduces its images.
+pub fn slerp_a1111(t: f64, low: &[f32], high: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
+    let idx = |ci: usize, y: usize, x: usize| (ci * h + y) * w + x;
+    let mut norm_low = vec![0f64; c * w];
+    let mut norm_high = vec![0f64; c * w];
+    for ci in 0..c {
+        for x in 0..w {
+            let (mut a, mut b) = (0f64, 0f64);
+            for y in 0..h {
+                a += (low[idx(ci, y, x)] as f64).powi(2);
+                b += (high[idx(ci, y, x)] as f64).powi(2);
+            }
+            norm_low[ci * w + x] = a.sqrt();
+            norm_high[ci * w + x] = b.sqrt();
+        }
+    }
+    let mut dots = vec![0f64; c * w];
+    for ci in 0..c {
+        for x in 0..w {
+            let k = ci * w + x;
+            dots[k] = (0..h)
+                .map(|y| {
+                    low[idx(ci, y, x)] as f64 / norm_low[k] * high[idx(ci, y, x)] as f64
+                        / norm_high[k]
+                })
+                .sum();
+        }
+    }
+    let mut out = vec![0f32; low.len()];
+    if dots.iter().sum::<f64>() / dots.len() as f64 > 0.9995 {
+        // Nearly parallel: A1111 falls back to a linear blend (with these weights).
+        for (o, (l, hi)) in out.iter_mut().zip(low.iter().zip(high)) {
+            *o = (*l as f64 * t + *hi as f64 * (1.0 - t)) as f32;
+        }
+        return out;
+    }
+    for ci in 0..c {
+        for x in 0..w {
+            let omega = dots[ci * w + x].clamp(-1.0, 1.0).acos();
+            let so = omega.sin();
+            let (a, b) = (((1.0 - t) * omega).sin() / so, (t * omega).sin() / so);
+            for y in 0..h {
+                let i = idx(ci, y, x);
+                out[i] = (a * low[i] as f64 + b * high[i] as f64) as f32;
+            }
+        }
+    }
+    out
 }
 
 /// One finished image.
 #[derive(Debug, Clone)]
 pub struct GeneratedImage {
     pub seed: u64,
+    /// The variation seed this image blended in, if any.
+    pub variation_seed: Option<u64>,
     pub width: usize,
     pub height: usize,
     /// Row-major RGB8.
@@ -164,6 +239,22 @@ impl StableDiffusion {
                 format!("{} is not a finite number ≥ 0", req.guidance),
             ));
         }
+        if let Some(v) = &req.variation {
+            if !(0.0..=1.0).contains(&v.strength) {
+                return Err(Error::invalid(
+                    "variation strength",
+                    format!("{} is outside 0..1", v.strength),
+                ));
+            }
+        }
+        if let Some(v) = &req.variation {
+            if !(0.0..=1.0).contains(&v.strength) {
+                return Err(Error::invalid(
+                    "variation strength",
+                    format!("{} is outside 0..1", v.strength),
+                ));
+            }
+        }
         if let Some(l) = &req.init_latents {
             let want = [
                 req.batch,
@@ -228,7 +319,7 @@ impl StableDiffusion {
 
         // 4. Initial latents: each image's own generator, so the batch never changes an image.
         let mut streams: Vec<NoiseStream> = (0..n)
-            .map(|i| NoiseStream::new(req.rng, req.seed.wrapping_add(i as u64)))
+            .map(|i| NoiseStream::new(req.rng, req.seeds_of(i).0))
             .collect();
         let per_image = channels * lh * lw;
         let draw = |streams: &mut Vec<NoiseStream>| -> Result<Tensor> {
@@ -238,12 +329,22 @@ impl StableDiffusion {
                 .collect();
             Tensor::from_vec(data, (n, channels, lh, lw), &dev).ctx("noise")
         };
-        let latents = match &req.init_latents {
-            Some(l) => l
+        let latents = match (&req.init_latents, req.variation) {
+            (Some(l), _) => l
                 .to_dtype(DType::F32)
                 .and_then(|l| l.to_device(&dev))
                 .ctx("init latents")?,
-            None => draw(&mut streams)?,
+            (None, Some(v)) if v.strength != 0.0 => {
+                let mut data = Vec::with_capacity(n * per_image);
+                for (i, stream) in streams.iter_mut().enumerate() {
+                    let main = stream.randn(per_image);
+                    let sub_seed = req.seeds_of(i).1.unwrap_or_default();
+                    let sub = NoiseStream::new(req.rng, sub_seed).randn(per_image);
+                    data.extend(slerp_a1111(v.strength, &main, &sub, channels, lh, lw));
+                }
+                Tensor::from_vec(data, (n, channels, lh, lw), &dev).ctx("noise")?
+            }
+            (None, _) => draw(&mut streams)?,
         };
         let mut latents = (latents * scheduler.init_noise_sigma()).ctx("latents")?;
 
@@ -286,8 +387,10 @@ impl StableDiffusion {
         for i in 0..n {
             let l = latents.narrow(0, i, 1).ctx("decode")?;
             let rgb = self.decode(&l)?;
+            let (seed, variation_seed) = req.seeds_of(i);
             images.push(GeneratedImage {
-                seed: req.seed.wrapping_add(i as u64),
+                seed,
+                variation_seed,
                 width: req.width,
                 height: req.height,
                 rgb,

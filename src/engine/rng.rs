@@ -129,9 +129,74 @@ fn box_muller_16(data: &mut [f32]) {
     }
 }
 
+/// Philox4x32-10 (Salmon et al. 2011), the counter-based generator behind cuRAND's
+/// `curandStatePhilox4_32_10_t` and PyTorch's CUDA generator.
+pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    const M0: u64 = 0xD251_1F53;
+    const M1: u64 = 0xCD9E_8D57;
+    const W0: u32 = 0x9E37_79B9;
+    const W1: u32 = 0xBB67_AE85;
+    let (mut c, mut k) = (ctr, key);
+    for round in 0..10 {
+        if round > 0 {
+            k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+        }
+        let p0 = M0 * c[0] as u64;
+        let p1 = M1 * c[2] as u64;
+        c = [
+            ((p1 >> 32) as u32) ^ c[1] ^ k[0],
+            p1 as u32,
+            ((p0 >> 32) as u32) ^ c[3] ^ k[1],
+            p0 as u32,
+        ];
+    }
+    c
+}
+
+/// What `torch.randn(shape, generator=torch.Generator("cuda").manual_seed(seed))` draws on
+/// an NVIDIA GPU (A1111's "GPU"/"NV" noise), computed on the CPU.
+///
+/// PyTorch's CUDA normal kernel gives element `i` its own Philox subsequence (counter
+/// `(offset/4, 0, i, 0)`, key = the 64-bit seed) and keeps the first of the four normals
+/// cuRAND's Box-Muller makes: `sqrt(-2 ln u(x)) · sin(2π v(y))` of the first two words.
+/// Each draw advances the generator's offset by 4, i.e. the counter's first word by 1.
+/// This layout holds while the tensor fits in one wave of the kernel's grid (every image
+/// latent up to at least 1024×1024 on current GPUs); beyond that PyTorch's layout depends
+/// on the GPU's multiprocessor count.
+#[derive(Clone)]
+pub struct TorchCudaRng {
+    seed: u64,
+    calls: u32,
+}
+
+impl TorchCudaRng {
+    pub fn new(seed: u64) -> Self {
+        Self { seed, calls: 0 }
+    }
+
+    pub fn randn(&mut self, numel: usize) -> Vec<f32> {
+        const INV: f32 = 2.328_306_4e-10; // 2^-32, as cuRAND's CURAND_2POW32_INV
+        const INV_2PI: f32 = 2.328_306_4e-10 * std::f32::consts::TAU;
+        let key = [self.seed as u32, (self.seed >> 32) as u32];
+        let counter = self.calls;
+        self.calls = self.calls.wrapping_add(1);
+        (0..numel)
+            .map(|i| {
+                let r = philox4x32_10([counter, 0, i as u32, (i as u64 >> 32) as u32], key);
+                let u = r[0] as f32 * INV + INV / 2.0;
+                let v = r[1] as f32 * INV_2PI + INV_2PI / 2.0;
+                ((-2.0 * (u as f64).ln()).sqrt() * (v as f64).sin()) as f32
+            })
+            .collect()
+    }
+}
+
 /// Which generator draws the noise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RngKind {
+    /// PyTorch's CUDA generator (`torch.Generator("cuda")`): what A1111 (its default "GPU"
+    /// noise) and the diffusers docs use, so their seeds reproduce here, on any device.
+    TorchCuda,
     /// PyTorch's CPU generator (`torch.Generator("cpu")`).
     TorchCpu,
 }
@@ -139,33 +204,50 @@ pub enum RngKind {
 impl RngKind {
     pub fn parse(s: &str) -> Option<Self> {
         match s {
+            "torch-cuda" | "cuda" | "gpu" | "nv" => Some(Self::TorchCuda),
             "torch-cpu" | "cpu" => Some(Self::TorchCpu),
             _ => None,
         }
     }
     pub fn name(self) -> &'static str {
         match self {
+            Self::TorchCuda => "torch-cuda",
             Self::TorchCpu => "torch-cpu",
         }
     }
+    /// A1111's "RNG" metadata value, None for its default (GPU).
+    pub fn a1111_name(self) -> Option<&'static str> {
+        match self {
+            Self::TorchCuda => None,
+            Self::TorchCpu => Some("CPU"),
+        }
+    }
+}
+
+enum Source {
+    Cpu(TorchCpuRng),
+    Cuda(TorchCudaRng),
 }
 
 /// One image's noise stream: the initial latents and any per-step noise (ancestral and SDE
 /// samplers) come from the same generator, in the order diffusers draws them.
 pub struct NoiseStream {
-    rng: TorchCpuRng,
+    source: Source,
 }
 
 impl NoiseStream {
     pub fn new(kind: RngKind, seed: u64) -> Self {
-        match kind {
-            RngKind::TorchCpu => Self {
-                rng: TorchCpuRng::new(seed),
-            },
-        }
+        let source = match kind {
+            RngKind::TorchCpu => Source::Cpu(TorchCpuRng::new(seed)),
+            RngKind::TorchCuda => Source::Cuda(TorchCudaRng::new(seed)),
+        };
+        Self { source }
     }
     pub fn randn(&mut self, numel: usize) -> Vec<f32> {
-        self.rng.randn(numel)
+        match &mut self.source {
+            Source::Cpu(r) => r.randn(numel),
+            Source::Cuda(r) => r.randn(numel),
+        }
     }
 }
 
@@ -182,5 +264,41 @@ mod tests {
             last = rng.next_u32();
         }
         assert_eq!(last, 4_123_659_995);
+    }
+
+    #[test]
+    fn philox_matches_random123_known_answers() {
+        // Known-answer vectors published with Random123 (kat_vectors), philox4x32 10 rounds.
+        assert_eq!(
+            philox4x32_10([0; 4], [0; 2]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
+        assert_eq!(
+            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
+            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
+        );
+        assert_eq!(
+            philox4x32_10(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
+            [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
+        );
+    }
+
+    #[test]
+    fn cuda_noise_is_standard_normal_and_advances_per_draw() {
+        let mut r = TorchCudaRng::new(42);
+        let a = r.randn(16384);
+        let b = r.randn(16384);
+        assert_ne!(a[..8], b[..8]);
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
+        let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "mean {mean} var {var}"
+        );
+        // Element i depends only on (seed, draw, i): a shorter draw is a prefix.
+        assert_eq!(TorchCudaRng::new(42).randn(10), a[..10].to_vec());
     }
 }

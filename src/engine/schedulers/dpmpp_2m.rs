@@ -4,6 +4,10 @@
 //! algorithm_type "dpmsolver++", solver_type "midpoint", lower_order_final true,
 //! final_sigmas_type "zero"), which is what A1111 calls "DPM++ 2M".
 //!
+//! DPM++ 2M SDE ("sde-dpmsolver++") adds fresh Gaussian noise every step, drawn from each
+//! image's generator as diffusers does. A1111/k-diffusion's DPM++ 2M SDE draws from a
+//! Brownian tree instead, so its images differ from both; ours match diffusers.
+//!
 //! Config fields read (default when absent): `timestep_spacing` ("linspace"),
 //! `steps_offset` (0), `prediction_type` ("epsilon"), `use_karras_sigmas` (false; the
 //! Karras variant forces true). Other algorithm types or solver orders are refused.
@@ -22,6 +26,8 @@ pub struct DpmPp2M {
     prediction: PredictionType,
     /// The previous step's x0 prediction.
     last_x0: Option<Tensor>,
+    /// "sde-dpmsolver++": fresh noise every step (DPM++ 2M SDE).
+    sde: bool,
 }
 
 fn alpha_sigma(sigma: f64) -> (f64, f64) {
@@ -35,9 +41,10 @@ fn lambda(sigma: f64) -> f64 {
 }
 
 impl DpmPp2M {
-    pub fn new(cfg: &SchedulerConfig, steps: usize, karras: bool) -> Result<Self> {
+    pub fn new(cfg: &SchedulerConfig, steps: usize, karras: bool, sde: bool) -> Result<Self> {
         let raw = &cfg.raw;
-        raw.expect_str_in("algorithm_type", &["dpmsolver++"])?;
+        raw.expect_str_in("algorithm_type", &["dpmsolver++", "sde-dpmsolver++"])?;
+        let sde = sde || raw.str_or("algorithm_type", "dpmsolver++")? == "sde-dpmsolver++";
         raw.expect_str_in("solver_type", &["midpoint"])?;
         raw.expect_str_in("final_sigmas_type", &["zero"])?;
         if raw.usize_or("solver_order", 2)? != 2 {
@@ -92,6 +99,7 @@ impl DpmPp2M {
             sigmas,
             prediction: cfg.prediction_type,
             last_x0: None,
+            sde,
         })
     }
 }
@@ -114,7 +122,7 @@ impl Scheduler for DpmPp2M {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
-        _noise: &mut NoiseFn,
+        noise: &mut NoiseFn,
     ) -> Result<StepOutput> {
         let sigma_s0 = self.sigmas[i] as f64;
         let sigma_t = self.sigmas[i + 1] as f64;
@@ -127,22 +135,36 @@ impl Scheduler for DpmPp2M {
         };
         let (alpha_t, sig_t) = alpha_sigma(sigma_t);
         let h = lambda(sigma_t) - lambda(sigma_s0);
-        let coef = alpha_t * ((-h).exp() - 1.0);
-        let ratio = sig_t / sig_s0;
+        let ratio = if sig_t == 0.0 { 0.0 } else { sig_t / sig_s0 };
+        // x_t = cs·x + c0·D0 + ½·c0·D1 (+ cn·ε for the SDE variant), D1 = (x0 - x0_prev) / r0.
+        let (cs, c0, cn) = if self.sde {
+            let e2h = (-2.0 * h).exp();
+            (
+                ratio * (-h).exp(),
+                alpha_t * (1.0 - e2h),
+                sig_t * (1.0 - e2h).sqrt(),
+            )
+        } else {
+            (ratio, -alpha_t * (-h).exp_m1(), 0.0)
+        };
+        let eps = if self.sde { Some(noise()?) } else { None };
         let last_step = i + 1 == self.timesteps.len();
-        let prev = match (&self.last_x0, last_step) {
-            // First order (DPM-Solver++ 1 = DDIM in x0 form): at the start and, with a zero
-            // final sigma, at the last step.
-            (None, _) | (_, true) => lincomb(&[(ratio, sample), (-coef, &x0)])?,
+        let mut terms: Vec<(f64, &Tensor)> = vec![(cs, sample)];
+        match (&self.last_x0, last_step) {
+            // First order at the start and, with a zero final sigma, at the last step.
+            (None, _) | (_, true) => terms.push((c0, &x0)),
             (Some(x0_prev), false) => {
                 let sigma_s1 = self.sigmas[i - 1] as f64;
-                let h0 = lambda(sigma_s0) - lambda(sigma_s1);
-                let r0 = h0 / h;
-                // D0 = x0, D1 = (x0 - x0_prev) / r0; x = ratio*x - coef*D0 - 0.5*coef*D1
-                let d1 = 0.5 * coef / r0;
-                lincomb(&[(ratio, sample), (-coef - d1, &x0), (d1, x0_prev)])?
+                let r0 = (lambda(sigma_s0) - lambda(sigma_s1)) / h;
+                let d1 = 0.5 * c0 / r0;
+                terms.push((c0 + d1, &x0));
+                terms.push((-d1, x0_prev));
             }
-        };
+        }
+        if let Some(e) = &eps {
+            terms.push((cn, e));
+        }
+        let prev = lincomb(&terms)?;
         self.last_x0 = Some(x0.clone());
         Ok(StepOutput {
             prev_sample: prev,

@@ -25,6 +25,16 @@ pub(crate) struct SigmaSchedule {
 
 impl SigmaSchedule {
     pub fn new(cfg: &SchedulerConfig, steps: usize, karras: bool) -> Result<Self> {
+        Self::with_rounding(cfg, steps, karras, false)
+    }
+
+    /// `round_karras_t`: the DPM2 samplers round the timesteps of Karras sigmas.
+    pub fn with_rounding(
+        cfg: &SchedulerConfig,
+        steps: usize,
+        karras: bool,
+        round_karras_t: bool,
+    ) -> Result<Self> {
         let raw = &cfg.raw;
         raw.expect_str_in("interpolation_type", &["linear"])?;
         raw.expect_str_in("final_sigmas_type", &["zero"])?;
@@ -55,7 +65,14 @@ impl SigmaSchedule {
             sigmas = karras_sigmas(lo, hi, steps);
             timesteps = sigmas
                 .iter()
-                .map(|&s| sigma_to_t(s, &log_sigmas) as f32 as f64)
+                .map(|&s| {
+                    let t = sigma_to_t(s, &log_sigmas);
+                    if round_karras_t {
+                        super::round_half_even(t)
+                    } else {
+                        t as f32 as f64
+                    }
+                })
                 .collect();
         }
         let mut sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();

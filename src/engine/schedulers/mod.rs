@@ -6,10 +6,17 @@
 //! f32 as PyTorch does), timestep spacings, Karras sigmas and sigma→timestep mapping.
 
 pub mod ddim;
+pub mod ddpm;
+pub mod dpm2;
+pub mod dpm2_ancestral;
 pub mod dpmpp_2m;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod heun;
+pub mod lcm;
+pub mod lms;
 pub mod pndm;
+pub mod unipc;
 
 use candle_core::Tensor;
 
@@ -50,24 +57,44 @@ pub trait Scheduler: Send {
 }
 
 /// The samplers we offer, by A1111 name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SchedulerKind {
     Euler,
     EulerAncestral,
-    Ddim,
+    Heun,
+    Lms,
+    LmsKarras,
+    Dpm2,
+    Dpm2Ancestral,
     DpmPp2M,
     DpmPp2MKarras,
+    DpmPp2MSde,
+    DpmPp2MSdeKarras,
+    Ddim,
     Pndm,
+    UniPc,
+    Ddpm,
+    Lcm,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 16] = [
         Self::Euler,
         Self::EulerAncestral,
-        Self::Ddim,
+        Self::Heun,
+        Self::Lms,
+        Self::LmsKarras,
+        Self::Dpm2,
+        Self::Dpm2Ancestral,
         Self::DpmPp2M,
         Self::DpmPp2MKarras,
+        Self::DpmPp2MSde,
+        Self::DpmPp2MSdeKarras,
+        Self::Ddim,
         Self::Pndm,
+        Self::UniPc,
+        Self::Ddpm,
+        Self::Lcm,
     ];
 
     /// The CLI name (kebab-case).
@@ -75,10 +102,20 @@ impl SchedulerKind {
         match self {
             Self::Euler => "euler",
             Self::EulerAncestral => "euler-a",
-            Self::Ddim => "ddim",
+            Self::Heun => "heun",
+            Self::Lms => "lms",
+            Self::LmsKarras => "lms-karras",
+            Self::Dpm2 => "dpm2",
+            Self::Dpm2Ancestral => "dpm2-a",
             Self::DpmPp2M => "dpm++2m",
             Self::DpmPp2MKarras => "dpm++2m-karras",
+            Self::DpmPp2MSde => "dpm++2m-sde",
+            Self::DpmPp2MSdeKarras => "dpm++2m-sde-karras",
+            Self::Ddim => "ddim",
             Self::Pndm => "pndm",
+            Self::UniPc => "unipc",
+            Self::Ddpm => "ddpm",
+            Self::Lcm => "lcm",
         }
     }
 
@@ -87,10 +124,28 @@ impl SchedulerKind {
         match self {
             Self::Euler => ("Euler", None),
             Self::EulerAncestral => ("Euler a", None),
-            Self::Ddim => ("DDIM", None),
+            Self::Heun => ("Heun", None),
+            Self::Lms => ("LMS", None),
+            Self::LmsKarras => ("LMS", Some("Karras")),
+            Self::Dpm2 => ("DPM2", None),
+            Self::Dpm2Ancestral => ("DPM2 a", None),
             Self::DpmPp2M => ("DPM++ 2M", None),
             Self::DpmPp2MKarras => ("DPM++ 2M", Some("Karras")),
+            Self::DpmPp2MSde => ("DPM++ 2M SDE", None),
+            Self::DpmPp2MSdeKarras => ("DPM++ 2M SDE", Some("Karras")),
+            Self::Ddim => ("DDIM", None),
             Self::Pndm => ("PLMS", None),
+            Self::UniPc => ("UniPC", None),
+            Self::Ddpm => ("DDPM", None),
+            Self::Lcm => ("LCM", None),
+        }
+    }
+
+    /// The name shown in the UI: A1111's, with the schedule type ("DPM++ 2M Karras").
+    pub fn label(self) -> String {
+        match self.a1111_name() {
+            (n, Some(s)) => format!("{n} {s}"),
+            (n, None) => n.to_string(),
         }
     }
 
@@ -100,10 +155,22 @@ impl SchedulerKind {
                 "Euler method on the probability-flow ODE (Karras et al. 2022); deterministic"
             }
             Self::EulerAncestral => "Euler with fresh noise every step; varied, never converges",
-            Self::Ddim => "Denoising diffusion implicit models (Song et al. 2020), eta 0",
+            Self::Heun => {
+                "Heun's second-order method: two model calls per step, sharper at few steps"
+            }
+            Self::Lms => "Linear multistep (k-diffusion), fourth order",
+            Self::LmsKarras => "Linear multistep with Karras sigmas",
+            Self::Dpm2 => "DPM-Solver-2: second order via a midpoint model call",
+            Self::Dpm2Ancestral => "DPM2 with fresh noise every step",
             Self::DpmPp2M => "DPM-Solver++ second-order multistep (Lu et al. 2022)",
             Self::DpmPp2MKarras => "DPM-Solver++ 2M with Karras sigmas; A1111's favourite",
+            Self::DpmPp2MSde => "DPM-Solver++ 2M, stochastic: fresh noise every step",
+            Self::DpmPp2MSdeKarras => "DPM++ 2M SDE with Karras sigmas",
+            Self::Ddim => "Denoising diffusion implicit models (Song et al. 2020), eta 0",
             Self::Pndm => "Pseudo numerical methods (PLMS); Stable Diffusion 1.5's default",
+            Self::UniPc => "Unified predictor-corrector (Zhao et al. 2023), good at 5-10 steps",
+            Self::Ddpm => "The original ancestral sampler (Ho et al. 2020); needs many steps",
+            Self::Lcm => "Latent consistency: 2-8 steps with LCM models or LCM-LoRA",
         }
     }
 
@@ -111,14 +178,7 @@ impl SchedulerKind {
         let n = name.trim().to_ascii_lowercase();
         Self::ALL
             .into_iter()
-            .find(|k| {
-                let (a, s) = k.a1111_name();
-                let full = match s {
-                    Some(s) => format!("{} {}", a, s).to_ascii_lowercase(),
-                    None => a.to_ascii_lowercase(),
-                };
-                k.cli_name() == n || full == n || (s.is_none() && a.to_ascii_lowercase() == n)
-            })
+            .find(|k| k.cli_name() == n || k.label().to_ascii_lowercase() == n)
             .ok_or_else(|| {
                 let names: Vec<_> = Self::ALL.iter().map(|k| k.cli_name()).collect();
                 Error::invalid(
@@ -144,10 +204,20 @@ impl SchedulerKind {
         Ok(match self {
             Self::Euler => Box::new(euler::Euler::new(cfg, steps)?),
             Self::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(cfg, steps)?),
+            Self::Heun => Box::new(heun::Heun::new(cfg, steps, false)?),
+            Self::Lms => Box::new(lms::Lms::new(cfg, steps, false)?),
+            Self::LmsKarras => Box::new(lms::Lms::new(cfg, steps, true)?),
+            Self::Dpm2 => Box::new(dpm2::Dpm2::new(cfg, steps, false)?),
+            Self::Dpm2Ancestral => Box::new(dpm2_ancestral::Dpm2Ancestral::new(cfg, steps, false)?),
+            Self::DpmPp2M => Box::new(dpmpp_2m::DpmPp2M::new(cfg, steps, false, false)?),
+            Self::DpmPp2MKarras => Box::new(dpmpp_2m::DpmPp2M::new(cfg, steps, true, false)?),
+            Self::DpmPp2MSde => Box::new(dpmpp_2m::DpmPp2M::new(cfg, steps, false, true)?),
+            Self::DpmPp2MSdeKarras => Box::new(dpmpp_2m::DpmPp2M::new(cfg, steps, true, true)?),
             Self::Ddim => Box::new(ddim::Ddim::new(cfg, steps)?),
-            Self::DpmPp2M => Box::new(dpmpp_2m::DpmPp2M::new(cfg, steps, false)?),
-            Self::DpmPp2MKarras => Box::new(dpmpp_2m::DpmPp2M::new(cfg, steps, true)?),
             Self::Pndm => Box::new(pndm::Pndm::new(cfg, steps)?),
+            Self::UniPc => Box::new(unipc::UniPc::new(cfg, steps)?),
+            Self::Ddpm => Box::new(ddpm::Ddpm::new(cfg, steps)?),
+            Self::Lcm => Box::new(lcm::Lcm::new(cfg, steps)?),
         })
     }
 }
