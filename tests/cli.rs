@@ -369,3 +369,64 @@ fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+#[test]
+fn unset_settings_come_from_the_model_and_variation_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = bin();
+    c.args([
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt",
+        "x",
+        "--seed",
+        "3",
+        "--variation-seed",
+        "40",
+        "--variation-strength",
+        "0.5",
+        "--batch",
+        "2",
+        "--out",
+    ])
+    .arg(dir.path());
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // tiny-sd15's scheduler_config names PNDMScheduler; its UNet sample size 8 × VAE factor 8.
+    assert_eq!(lines[0]["scheduler"], "pndm");
+    assert_eq!(lines[0]["steps"], 20);
+    assert_eq!(
+        (lines[0]["width"].as_u64(), lines[0]["height"].as_u64()),
+        (Some(64), Some(64))
+    );
+    assert_eq!(
+        (
+            lines[1]["seed"].as_u64(),
+            lines[1]["variation_seed"].as_u64()
+        ),
+        (Some(3), Some(41))
+    );
+    let path = PathBuf::from(lines[1]["path"].as_str().unwrap());
+    assert_eq!(path.file_name().unwrap(), "3-41.png");
+    let params = sd_studio::engine::metadata::read_png_parameters(&path)
+        .unwrap()
+        .unwrap();
+    assert!(params.contains("Sampler: PLMS, CFG scale: 7.5, Seed: 3, Size: 64x64, Model: tiny-sd15, Variation seed: 41, Variation seed strength: 0.5, Version"), "{params}");
+    assert!(
+        !params.contains("RNG:"),
+        "torch-cuda is A1111's default GPU noise: no RNG key"
+    );
+
+    let out = dir.path().join("bad");
+    let o = generate(
+        &out,
+        &["--variation-seed", "1", "--variation-strength", "1.5"],
+    );
+    assert_fails(&out, &o, "variation strength");
+}

@@ -171,3 +171,64 @@ pub fn output_path(dir: &Path, stem: &str) -> PathBuf {
         .find(|p| !p.exists())
         .unwrap_or(first)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Parameters {
+        Parameters {
+            prompt: "a cat".into(),
+            negative_prompt: String::new(),
+            steps: 20,
+            sampler: "DPM++ 2M".into(),
+            schedule_type: Some("Karras".into()),
+            cfg_scale: 7.0,
+            seed: 1234,
+            width: 512,
+            height: 768,
+            model: "v1-5-pruned-emaonly".into(),
+            variation: None,
+            rng: None,
+        }
+    }
+
+    #[test]
+    fn a1111_layout_and_key_order() {
+        let p = params();
+        let text = p.to_a1111();
+        let v = env!("CARGO_PKG_VERSION");
+        assert_eq!(
+            text,
+            format!("a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, Seed: 1234, Size: 512x768, Model: v1-5-pruned-emaonly, Version: sd-studio {v}")
+        );
+    }
+
+    #[test]
+    fn negative_prompt_variation_rng_and_quoting() {
+        let mut p = params();
+        p.negative_prompt = "blurry, lowres".into();
+        p.model = "my: model, v2".into();
+        p.variation = Some((99, 0.25));
+        p.rng = Some("CPU".into());
+        p.cfg_scale = 7.5;
+        let text = p.to_a1111();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "Negative prompt: blurry, lowres");
+        assert!(lines[2].contains("CFG scale: 7.5,"));
+        assert!(lines[2].contains("Model: \"my: model, v2\", Variation seed: 99, Variation seed strength: 0.25, RNG: CPU, Version"));
+    }
+
+    #[test]
+    fn png_round_trip_keeps_parameters_latin1_and_utf8() {
+        let dir = std::env::temp_dir().join(format!("sd-studio-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for text in ["plain prompt\nSteps: 1", "猫 prompt\nSteps: 1"] {
+            let png = encode_png(&[0u8; 2 * 2 * 3], 2, 2, text).unwrap();
+            let path = dir.join("t.png");
+            write_atomic(&path, &png).unwrap();
+            assert_eq!(read_png_parameters(&path).unwrap().as_deref(), Some(text));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

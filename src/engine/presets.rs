@@ -165,3 +165,23 @@ pub fn defaults_for(spec: &str, files: &ModelFiles) -> Defaults {
         spacing: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_models_match_by_id_or_folder_name() {
+        assert_eq!(known("stabilityai/sd-turbo").map(|k| k.steps), Some(1));
+        assert_eq!(known("/models/sd-turbo/").map(|k| k.guidance), Some(0.0));
+        assert_eq!(
+            known("STABILITYAI/SD-TURBO").map(|k| k.spacing),
+            Some(Some(TimestepSpacing::Trailing))
+        );
+        assert_eq!(
+            known("stabilityai/stable-diffusion-2-1").map(|k| k.size),
+            Some(768)
+        );
+        assert!(known("someone/unknown-model").is_none());
+    }
+}
