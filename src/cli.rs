@@ -30,6 +30,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// List the samplers with a one-line description each.
     Schedulers,
+    /// Print a prompt's tokens and A1111 weights per 77-token chunk, as JSON.
+    Tokenize(TokenizeArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -94,6 +96,15 @@ pub struct GenerateArgs {
     /// Safetensors file with tensor `latents` (f32 [batch,4,H/8,W/8]) used instead of drawn noise.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
+    /// img2img: start from this picture (resized to cover the size, then center-cropped).
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// img2img strength, 0..1: how much of the schedule runs (1 ignores the picture).
+    #[arg(long, allow_negative_numbers = true)]
+    pub strength: Option<f64>,
+    /// A1111 "Clip skip": 1 uses the text encoder's last layer, 2 the one before (anime models).
+    #[arg(long, default_value_t = 1)]
+    pub clip_skip: usize,
     /// A1111 variation seed: blend in this seed's noise (image i of a batch uses it + i).
     #[arg(long)]
     pub variation_seed: Option<u64>,
@@ -103,6 +114,16 @@ pub struct GenerateArgs {
     /// Output folder (created if missing).
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TokenizeArgs {
+    /// Diffusers folder or hub id whose tokenizer to use.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// The prompt, in A1111 syntax.
+    #[arg(long)]
+    pub prompt: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -124,6 +145,7 @@ pub fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(a) => generate(&a),
         Command::Bench(a) => bench(&a),
+        Command::Tokenize(a) => tokenize(&a),
         Command::Schedulers => {
             for k in SchedulerKind::ALL {
                 let (name, sched) = k.a1111_name();
@@ -272,6 +294,40 @@ fn load_init_latents(path: &Path) -> Result<Tensor> {
     Ok(t.clone())
 }
 
+fn open_image(path: &Path) -> Result<image::RgbImage> {
+    if !path.is_file() {
+        return Err(Error::NotFound {
+            what: "image".into(),
+            path: path.to_path_buf(),
+        });
+    }
+    let img = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| Error::read(path, e))?
+        .decode()
+        .map_err(|e| Error::read(path, format!("not a readable image: {e}")))?;
+    Ok(img.to_rgb8())
+}
+
+/// Scales the picture to cover `w`×`h` (Lanczos), then crops the middle: A1111's "crop and
+/// resize". A picture already at that size is used as it is.
+fn cover_crop(img: image::RgbImage, w: usize, h: usize) -> Vec<u8> {
+    let (iw, ih) = (img.width() as f64, img.height() as f64);
+    if (iw as usize, ih as usize) == (w, h) {
+        return img.into_raw();
+    }
+    let scale = (w as f64 / iw).max(h as f64 / ih);
+    let (rw, rh) = (
+        ((iw * scale).round() as u32).max(w as u32),
+        ((ih * scale).round() as u32).max(h as u32),
+    );
+    let resized = image::imageops::resize(&img, rw, rh, image::imageops::FilterType::Lanczos3);
+    let (x, y) = ((rw - w as u32) / 2, (rh - h as u32) / 2);
+    image::imageops::crop_imm(&resized, x, y, w as u32, h as u32)
+        .to_image()
+        .into_raw()
+}
+
 fn ensure_writable_dir(dir: &Path) -> Result<()> {
     let werr = |e: std::io::Error| Error::Write {
         path: dir.to_path_buf(),
@@ -304,7 +360,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         .as_deref()
         .map(load_init_latents)
         .transpose()?;
-    let p = prepare(&a.model, &a.sampling)?;
+    let mut p = prepare(&a.model, &a.sampling)?;
     ensure_writable_dir(&a.out)?;
     let seed = match a.seed {
         Some(s) => s,
@@ -330,6 +386,42 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             })
         }
     };
+    if a.clip_skip == 0 || a.clip_skip > p.files.clip_config.num_hidden_layers {
+        return Err(Error::invalid(
+            "clip skip",
+            format!(
+                "{} is outside 1..={} (the text encoder's layers)",
+                a.clip_skip, p.files.clip_config.num_hidden_layers
+            ),
+        ));
+    }
+    let init_image = match &a.init_image {
+        None => {
+            if a.strength.is_some() {
+                return Err(Error::invalid("strength", "needs --init-image"));
+            }
+            None
+        }
+        Some(path) => {
+            let strength = a.strength.unwrap_or(0.75);
+            if !(0.0..=1.0).contains(&strength) || strength.is_nan() {
+                return Err(Error::invalid(
+                    "strength",
+                    format!("{strength} is outside 0..1"),
+                ));
+            }
+            let img = open_image(path)?;
+            // Without an explicit size, img2img keeps the picture's (rounded down to 8).
+            if a.sampling.width.is_none() {
+                p.settings.width = (img.width() as usize / 8 * 8).max(8);
+            }
+            if a.sampling.height.is_none() {
+                p.settings.height = (img.height() as usize / 8 * 8).max(8);
+            }
+            let rgb = cover_crop(img, p.settings.width, p.settings.height);
+            Some(crate::engine::pipeline::InitImage { rgb, strength })
+        }
+    };
     let st = &p.settings;
     let req = GenerateRequest {
         prompt: a.prompt.clone(),
@@ -343,7 +435,9 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         height: st.height,
         rng,
         init_latents,
+        init_image,
         variation,
+        clip_skip: a.clip_skip,
     };
     let label = model_label(&a.model.model);
     let start = Instant::now();
@@ -376,6 +470,8 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             height: img.height,
             model: label.clone(),
             variation: img.variation_seed.zip(req.variation.map(|v| v.strength)),
+            denoising_strength: req.init_image.as_ref().map(|i| i.strength),
+            clip_skip: (req.clip_skip > 1).then_some(req.clip_skip),
             rng: rng.a1111_name().map(str::to_string),
         };
         let png = encode_png(&img.rgb, img.width, img.height, &params.to_a1111())?;
@@ -399,6 +495,22 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         });
         let _ = writeln!(out, "{line}");
     }
+    Ok(())
+}
+
+fn tokenize(a: &TokenizeArgs) -> Result<()> {
+    let root = model::resolve(&a.model, false)?;
+    let tok = crate::engine::tokenizer::ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+    let t = crate::engine::prompt::tokenize(&tok, &a.prompt)?;
+    let chunks: Vec<_> = t
+        .chunks
+        .iter()
+        .map(|c| serde_json::json!({ "ids": c.ids, "weights": c.weights }))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({ "token_count": t.token_count, "chunks": chunks })
+    );
     Ok(())
 }
 
@@ -432,7 +544,9 @@ fn bench(a: &BenchArgs) -> Result<()> {
         height: s.height,
         rng: RngKind::TorchCpu,
         init_latents: None,
+        init_image: None,
         variation: None,
+        clip_skip: 1,
     };
     let (mut enc, mut step, mut dec) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..=a.runs {

@@ -53,6 +53,7 @@ import argparse
 import gzip
 import importlib.util
 import json
+import re
 import shutil
 import sys
 import unicodedata
@@ -314,6 +315,20 @@ class ReferenceBPE:
 # --------------------------------------------------------------------------
 
 
+def randomize_norms(module: torch.nn.Module, seed: int) -> None:
+    """Give every LayerNorm/GroupNorm a random affine part, as trained models have.
+
+    Freshly initialised norms (weight 1, bias 0) make e.g. CLIP's output mean exactly zero,
+    which hides mistakes and makes A1111's mean-restoring prompt emphasis divide 0 by 0.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+
+
 def build_vae(seed: int) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(
@@ -361,6 +376,8 @@ def build_sd15_components() -> dict:
         )
     )
     scheduler = PNDMScheduler.from_config(json.loads(SD15_SCHEDULER_JSON))
+    for i, m in enumerate((unet, vae, text_encoder)):
+        randomize_norms(m, 1510 + i)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
 
 
@@ -399,6 +416,8 @@ def build_sd2v_components() -> dict:
         )
     )
     scheduler = DDIMScheduler.from_config(json.loads(SD21_SCHEDULER_JSON))
+    for i, m in enumerate((unet, vae, text_encoder)):
+        randomize_norms(m, 2110 + i)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
 
 
@@ -742,6 +761,187 @@ def make_pipeline_refs(pipes: dict[str, StableDiffusionPipeline]) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------
+# A1111 prompt syntax: a second, independent implementation in Python of the semantics
+# of AUTOMATIC1111's prompt parser and CLIP chunking ("Original" emphasis), used to make
+# reference conditioning tensors with transformers' CLIP.
+# --------------------------------------------------------------------------
+
+A1111_PROMPTS = [
+    ("plain prompt with no syntax", 1),
+    ("a (red:1.5) car on a [foggy] road, ((masterpiece))", 1),
+    ("(unbalanced bracket, best quality", 1),
+    ("first part BREAK second part", 1),
+    (", ".join(f"word{i} thing" for i in range(40)), 1),  # > 75 tokens: two chunks with comma backtrack
+    ("a cat (sitting:0.7) on a mat", 2),  # clip skip 2
+    ("", 1),
+]
+
+_ATTN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def a1111_parse(text: str) -> list[list]:
+    pieces, rounds, squares = [], [], []
+
+    def scale(start, m):
+        for p in pieces[start:]:
+            p[1] *= m
+
+    for m in _ATTN.finditer(text):
+        tok, w = m.group(0), m.group(1)
+        if tok.startswith("\\"):
+            pieces.append([tok[1:], 1.0])
+        elif tok == "(":
+            rounds.append(len(pieces))
+        elif tok == "[":
+            squares.append(len(pieces))
+        elif w is not None and rounds:
+            scale(rounds.pop(), float(w))
+        elif tok == ")" and rounds:
+            scale(rounds.pop(), 1.1)
+        elif tok == "]" and squares:
+            scale(squares.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(_BREAK.split(tok)):
+                if i:
+                    pieces.append(["BREAK", -1])
+                pieces.append([part, 1.0])
+    for start in rounds:
+        scale(start, 1.1)
+    for start in squares:
+        scale(start, 1 / 1.1)
+    if not pieces:
+        pieces = [["", 1.0]]
+    out = [pieces[0]]
+    for p in pieces[1:]:
+        if p[1] == out[-1][1]:
+            out[-1][0] += p[0]
+        else:
+            out.append(p)
+    return out
+
+
+def a1111_chunks(tokenizer, text: str, pad_id: int) -> list[tuple[list[int], list[float]]]:
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    comma = tokenizer.get_vocab()[",</w>"]
+    chunks, ids, ws = [], [], []
+    last_comma = -1
+
+    def close():
+        nonlocal ids, ws, last_comma
+        body = ids + [eos] + [pad_id] * (75 - len(ids))
+        chunks.append(([bos] + body, [1.0] + ws + [1.0] * (76 - len(ws))))
+        ids, ws, last_comma = [], [], -1
+
+    for text_part, weight in a1111_parse(text):
+        if weight == -1 and text_part == "BREAK":
+            close()
+            continue
+        for t in tokenizer(text_part, add_special_tokens=False, truncation=False)["input_ids"]:
+            if t == comma:
+                last_comma = len(ids)
+            elif len(ids) == 75 and last_comma != -1 and 75 - last_comma <= 20:
+                moved_ids, moved_ws = ids[last_comma + 1 :], ws[last_comma + 1 :]
+                ids, ws = ids[: last_comma + 1], ws[: last_comma + 1]
+                close()
+                ids, ws = moved_ids, moved_ws
+            if len(ids) == 75:
+                close()
+            ids.append(t)
+            ws.append(weight)
+    if ids or not chunks:
+        close()
+    return chunks
+
+
+@torch.no_grad()
+def make_prompt_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
+    tensors, meta = {}, []
+    for model, pipe in pipes.items():
+        te = pipe.text_encoder
+        pad_id = pipe.tokenizer.pad_token_id
+        for i, (prompt, clip_skip) in enumerate(A1111_PROMPTS):
+            zs, all_ids, all_ws = [], [], []
+            for ids, ws in a1111_chunks(pipe.tokenizer, prompt, pad_id):
+                out = te(torch.tensor([ids]), output_hidden_states=True)
+                if clip_skip > 1:
+                    z = te.final_layer_norm(out.hidden_states[-clip_skip])
+                else:
+                    z = out.last_hidden_state
+                w = torch.tensor([ws])
+                before = z.mean()
+                z = z * w.unsqueeze(-1)
+                z = z * (before / z.mean())
+                zs.append(z)
+                all_ids.append(ids)
+                all_ws.append(ws)
+            name = f"{model}_{i}"
+            tensors[f"{name}_ids"] = torch.tensor(all_ids, dtype=torch.int64)
+            tensors[f"{name}_weights"] = torch.tensor(all_ws, dtype=torch.float32)
+            tensors[f"{name}_cond"] = torch.cat(zs, dim=1).contiguous()
+            meta.append({"name": name, "model": model, "prompt": prompt, "clip_skip": clip_skip, "chunks": len(all_ids)})
+    save_file(tensors, REFS / "prompts.safetensors")
+    with open(REFS / "prompts.json", "w") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------
+# img2img: StableDiffusionImg2ImgPipeline from the same components
+# --------------------------------------------------------------------------
+
+IMG2IMG_SCHEDULERS = ["euler-a", "ddim", "dpm++2m-karras", "heun", "pndm", "lms"]
+
+
+def init_picture(w: int, h: int) -> np.ndarray:
+    """A deterministic picture with structure (gradients and a disc), uint8 HxWx3."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = 255 * x / (w - 1)
+    g = 255 * y / (h - 1)
+    b = np.where((x - w / 2) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 3) ** 2, 230.0, 40.0)
+    return np.stack([r, g, b], axis=-1).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def make_img2img_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img_dir = REFS / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    pic = init_picture(64, 64)
+    Image.fromarray(pic).save(REFS / "init_64x64.png")
+    cases = []
+    for model, strength, seeds in (("tiny-sd15", 0.6, [42, 43]), ("tiny-sd2v", 0.8, [5])):
+        base = pipes[model]
+        pipe = StableDiffusionImg2ImgPipeline(**base.components)
+        pipe.set_progress_bar_config(disable=True)
+        for sched in IMG2IMG_SCHEDULERS:
+            pipe.scheduler = make_scheduler(sched, base.scheduler.config)
+            images = pipe(
+                PROMPT,
+                image=Image.open(REFS / "init_64x64.png"),
+                strength=strength,
+                negative_prompt=NEGATIVE,
+                num_inference_steps=10,
+                guidance_scale=7.5,
+                num_images_per_prompt=len(seeds),
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                output_type="np",
+            ).images
+            name = f"img2img_{model}_{sched}_s{strength:g}"
+            paths = []
+            for seed, img in zip(seeds, images):
+                rel = f"refs/images/{name}_seed{seed}.png"
+                Image.fromarray(to_uint8(img)).save(FIXTURES / rel, optimize=True)
+                paths.append(rel)
+            cases.append(dict(name=name, model=model, scheduler=sched, steps=10, guidance=7.5, prompt=PROMPT,
+                              negative_prompt=NEGATIVE, width=64, height=64, seeds=seeds, strength=strength,
+                              init_image="refs/init_64x64.png", images=paths))
+            print(f"  img2img {name}: mean {images.mean():.4f}")
+    with open(REFS / "img2img_cases.json", "w") as f:
+        json.dump(cases, f, indent=1)
+
+
 def check_no_nan_files() -> list[str]:
     problems = []
     for p in sorted(FIXTURES.rglob("*.safetensors")):
@@ -765,6 +965,7 @@ def summary() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bpe", help="path to bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip)")
+    ap.add_argument("--only", choices=["prompts", "img2img"], help="only remake one set of references from the committed models")
     args = ap.parse_args()
 
     torch.set_num_threads(2)
@@ -772,6 +973,11 @@ def main() -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    if args.only:
+        pipes = {"tiny-sd15": load_pipe("tiny-sd15", None), "tiny-sd2v": load_pipe("tiny-sd2v", "fp16")}
+        {"prompts": make_prompt_refs, "img2img": make_img2img_refs}[args.only](pipes)
+        return
+
     bpe = find_bpe(args.bpe)
     print(f"torch {torch.__version__}; using BPE file {bpe}")
 
@@ -792,6 +998,8 @@ def main() -> None:
     for name, pipe in pipes.items():
         make_component_refs(name, pipe)
     make_scheduler_refs(pipes)
+    make_prompt_refs(pipes)
+    make_img2img_refs(pipes)
     problems += make_pipeline_refs(pipes)
     problems += check_no_nan_files()
 

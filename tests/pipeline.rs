@@ -37,6 +37,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         rng: RngKind::TorchCpu,
         init_latents,
         variation: None,
+        clip_skip: 1,
     }
 }
 
@@ -114,6 +115,7 @@ fn batch_size_never_changes_an_image() {
         rng: RngKind::TorchCpu,
         init_latents: None,
         variation: None,
+        clip_skip: 1,
     };
     let batch = sd.generate(&base, &mut |_| Ok(())).unwrap();
     let single = sd
@@ -153,6 +155,7 @@ fn steps_are_reported_and_cancel_stops_the_job() {
         rng: RngKind::TorchCpu,
         init_latents: None,
         variation: None,
+        clip_skip: 1,
     };
     let mut seen = Vec::new();
     sd.generate(&req, &mut |s| {

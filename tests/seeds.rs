@@ -21,6 +21,7 @@ fn req(seed: u64, variation: Option<Variation>) -> GenerateRequest {
         rng: RngKind::TorchCuda,
         init_latents: None,
         variation,
+        clip_skip: 1,
     }
 }
 

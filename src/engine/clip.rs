@@ -126,6 +126,17 @@ impl ClipTextModel {
 
     /// `ids`: u32 [batch, tokens] → `last_hidden_state` [batch, tokens, hidden].
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_skip(ids, 1)
+    }
+
+    /// A1111's "Clip skip": 1 is the last layer, 2 stops one layer earlier, …; the final
+    /// layer norm is applied either way.
+    pub fn forward_skip(&self, ids: &Tensor, clip_skip: usize) -> candle_core::Result<Tensor> {
+        let keep = self
+            .layers
+            .len()
+            .saturating_sub(clip_skip.max(1) - 1)
+            .max(1);
         let (_, t) = ids.dims2()?;
         if t > self.max_positions {
             candle_core::bail!(
@@ -136,7 +147,7 @@ impl ClipTextModel {
         let pos = self.position_embedding.narrow(0, 0, t)?;
         let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&pos)?;
         let mask = Self::causal_mask(t, xs.dtype(), xs.device())?;
-        for layer in &self.layers {
+        for layer in &self.layers[..keep] {
             xs = layer.forward(&xs, &mask)?;
         }
         self.final_norm.forward(&xs)

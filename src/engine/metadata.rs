@@ -25,6 +25,10 @@ pub struct Parameters {
     pub model: String,
     /// "Variation seed" and "Variation seed strength".
     pub variation: Option<(u64, f64)>,
+    /// "Denoising strength" (img2img).
+    pub denoising_strength: Option<f64>,
+    /// "Clip skip", written when above 1.
+    pub clip_skip: Option<usize>,
     /// A1111 writes "RNG: CPU" when noise did not come from the (default) GPU generator.
     pub rng: Option<String>,
 }
@@ -63,6 +67,12 @@ impl Parameters {
         if let Some((seed, strength)) = self.variation {
             pairs.push(("Variation seed", seed.to_string()));
             pairs.push(("Variation seed strength", py_float(strength)));
+        }
+        if let Some(d) = self.denoising_strength {
+            pairs.push(("Denoising strength", py_float(d)));
+        }
+        if let Some(c) = self.clip_skip {
+            pairs.push(("Clip skip", c.to_string()));
         }
         if let Some(r) = &self.rng {
             pairs.push(("RNG", r.clone()));
@@ -189,6 +199,8 @@ mod tests {
             height: 768,
             model: "v1-5-pruned-emaonly".into(),
             variation: None,
+            denoising_strength: None,
+            clip_skip: None,
             rng: None,
         }
     }

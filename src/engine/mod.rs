@@ -8,10 +8,12 @@ pub mod metadata;
 pub mod model;
 pub mod pipeline;
 pub mod presets;
+pub mod prompt;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae_encoder;
 
 pub use error::{Error, Result};
 

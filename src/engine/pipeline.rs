@@ -14,10 +14,12 @@ use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use super::clip::ClipTextModel;
 use super::error::{Context, Error, Result};
 use super::model::ModelFiles;
+use super::prompt;
 use super::rng::{NoiseStream, RngKind};
 use super::schedulers::SchedulerKind;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
+use super::vae_encoder::VaeEncoder;
 
 /// Everything that decides an image.
 #[derive(Debug, Clone)]
@@ -36,6 +38,40 @@ pub struct GenerateRequest {
     pub init_latents: Option<Tensor>,
     /// A1111's variation seed: blends in another seed's noise.
     pub variation: Option<Variation>,
+    /// A1111's "Clip skip": 1 = the text encoder's last layer, 2 = the one before, …
+    pub clip_skip: usize,
+    /// img2img: start from this picture instead of pure noise.
+    pub init_image: Option<InitImage>,
+}
+
+/// img2img's starting picture, already at the request's size.
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// Row-major RGB8, width × height × 3.
+    pub rgb: Vec<u8>,
+    /// 0..1: how much of the schedule to run (1 = ignore the picture's content).
+    pub strength: f64,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            seed: 0,
+            batch: 1,
+            steps: 20,
+            guidance: 7.5,
+            scheduler: SchedulerKind::DpmPp2MKarras,
+            width: 512,
+            height: 512,
+            rng: RngKind::TorchCuda,
+            init_latents: None,
+            variation: None,
+            clip_skip: 1,
+            init_image: None,
+        }
+    }
 }
 
 /// A1111's "Variation seed" and "Variation seed strength": the initial noise is the
@@ -109,6 +145,16 @@ pub fn slerp_a1111(t: f64, low: &[f32], high: &[f32], c: usize, h: usize, w: usi
     out
 }
 
+/// The text conditioning of one job.
+enum Conditioning {
+    /// No guidance: the prompt alone.
+    Single(Tensor),
+    /// Negative and positive prompt stacked in one batch (one UNet call per step).
+    Batched(Tensor),
+    /// Different lengths: one UNet call each.
+    Separate { uncond: Tensor, cond: Tensor },
+}
+
 /// One finished image.
 #[derive(Debug, Clone)]
 pub struct GeneratedImage {
@@ -148,6 +194,7 @@ pub struct StableDiffusion {
     unet: UNet,
     vae: AutoEncoderKL,
     vae_f32: OnceLock<Result<AutoEncoderKL, String>>,
+    vae_encoder: OnceLock<Result<VaeEncoder, String>>,
     pub last_timings: Timings,
 }
 
@@ -176,6 +223,7 @@ impl StableDiffusion {
             unet,
             vae,
             vae_f32: OnceLock::new(),
+            vae_encoder: OnceLock::new(),
             last_timings: Timings::default(),
         })
     }
@@ -202,18 +250,24 @@ impl StableDiffusion {
     }
 
     /// Prompt → `last_hidden_state` [1, 77, dim] in the model dtype. Warns on truncation.
-    pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
-        let tokens = self.tokenizer.encode(text)?;
-        if tokens.truncated > 0 {
-            eprintln!(
-                "warning: prompt is {} tokens too long for CLIP's {} and was truncated",
-                tokens.truncated, self.tokenizer.max_length
-            );
+    pub fn encode_prompt(&self, text: &str, clip_skip: usize) -> Result<Tensor> {
+        let tokens = prompt::tokenize(&self.tokenizer, text)?;
+        let mut parts = Vec::with_capacity(tokens.chunks.len());
+        for chunk in &tokens.chunks {
+            let ids = Tensor::new(chunk.ids.as_slice(), &self.device)
+                .and_then(|t| t.unsqueeze(0))
+                .ctx("prompt ids")?;
+            let z = self
+                .text_encoder
+                .forward_skip(&ids, clip_skip)
+                .ctx("text encoder")?;
+            parts.push(if chunk.weights.iter().all(|&w| w == 1.0) {
+                z
+            } else {
+                emphasize(&z, &chunk.weights)?
+            });
         }
-        let ids = Tensor::new(tokens.ids.as_slice(), &self.device)
-            .and_then(|t| t.unsqueeze(0))
-            .ctx("prompt ids")?;
-        self.text_encoder.forward(&ids).ctx("text encoder")
+        Tensor::cat(&parts, 1).ctx("prompt chunks")
     }
 
     pub fn encode_ids(&self, ids: &Tensor) -> Result<Tensor> {
@@ -239,11 +293,27 @@ impl StableDiffusion {
                 format!("{} is not a finite number ≥ 0", req.guidance),
             ));
         }
+        if let Some(init) = &req.init_image {
+            if !(0.0..=1.0).contains(&init.strength) {
+                return Err(Error::invalid(
+                    "strength",
+                    format!("{} is outside 0..1", init.strength),
+                ));
+            }
+        }
         if let Some(v) = &req.variation {
             if !(0.0..=1.0).contains(&v.strength) {
                 return Err(Error::invalid(
                     "variation strength",
                     format!("{} is outside 0..1", v.strength),
+                ));
+            }
+        }
+        if let Some(init) = &req.init_image {
+            if !(0.0..=1.0).contains(&init.strength) {
+                return Err(Error::invalid(
+                    "strength",
+                    format!("{} is outside 0..1", init.strength),
                 ));
             }
         }
@@ -298,16 +368,24 @@ impl StableDiffusion {
         // 2. Encode the prompt; guidance > 1 adds the negative prompt as a batch half.
         let t0 = Instant::now();
         let guided = req.guidance > 1.0;
-        let cond = self.encode_prompt(&req.prompt)?;
+        let cond = self
+            .encode_prompt(&req.prompt, req.clip_skip)?
+            .repeat((n, 1, 1))
+            .ctx("context")?;
+        // Prompts of different lengths (in 77-token chunks) cannot share a batch: then the
+        // negative prompt gets its own UNet call, as A1111 does by default.
         let context = if guided {
-            let uncond = self.encode_prompt(&req.negative_prompt)?;
-            let halves = [
-                uncond.repeat((n, 1, 1)).ctx("context")?,
-                cond.repeat((n, 1, 1)).ctx("context")?,
-            ];
-            Tensor::cat(&halves, 0).ctx("context")?
+            let uncond = self
+                .encode_prompt(&req.negative_prompt, req.clip_skip)?
+                .repeat((n, 1, 1))
+                .ctx("context")?;
+            if uncond.dim(1).ctx("context")? == cond.dim(1).ctx("context")? {
+                Conditioning::Batched(Tensor::cat(&[uncond, cond], 0).ctx("context")?)
+            } else {
+                Conditioning::Separate { uncond, cond }
+            }
         } else {
-            cond.repeat((n, 1, 1)).ctx("context")?
+            Conditioning::Single(cond)
         };
         timings.encode = t0.elapsed().as_secs_f64();
 
@@ -330,6 +408,10 @@ impl StableDiffusion {
             Tensor::from_vec(data, (n, channels, lh, lw), &dev).ctx("noise")
         };
         let latents = match (&req.init_latents, req.variation) {
+            // img2img draws its noise later, after the VAE sample (step 4b).
+            _ if req.init_image.is_some() => {
+                Tensor::zeros((n, channels, lh, lw), DType::F32, &dev).ctx("latents")?
+            }
             (Some(l), _) => l
                 .to_dtype(DType::F32)
                 .and_then(|l| l.to_device(&dev))
@@ -348,34 +430,60 @@ impl StableDiffusion {
         };
         let mut latents = (latents * scheduler.init_noise_sigma()).ctx("latents")?;
 
+        // 4b. img2img: start part-way, from the encoded image noised to that level.
+        let mut start = 0;
+        if let Some(init) = &req.init_image {
+            let skipped =
+                req.steps - ((req.steps as f64 * init.strength).floor() as usize).min(req.steps);
+            start = (skipped * scheduler.order()).min(timesteps.len());
+            latents = self.img2img_latents(
+                init,
+                req,
+                &mut streams,
+                lh,
+                lw,
+                channels,
+                scheduler.as_ref(),
+                start,
+            )?;
+        }
+
         // 5. Denoise.
-        let total = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
+        let total = timesteps.len() - start;
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let ts = Instant::now();
-            let input = if guided {
-                Tensor::cat(&[&latents, &latents], 0).ctx("cfg batch")?
-            } else {
-                latents.clone()
+            let unet = |x: &Tensor, ctx: &Tensor| -> Result<Tensor> {
+                let x = scheduler.scale_model_input(x, i)?;
+                self.unet
+                    .forward(&x.to_dtype(self.dtype).ctx("unet input")?, t, ctx)
+                    .and_then(|p| p.to_dtype(DType::F32))
+                    .ctx("unet")
             };
-            let input = scheduler.scale_model_input(&input, i)?;
-            let pred = self
-                .unet
-                .forward(&input.to_dtype(self.dtype).ctx("unet input")?, t, &context)
-                .and_then(|p| p.to_dtype(DType::F32))
-                .ctx("unet")?;
-            let pred = if guided {
-                let uncond = pred.narrow(0, 0, n).ctx("cfg")?;
-                let cond = pred.narrow(0, n, n).ctx("cfg")?;
-                (&uncond + ((cond - &uncond).ctx("cfg")? * req.guidance).ctx("cfg")?).ctx("cfg")?
-            } else {
-                pred
+            let cfg = |uncond: Tensor, cond: Tensor| -> Result<Tensor> {
+                (&uncond + ((cond - &uncond).ctx("cfg")? * req.guidance).ctx("cfg")?).ctx("cfg")
+            };
+            let pred = match &context {
+                Conditioning::Single(ctx) => unet(&latents, ctx)?,
+                Conditioning::Batched(ctx) => {
+                    let both = unet(
+                        &Tensor::cat(&[&latents, &latents], 0).ctx("cfg batch")?,
+                        ctx,
+                    )?;
+                    cfg(
+                        both.narrow(0, 0, n).ctx("cfg")?,
+                        both.narrow(0, n, n).ctx("cfg")?,
+                    )?
+                }
+                Conditioning::Separate { uncond, cond } => {
+                    cfg(unet(&latents, uncond)?, unet(&latents, cond)?)?
+                }
             };
             let mut noise = || draw(&mut streams);
             let out = scheduler.step(&pred, i, &latents, &mut noise)?;
             latents = out.prev_sample;
             timings.steps.push(ts.elapsed().as_secs_f64());
             on_step(StepInfo {
-                step: i + 1,
+                step: i + 1 - start,
                 total,
                 pred_original: out.pred_original.as_ref(),
             })?;
@@ -399,6 +507,79 @@ impl StableDiffusion {
         timings.decode = t0.elapsed().as_secs_f64();
         self.last_timings = timings;
         Ok(images)
+    }
+
+    /// The VAE encoder, loaded on first use (only img2img needs it).
+    fn encoder(&self) -> Result<&VaeEncoder> {
+        let e = self.vae_encoder.get_or_init(|| {
+            let vb =
+                super::model::var_builder(&self.files.vae_weights, self.dtype, &self.device, "vae")
+                    .map_err(|e| e.to_string())?;
+            VaeEncoder::new(vb, &self.files.vae_config)
+                .map_err(|e| format!("vae encoder weights: {}", super::model::candle_msg(&e)))
+        });
+        e.as_ref().map_err(|m| Error::Weights {
+            component: "vae",
+            path: self.files.vae_weights[0].clone(),
+            reason: m.clone(),
+        })
+    }
+
+    /// Encodes the init image once per batch image with that image's generator (the VAE
+    /// sample, then the noise — diffusers' order), and noises it to timestep index `start`.
+    #[allow(clippy::too_many_arguments)]
+    fn img2img_latents(
+        &self,
+        init: &InitImage,
+        req: &GenerateRequest,
+        streams: &mut [NoiseStream],
+        lh: usize,
+        lw: usize,
+        channels: usize,
+        scheduler: &dyn super::schedulers::Scheduler,
+        start: usize,
+    ) -> Result<Tensor> {
+        let (w, h) = (req.width, req.height);
+        if init.rgb.len() != w * h * 3 {
+            return Err(Error::invalid(
+                "init image",
+                format!("{} bytes, expected {w}x{h} RGB", init.rgb.len()),
+            ));
+        }
+        let pixels: Vec<f32> = init
+            .rgb
+            .iter()
+            .map(|&v| v as f32 / 255.0 * 2.0 - 1.0)
+            .collect();
+        let image = Tensor::from_vec(pixels, (1, h, w, 3), &self.device)
+            .and_then(|t| t.permute((0, 3, 1, 2)))
+            .and_then(|t| t.to_dtype(self.dtype))
+            .ctx("init image")?;
+        let (mean, std) = self.encoder()?.encode(&image).ctx("vae encode")?;
+        let (mean, std) = (
+            mean.to_dtype(DType::F32).ctx("vae encode")?,
+            std.to_dtype(DType::F32).ctx("vae encode")?,
+        );
+        let per_image = channels * lh * lw;
+        let c = &self.files.vae_config;
+        let mut out = Vec::with_capacity(streams.len());
+        for stream in streams.iter_mut() {
+            let eps =
+                Tensor::from_vec(stream.randn(per_image), (1, channels, lh, lw), &self.device)
+                    .ctx("vae sample")?;
+            let sample = (&mean + (&std * eps).ctx("vae sample")?).ctx("vae sample")?;
+            let x0 =
+                ((sample - c.shift_factor).ctx("latents")? * c.scaling_factor).ctx("latents")?;
+            let noise =
+                Tensor::from_vec(stream.randn(per_image), (1, channels, lh, lw), &self.device)
+                    .ctx("noise")?;
+            out.push(if start < scheduler.timesteps().len() {
+                scheduler.add_noise(&x0, &noise, start)?
+            } else {
+                x0
+            });
+        }
+        Tensor::cat(&out, 0).ctx("img2img latents")
     }
 
     /// Latents [1, 4, h, w] (unscaled, as the sampler leaves them) → RGB8 pixels. In reduced
@@ -438,6 +619,21 @@ impl StableDiffusion {
         };
         to_rgb8(&img)
     }
+}
+
+/// A1111's "Original" emphasis: scale each token's hidden state by its weight, then
+/// rescale the whole tensor so its mean is what it was.
+fn emphasize(z: &Tensor, weights: &[f32]) -> Result<Tensor> {
+    let f = || -> candle_core::Result<Tensor> {
+        let dtype = z.dtype();
+        let z = z.to_dtype(DType::F32)?;
+        let before = z.mean_all()?.to_scalar::<f32>()?;
+        let w = Tensor::from_slice(weights, (1, weights.len(), 1), z.device())?;
+        let z = z.broadcast_mul(&w)?;
+        let after = z.mean_all()?.to_scalar::<f32>()?;
+        (z * (before / after) as f64)?.to_dtype(dtype)
+    };
+    f().ctx("prompt weights")
 }
 
 /// [1, 3, h, w] in [-1, 1] → RGB8, as diffusers: (x/2 + 0.5).clamp(0, 1) * 255, rounded.

@@ -177,4 +177,17 @@ impl ClipTokenizer {
     pub fn pad_id(&self) -> u32 {
         self.pad
     }
+
+    pub fn bos_id(&self) -> u32 {
+        self.bos
+    }
+
+    pub fn eos_id(&self) -> u32 {
+        self.eos
+    }
+
+    /// The id of a vocabulary entry (e.g. ",</w>"), if present.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
 }

@@ -88,6 +88,12 @@ impl Scheduler for Dpm2Ancestral {
         } as f64;
         lincomb(&[(1.0 / (s * s + 1.0).sqrt(), sample)])
     }
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        super::add_noise_sigma(original, noise, self.sigmas[i] as f64)
+    }
+    fn order(&self) -> usize {
+        2
+    }
     fn step(
         &mut self,
         model_output: &Tensor,

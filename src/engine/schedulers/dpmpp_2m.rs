@@ -117,6 +117,10 @@ impl Scheduler for DpmPp2M {
     fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
         Ok(sample.clone())
     }
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        let (a, s) = alpha_sigma(self.sigmas[i] as f64);
+        lincomb(&[(a, original), (s, noise)])
+    }
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -72,6 +72,9 @@ impl Scheduler for Lcm {
     fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
         Ok(sample.clone())
     }
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        super::add_noise_alpha(original, noise, self.acp[self.timesteps[i] as usize] as f64)
+    }
     fn step(
         &mut self,
         model_output: &Tensor,

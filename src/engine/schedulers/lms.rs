@@ -74,6 +74,9 @@ impl Scheduler for Lms {
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         self.sched.scale(sample, i)
     }
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        super::add_noise_sigma(original, noise, self.sched.sigmas[i] as f64)
+    }
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -46,6 +46,13 @@ pub trait Scheduler: Send {
     fn init_noise_sigma(&self) -> f64;
     /// Scales the UNet input at step `i` (identity for DDIM-style samplers).
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor>;
+    /// Noises a clean latent to the level of timestep index `i` (where img2img starts), as
+    /// diffusers' `add_noise` after `set_begin_index(i)`.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor>;
+    /// Model calls per step (2 for Heun and DPM2): img2img skips `order ×` whole steps.
+    fn order(&self) -> usize {
+        1
+    }
     /// Advances the sample from step `i` given the (guided) model output.
     fn step(
         &mut self,
@@ -495,4 +502,21 @@ pub(crate) fn lincomb(terms: &[(f64, &Tensor)]) -> Result<Tensor> {
         });
     }
     acc.ok_or_else(|| Error::invalid("scheduler", "empty combination"))
+}
+
+/// add_noise for samplers in sigma space: x0 + σ·ε.
+pub(crate) fn add_noise_sigma(original: &Tensor, noise: &Tensor, sigma: f64) -> Result<Tensor> {
+    lincomb(&[(1.0, original), (sigma, noise)])
+}
+
+/// add_noise for samplers in ᾱ form: √ᾱ·x0 + √(1-ᾱ)·ε.
+pub(crate) fn add_noise_alpha(
+    original: &Tensor,
+    noise: &Tensor,
+    alpha_cumprod: f64,
+) -> Result<Tensor> {
+    lincomb(&[
+        (alpha_cumprod.sqrt(), original),
+        ((1.0 - alpha_cumprod).sqrt(), noise),
+    ])
 }
