@@ -99,7 +99,13 @@ pub struct GenerateArgs {
     /// img2img: start from this picture (resized to cover the size, then center-cropped).
     #[arg(long)]
     pub init_image: Option<PathBuf>,
-    /// img2img strength, 0..1: how much of the schedule runs (1 ignores the picture).
+    /// Inpainting mask (grayscale, white = repaint), with --init-image. An inpainting model
+    /// (9-channel UNet) sees the mask; an ordinary model gets the known region blended back
+    /// every step.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// img2img strength, 0..1: how much of the schedule runs (1 ignores the picture)
+    /// [default: 0.75, or 1.0 when inpainting].
     #[arg(long, allow_negative_numbers = true)]
     pub strength: Option<f64>,
     /// A1111 "Clip skip": 1 uses the text encoder's last layer, 2 the one before (anime models).
@@ -328,6 +334,34 @@ fn cover_crop(img: image::RgbImage, w: usize, h: usize) -> Vec<u8> {
         .into_raw()
 }
 
+/// A grayscale mask at `w`×`h` (nearest-neighbour resize, said on stderr, if it differs).
+fn load_mask(path: &Path, w: usize, h: usize) -> Result<Vec<u8>> {
+    let rgb = open_image(path)?;
+    if rgb.pixels().any(|p| p[0] != p[1] || p[1] != p[2]) {
+        return Err(Error::read(
+            path,
+            "the mask must be grayscale (white = repaint, black = keep)",
+        ));
+    }
+    let gray = image::DynamicImage::ImageRgb8(rgb).to_luma8();
+    let gray = if (gray.width() as usize, gray.height() as usize) != (w, h) {
+        eprintln!(
+            "note: mask {}x{} resized to {w}x{h}",
+            gray.width(),
+            gray.height()
+        );
+        image::imageops::resize(
+            &gray,
+            w as u32,
+            h as u32,
+            image::imageops::FilterType::Nearest,
+        )
+    } else {
+        gray
+    };
+    Ok(gray.into_raw())
+}
+
 fn ensure_writable_dir(dir: &Path) -> Result<()> {
     let werr = |e: std::io::Error| Error::Write {
         path: dir.to_path_buf(),
@@ -400,6 +434,12 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             if a.strength.is_some() {
                 return Err(Error::invalid("strength", "needs --init-image"));
             }
+            if a.mask.is_some() {
+                return Err(Error::invalid(
+                    "mask",
+                    "needs --init-image (the picture to repaint)",
+                ));
+            }
             None
         }
         Some(path) => {
@@ -419,7 +459,21 @@ fn generate(a: &GenerateArgs) -> Result<()> {
                 p.settings.height = (img.height() as usize / 8 * 8).max(8);
             }
             let rgb = cover_crop(img, p.settings.width, p.settings.height);
-            Some(crate::engine::pipeline::InitImage { rgb, strength })
+            let mask = a
+                .mask
+                .as_deref()
+                .map(|m| load_mask(m, p.settings.width, p.settings.height))
+                .transpose()?;
+            let strength = if a.mask.is_some() {
+                a.strength.unwrap_or(1.0)
+            } else {
+                strength
+            };
+            Some(crate::engine::pipeline::InitImage {
+                rgb,
+                strength,
+                mask,
+            })
         }
     };
     let st = &p.settings;
@@ -449,6 +503,16 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     );
     let mut sd = StableDiffusion::load(p.files, p.device, p.dtype)?;
     sd.check(&req)?;
+    if req.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
+        eprintln!(
+            "inpainting: {}",
+            if sd.is_inpainting_model() {
+                "inpainting model (9-channel UNet sees the mask)"
+            } else {
+                "ordinary model: the known region is blended back after every step"
+            }
+        );
+    }
     let images = sd.generate(&req, &mut |info| {
         eprintln!("step {}/{}", info.step, info.total);
         Ok(())

@@ -430,3 +430,77 @@ fn unset_settings_come_from_the_model_and_variation_is_recorded() {
     );
     assert_fails(&out, &o, "variation strength");
 }
+
+#[test]
+fn img2img_and_inpainting_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let init = common::fixtures().join("refs").join("init_64x64.png");
+    let init = init.to_str().unwrap();
+    // Works, and records the denoising strength.
+    let o = generate(
+        &out,
+        &["--init-image", init, "--strength", "0.5", "--steps", "4"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().lines().next().unwrap()).unwrap();
+    let params =
+        sd_studio::engine::metadata::read_png_parameters(Path::new(line["path"].as_str().unwrap()))
+            .unwrap()
+            .unwrap();
+    assert!(params.contains("Denoising strength: 0.5"), "{params}");
+
+    let out2 = dir.path().join("out2");
+    let not_image = dir.path().join("notes.png");
+    std::fs::write(&not_image, b"this is text").unwrap();
+    assert_fails(
+        &out2,
+        &generate(&out2, &["--init-image", not_image.to_str().unwrap()]),
+        "not a readable image",
+    );
+    assert_fails(
+        &out2,
+        &generate(&out2, &["--init-image", init, "--strength", "1.5"]),
+        "strength",
+    );
+    assert_fails(
+        &out2,
+        &generate(&out2, &["--strength", "0.5"]),
+        "needs --init-image",
+    );
+    assert_fails(
+        &out2,
+        &generate(&out2, &["--mask", init]),
+        "needs --init-image",
+    );
+    // A colour picture is not a mask.
+    assert_fails(
+        &out2,
+        &generate(&out2, &["--init-image", init, "--mask", init]),
+        "grayscale",
+    );
+    // A mask of another size is resized, and we say so; the legacy method is named.
+    let small = dir.path().join("mask.png");
+    image::GrayImage::from_fn(16, 16, |x, _| image::Luma([if x < 8 { 255 } else { 0 }]))
+        .save(&small)
+        .unwrap();
+    let o = generate(
+        &out2,
+        &[
+            "--init-image",
+            init,
+            "--mask",
+            small.to_str().unwrap(),
+            "--steps",
+            "2",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("mask 16x16 resized to 64x64"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("ordinary model"), "{}", stderr(&o));
+}

@@ -942,6 +942,88 @@ def make_img2img_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
         json.dump(cases, f, indent=1)
 
 
+# --------------------------------------------------------------------------
+# Inpainting: a 9-channel tiny inpainting model, and StableDiffusionInpaintPipeline
+# references for it and for the ordinary tiny-sd15 (diffusers' legacy blending)
+# --------------------------------------------------------------------------
+
+
+def make_inpaint_model() -> None:
+    out = FIXTURES / "tiny-sd15-inpaint"
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(FIXTURES / "tiny-sd15", out)
+    shutil.rmtree(out / "unet")
+    torch.manual_seed(1601)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=9,
+        out_channels=4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+    randomize_norms(unet, 1610)
+    unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
+    index = json.loads((out / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionInpaintPipeline"
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def mask_picture(w: int, h: int) -> np.ndarray:
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[h // 8 : h * 5 // 8, w // 4 : w * 3 // 4] = 255
+    return m
+
+
+@torch.no_grad()
+def make_inpaint_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
+    from diffusers import StableDiffusionInpaintPipeline
+
+    make_inpaint_model()
+    Image.fromarray(mask_picture(64, 64)).save(REFS / "mask_64x64.png")
+    if not (REFS / "init_64x64.png").exists():
+        Image.fromarray(init_picture(64, 64)).save(REFS / "init_64x64.png")
+    inpaint_model = StableDiffusionInpaintPipeline.from_pretrained(FIXTURES / "tiny-sd15-inpaint", torch_dtype=torch.float32)
+    legacy = StableDiffusionInpaintPipeline(**pipes["tiny-sd15"].components)
+    cases = []
+    for model, pipe in (("tiny-sd15", legacy), ("tiny-sd15-inpaint", inpaint_model)):
+        pipe.set_progress_bar_config(disable=True)
+        base_cfg = pipe.scheduler.config
+        for sched, strength, seeds in (("euler-a", 1.0, [42, 43]), ("ddim", 0.7, [42]), ("dpm++2m-karras", 1.0, [7])):
+            pipe.scheduler = make_scheduler(sched, base_cfg)
+            images = pipe(
+                PROMPT,
+                image=Image.open(REFS / "init_64x64.png"),
+                mask_image=Image.open(REFS / "mask_64x64.png"),
+                strength=strength,
+                negative_prompt=NEGATIVE,
+                num_inference_steps=8,
+                guidance_scale=7.5,
+                height=64,
+                width=64,
+                num_images_per_prompt=len(seeds),
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                output_type="np",
+            ).images
+            name = f"inpaint_{model}_{sched}_s{strength:g}"
+            paths = []
+            for seed, img in zip(seeds, images):
+                rel = f"refs/images/{name}_seed{seed}.png"
+                Image.fromarray(to_uint8(img)).save(FIXTURES / rel, optimize=True)
+                paths.append(rel)
+            cases.append(dict(name=name, model=model, scheduler=sched, steps=8, guidance=7.5, prompt=PROMPT,
+                              negative_prompt=NEGATIVE, width=64, height=64, seeds=seeds, strength=strength,
+                              init_image="refs/init_64x64.png", mask="refs/mask_64x64.png", images=paths))
+            print(f"  inpaint {name}: mean {images.mean():.4f}")
+    with open(REFS / "inpaint_cases.json", "w") as f:
+        json.dump(cases, f, indent=1)
+
+
 def check_no_nan_files() -> list[str]:
     problems = []
     for p in sorted(FIXTURES.rglob("*.safetensors")):
@@ -965,7 +1047,7 @@ def summary() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bpe", help="path to bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip)")
-    ap.add_argument("--only", choices=["prompts", "img2img"], help="only remake one set of references from the committed models")
+    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint"], help="only remake one set of references from the committed models")
     args = ap.parse_args()
 
     torch.set_num_threads(2)
@@ -975,7 +1057,7 @@ def main() -> None:
     transformers_logging.disable_progress_bar()
     if args.only:
         pipes = {"tiny-sd15": load_pipe("tiny-sd15", None), "tiny-sd2v": load_pipe("tiny-sd2v", "fp16")}
-        {"prompts": make_prompt_refs, "img2img": make_img2img_refs}[args.only](pipes)
+        {"prompts": make_prompt_refs, "img2img": make_img2img_refs, "inpaint": make_inpaint_refs}[args.only](pipes)
         return
 
     bpe = find_bpe(args.bpe)
@@ -1000,6 +1082,7 @@ def main() -> None:
     make_scheduler_refs(pipes)
     make_prompt_refs(pipes)
     make_img2img_refs(pipes)
+    make_inpaint_refs(pipes)
     problems += make_pipeline_refs(pipes)
     problems += check_no_nan_files()
 

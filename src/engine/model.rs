@@ -324,11 +324,13 @@ impl ModelFiles {
                 ),
             });
         }
-        if vae_config.latent_channels != unet_config.in_channels {
+        let l = vae_config.latent_channels;
+        // in_channels = latents, or latents + mask + masked-image latents (inpainting models).
+        if unet_config.in_channels != l && unet_config.in_channels != 2 * l + 1 {
             return Err(Error::Config {
                 path: root.join("unet").join("config.json"),
                 field: "in_channels".into(),
-                reason: format!("{} channels, but the VAE makes {} latent channels (inpainting models are not supported yet)", unet_config.in_channels, vae_config.latent_channels),
+                reason: format!("{} channels, but the VAE makes {l} latent channels (expected {l}, or {} for an inpainting model)", unet_config.in_channels, 2 * l + 1),
             });
         }
         Ok(Self {

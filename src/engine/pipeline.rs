@@ -51,6 +51,10 @@ pub struct InitImage {
     pub rgb: Vec<u8>,
     /// 0..1: how much of the schedule to run (1 = ignore the picture's content).
     pub strength: f64,
+    /// Inpainting: grayscale, width × height, white = repaint. With an inpainting model
+    /// (9-channel UNet) the model sees the mask; with an ordinary one the known region is
+    /// blended back after every step.
+    pub mask: Option<Vec<u8>>,
 }
 
 impl Default for GenerateRequest {
@@ -143,6 +147,17 @@ pub fn slerp_a1111(t: f64, low: &[f32], high: &[f32], c: usize, h: usize, w: usi
         }
     }
     out
+}
+
+/// What inpainting carries through the denoising loop.
+struct Inpaint {
+    /// [1, 1, h/8, w/8], 1 = repaint.
+    mask: Tensor,
+    /// The masked picture's latents (inpainting models' extra input), [n, 4, h/8, w/8].
+    masked_latents: Tensor,
+    /// The picture's latents and the initial noise (the legacy blend re-noises them).
+    image_latents: Tensor,
+    noise: Tensor,
 }
 
 /// The text conditioning of one job.
@@ -245,6 +260,11 @@ impl StableDiffusion {
     }
 
     /// Pixels per latent cell.
+    /// True for inpainting models (UNet input = latents + mask + masked-image latents).
+    pub fn is_inpainting_model(&self) -> bool {
+        self.files.unet_config.in_channels != self.files.vae_config.latent_channels
+    }
+
     pub fn scale_factor(&self) -> usize {
         self.files.vae_config.scale_factor()
     }
@@ -328,7 +348,7 @@ impl StableDiffusion {
         if let Some(l) = &req.init_latents {
             let want = [
                 req.batch,
-                self.files.unet_config.in_channels,
+                self.files.vae_config.latent_channels,
                 req.height / f,
                 req.width / f,
             ];
@@ -360,7 +380,7 @@ impl StableDiffusion {
         self.check(req)?;
         let f = self.scale_factor();
         let (lh, lw) = (req.height / f, req.width / f);
-        let channels = self.files.unet_config.in_channels;
+        let channels = self.files.vae_config.latent_channels;
         let n = req.batch;
         let dev = self.device.clone();
         let mut timings = Timings::default();
@@ -430,22 +450,46 @@ impl StableDiffusion {
         };
         let mut latents = (latents * scheduler.init_noise_sigma()).ctx("latents")?;
 
-        // 4b. img2img: start part-way, from the encoded image noised to that level.
+        // 4b. img2img: start part-way, from the encoded image noised to that level;
+        //     inpainting also prepares the mask and the masked image's latents.
         let mut start = 0;
+        let mut inpaint: Option<Inpaint> = None;
         if let Some(init) = &req.init_image {
             let skipped =
                 req.steps - ((req.steps as f64 * init.strength).floor() as usize).min(req.steps);
             start = (skipped * scheduler.order()).min(timesteps.len());
-            latents = self.img2img_latents(
-                init,
-                req,
-                &mut streams,
-                lh,
-                lw,
-                channels,
-                scheduler.as_ref(),
-                start,
-            )?;
+            if init.mask.is_some() {
+                let (l, ip) = self.inpaint_latents(
+                    init,
+                    req,
+                    &mut streams,
+                    lh,
+                    lw,
+                    channels,
+                    scheduler.as_ref(),
+                    start,
+                )?;
+                latents = l;
+                inpaint = Some(ip);
+            } else {
+                latents = self.img2img_latents(
+                    init,
+                    req,
+                    &mut streams,
+                    lh,
+                    lw,
+                    channels,
+                    scheduler.as_ref(),
+                    start,
+                )?;
+            }
+        }
+        let nine_channels = self.files.unet_config.in_channels != channels;
+        if nine_channels && inpaint.is_none() {
+            return Err(Error::invalid(
+                "mask",
+                "this is an inpainting model (9 input channels): give an init image and a mask",
+            ));
         }
 
         // 5. Denoise.
@@ -453,7 +497,15 @@ impl StableDiffusion {
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let ts = Instant::now();
             let unet = |x: &Tensor, ctx: &Tensor| -> Result<Tensor> {
-                let x = scheduler.scale_model_input(x, i)?;
+                let mut x = scheduler.scale_model_input(x, i)?;
+                if let (true, Some(ip)) = (nine_channels, &inpaint) {
+                    // The inpainting UNet also sees the mask and the masked picture.
+                    let rows = x.dim(0).ctx("unet input")?;
+                    let reps = rows / n;
+                    let m = ip.mask.repeat((rows, 1, 1, 1)).ctx("mask")?;
+                    let mi = ip.masked_latents.repeat((reps, 1, 1, 1)).ctx("mask")?;
+                    x = Tensor::cat(&[&x, &m, &mi], 1).ctx("inpaint input")?;
+                }
                 self.unet
                     .forward(&x.to_dtype(self.dtype).ctx("unet input")?, t, ctx)
                     .and_then(|p| p.to_dtype(DType::F32))
@@ -481,6 +533,19 @@ impl StableDiffusion {
             let mut noise = || draw(&mut streams);
             let out = scheduler.step(&pred, i, &latents, &mut noise)?;
             latents = out.prev_sample;
+            if let (false, Some(ip)) = (nine_channels, &inpaint) {
+                // Ordinary model (legacy inpainting): put the known region back, noised to
+                // the next step's level.
+                let known = if i + 1 < timesteps.len() {
+                    scheduler.add_noise(&ip.image_latents, &ip.noise, i + 1)?
+                } else {
+                    ip.image_latents.clone()
+                };
+                let keep = (1.0 - &ip.mask).ctx("mask")?;
+                latents = (known.broadcast_mul(&keep).ctx("blend")?
+                    + latents.broadcast_mul(&ip.mask).ctx("blend")?)
+                .ctx("blend")?;
+            }
             timings.steps.push(ts.elapsed().as_secs_f64());
             on_step(StepInfo {
                 step: i + 1 - start,
@@ -507,6 +572,116 @@ impl StableDiffusion {
         timings.decode = t0.elapsed().as_secs_f64();
         self.last_timings = timings;
         Ok(images)
+    }
+
+    /// One VAE sample (mean + std·ε, ε from `stream`) of the picture's latent distribution,
+    /// times the scaling factor.
+    fn sample_latents(&self, dist: &(Tensor, Tensor), stream: &mut NoiseStream) -> Result<Tensor> {
+        let (mean, std) = dist;
+        let c = &self.files.vae_config;
+        let eps = Tensor::from_vec(stream.randn(mean.elem_count()), mean.dims(), &self.device)
+            .ctx("vae sample")?;
+        let sample = (mean + (std * eps).ctx("vae sample")?).ctx("vae sample")?;
+        ((sample - c.shift_factor).ctx("latents")? * c.scaling_factor).ctx("latents")
+    }
+
+    fn encode_pixels(&self, rgb_unit: Vec<f32>, w: usize, h: usize) -> Result<(Tensor, Tensor)> {
+        let image = Tensor::from_vec(rgb_unit, (1, h, w, 3), &self.device)
+            .and_then(|t| t.permute((0, 3, 1, 2)))
+            .and_then(|t| t.to_dtype(self.dtype))
+            .ctx("init image")?;
+        let (mean, std) = self.encoder()?.encode(&image).ctx("vae encode")?;
+        Ok((
+            mean.to_dtype(DType::F32).ctx("vae encode")?,
+            std.to_dtype(DType::F32).ctx("vae encode")?,
+        ))
+    }
+
+    /// Inpainting set-up in diffusers' order of draws: the picture's VAE sample from the
+    /// first image's generator, each image's noise from its own, then the masked picture's
+    /// VAE sample from the first image's generator again.
+    #[allow(clippy::too_many_arguments)]
+    fn inpaint_latents(
+        &self,
+        init: &InitImage,
+        req: &GenerateRequest,
+        streams: &mut [NoiseStream],
+        lh: usize,
+        lw: usize,
+        channels: usize,
+        scheduler: &dyn super::schedulers::Scheduler,
+        start: usize,
+    ) -> Result<(Tensor, Inpaint)> {
+        let (w, h) = (req.width, req.height);
+        let mask_px = init.mask.as_deref().unwrap_or_default();
+        if init.rgb.len() != w * h * 3 || mask_px.len() != w * h {
+            return Err(Error::invalid(
+                "mask",
+                format!("picture and mask must both be {w}x{h}"),
+            ));
+        }
+        // Binarise at one half: 1 = repaint.
+        let m: Vec<f32> = mask_px
+            .iter()
+            .map(|&v| if v as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 })
+            .collect();
+        let unit: Vec<f32> = init
+            .rgb
+            .iter()
+            .map(|&v| v as f32 / 255.0 * 2.0 - 1.0)
+            .collect();
+        let masked: Vec<f32> = unit
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| if m[k / 3] < 0.5 { v } else { 0.0 })
+            .collect();
+        let f = w / lw;
+        let small: Vec<f32> = (0..lh)
+            .flat_map(|y| (0..lw).map(move |x| (y, x)))
+            .map(|(y, x)| m[(y * f) * w + x * f])
+            .collect();
+        let mask = Tensor::from_vec(small, (1, 1, lh, lw), &self.device).ctx("mask")?;
+        let n = streams.len();
+        let dist = self.encode_pixels(unit, w, h)?;
+        let first = streams
+            .first_mut()
+            .ok_or_else(|| Error::invalid("batch", "empty"))?;
+        // diffusers skips this sample (and its draw) for an inpainting model at strength 1.
+        let nine = self.files.unet_config.in_channels != channels;
+        let image_latents = if nine && init.strength >= 1.0 {
+            Tensor::zeros((n, channels, lh, lw), DType::F32, &self.device).ctx("latents")?
+        } else {
+            self.sample_latents(&dist, first)?
+                .repeat((n, 1, 1, 1))
+                .ctx("latents")?
+        };
+        let per = channels * lh * lw;
+        let noise: Vec<f32> = streams.iter_mut().flat_map(|s| s.randn(per)).collect();
+        let noise = Tensor::from_vec(noise, (n, channels, lh, lw), &self.device).ctx("noise")?;
+        let masked_dist = self.encode_pixels(masked, w, h)?;
+        let first = streams
+            .first_mut()
+            .ok_or_else(|| Error::invalid("batch", "empty"))?;
+        let masked_latents = self
+            .sample_latents(&masked_dist, first)?
+            .repeat((n, 1, 1, 1))
+            .ctx("latents")?;
+        let latents = if init.strength >= 1.0 {
+            (&noise * scheduler.init_noise_sigma()).ctx("latents")?
+        } else if start < scheduler.timesteps().len() {
+            scheduler.add_noise(&image_latents, &noise, start)?
+        } else {
+            image_latents.clone()
+        };
+        Ok((
+            latents,
+            Inpaint {
+                mask,
+                masked_latents,
+                image_latents,
+                noise,
+            },
+        ))
     }
 
     /// The VAE encoder, loaded on first use (only img2img needs it).
