@@ -45,6 +45,14 @@ pub struct ModelArgs {
     /// Weights and compute precision: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// For a single-file checkpoint: a diffusers folder or hub id whose config files describe
+    /// its architecture (default: inferred from the tensor shapes).
+    #[arg(long)]
+    pub config: Option<String>,
+    /// For a single-file checkpoint: it predicts v (SD 2.x 768 models). Default: read from a
+    /// `.yaml` beside the file, as A1111 does.
+    #[arg(long)]
+    pub v_prediction: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -245,7 +253,22 @@ fn prepare(m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
     let dtype = engine::dtype(&m.dtype)?;
     let device = engine::device(&m.device)?;
     let root = model::resolve(&m.model, dtype != DType::F32)?;
-    let mut files = ModelFiles::from_dir(&root, dtype != DType::F32)?;
+    let mut files = if root.is_file() {
+        let config = m
+            .config
+            .as_deref()
+            .map(|c| model::resolve(c, false))
+            .transpose()?;
+        ModelFiles::from_single_file(&root, m.v_prediction.then_some(true), config.as_deref())?
+    } else {
+        if m.config.is_some() || m.v_prediction {
+            return Err(Error::invalid(
+                "model",
+                "--config and --v-prediction apply to single-file checkpoints only",
+            ));
+        }
+        ModelFiles::from_dir(&root, dtype != DType::F32)?
+    };
     let d = presets::defaults_for(&m.model, &files);
     files.scheduler_config = files
         .scheduler_config

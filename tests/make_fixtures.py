@@ -1024,6 +1024,120 @@ def make_inpaint_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
         json.dump(cases, f, indent=1)
 
 
+# --------------------------------------------------------------------------
+# Single-file checkpoints: tiny-sd15 written in the original SD key layout (the reverse of
+# what loaders do), checked by loading it back with diffusers' from_single_file.
+# --------------------------------------------------------------------------
+
+
+def _orig_resnet(rest: str) -> str:
+    for a, b in (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
+                 ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")):
+        if rest.startswith(a):
+            return b + rest[len(a):]
+    return rest
+
+
+def _orig_unet_key(k: str, lpb: int, n_levels: int) -> str:
+    per = lpb + 1
+    direct = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+              "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+    for a, b in direct.items():
+        if k.startswith(a):
+            return b + k[len(a):]
+    parts = k.split(".")
+    if parts[0] == "down_blocks":
+        lvl, kind, idx, rest = int(parts[1]), parts[2], parts[3], ".".join(parts[4:])
+        if kind == "resnets":
+            return f"input_blocks.{lvl * per + int(idx) + 1}.0.{_orig_resnet(rest)}"
+        if kind == "attentions":
+            return f"input_blocks.{lvl * per + int(idx) + 1}.1.{rest}"
+        if kind == "downsamplers":
+            return f"input_blocks.{(lvl + 1) * per}.0.op.{'.'.join(parts[5:])}"
+    if parts[0] == "mid_block":
+        kind, idx, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        if kind == "resnets":
+            return f"middle_block.{0 if idx == 0 else 2}.{_orig_resnet(rest)}"
+        return f"middle_block.1.{rest}"
+    if parts[0] == "up_blocks":
+        lvl, kind, idx, rest = int(parts[1]), parts[2], parts[3], ".".join(parts[4:])
+        if kind == "resnets":
+            return f"output_blocks.{lvl * per + int(idx)}.0.{_orig_resnet(rest)}"
+        if kind == "attentions":
+            return f"output_blocks.{lvl * per + int(idx)}.1.{rest}"
+        if kind == "upsamplers":
+            has_attn = lvl > 0  # tiny-sd15: the first up block has no attention
+            return f"output_blocks.{lvl * per + lpb}.{2 if has_attn else 1}.{'.'.join(parts[4:])}"
+    raise KeyError(k)
+
+
+def _orig_vae_key(k: str, n_levels: int) -> str:
+    half, rest = k.split(".", 1)
+    if half not in ("encoder", "decoder"):
+        return k
+    def blk(r):
+        return r.replace("conv_shortcut.", "nin_shortcut.")
+    def att(r):
+        for a, b in (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")):
+            if r.startswith(a):
+                return b + r[len(a):]
+        return r
+    p = rest.split(".")
+    if rest.startswith("mid_block.resnets."):
+        return f"{half}.mid.block_{int(p[2]) + 1}.{blk('.'.join(p[3:]))}"
+    if rest.startswith("mid_block.attentions.0."):
+        return f"{half}.mid.attn_1.{att('.'.join(p[3:]))}"
+    if rest.startswith("conv_norm_out."):
+        return f"{half}.norm_out.{'.'.join(p[1:])}"
+    if p[0] == "down_blocks":
+        if p[2] == "resnets":
+            return f"{half}.down.{p[1]}.block.{p[3]}.{blk('.'.join(p[4:]))}"
+        return f"{half}.down.{p[1]}.downsample.conv.{'.'.join(p[5:])}"
+    if p[0] == "up_blocks":
+        i = n_levels - 1 - int(p[1])
+        if p[2] == "resnets":
+            return f"{half}.up.{i}.block.{p[3]}.{blk('.'.join(p[4:]))}"
+        return f"{half}.up.{i}.upsample.conv.{'.'.join(p[5:])}"
+    return k
+
+
+@torch.no_grad()
+def make_single_file_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
+    pipe = pipes["tiny-sd15"]
+    lpb = pipe.unet.config.layers_per_block
+    n_levels = len(pipe.unet.config.block_out_channels)
+    sd = {}
+    for k, v in pipe.unet.state_dict().items():
+        sd["model.diffusion_model." + _orig_unet_key(k, lpb, n_levels)] = v
+    vae_levels = len(pipe.vae.config.block_out_channels)
+    for k, v in pipe.vae.state_dict().items():
+        if any(x in k for x in ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) and "mid_block" in k:
+            v = v[:, :, None, None]  # the original VAE's attention uses 1x1 convolutions
+        sd["first_stage_model." + _orig_vae_key(k, vae_levels)] = v
+    for k, v in pipe.text_encoder.state_dict().items():
+        sd["cond_stage_model.transformer.text_model." + k] = v
+    # Things real checkpoints carry that loaders must ignore.
+    sd["alphas_cumprod"] = pipe.scheduler.alphas_cumprod.clone()
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd = {k: (v.half() if v.is_floating_point() and k != "alphas_cumprod" else v).contiguous() for k, v in sd.items()}
+    out = FIXTURES / "single"
+    out.mkdir(exist_ok=True)
+    path = out / "tiny-sd15.safetensors"
+    save_file(sd, path)
+    # Check the layout with diffusers' own single-file converters (UNet, VAE); the text
+    # encoder is the transformers state dict under a prefix.
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    loaded = {k: v.float() for k, v in sorted(load_file(path).items())}
+    for name, conv in (("unet", convert_ldm_unet_checkpoint), ("vae", convert_ldm_vae_checkpoint)):
+        ref = getattr(pipe, name).state_dict()
+        got = conv(loaded, dict(getattr(pipe, name).config))
+        assert set(got) == set(ref), f"{name}: keys differ: {sorted(set(got) ^ set(ref))[:6]}"
+        for k in ref:
+            assert torch.equal(ref[k].float(), got[k].reshape(ref[k].shape)), f"{name}.{k} differs after conversion"
+    print(f"  single file {path.name}: {len(sd)} tensors, checked with diffusers' converters")
+
+
 def check_no_nan_files() -> list[str]:
     problems = []
     for p in sorted(FIXTURES.rglob("*.safetensors")):
@@ -1047,7 +1161,7 @@ def summary() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bpe", help="path to bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip)")
-    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint"], help="only remake one set of references from the committed models")
+    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single"], help="only remake one set of references from the committed models")
     args = ap.parse_args()
 
     torch.set_num_threads(2)
@@ -1057,7 +1171,8 @@ def main() -> None:
     transformers_logging.disable_progress_bar()
     if args.only:
         pipes = {"tiny-sd15": load_pipe("tiny-sd15", None), "tiny-sd2v": load_pipe("tiny-sd2v", "fp16")}
-        {"prompts": make_prompt_refs, "img2img": make_img2img_refs, "inpaint": make_inpaint_refs}[args.only](pipes)
+        {"prompts": make_prompt_refs, "img2img": make_img2img_refs, "inpaint": make_inpaint_refs,
+         "single": make_single_file_refs}[args.only](pipes)
         return
 
     bpe = find_bpe(args.bpe)
@@ -1083,6 +1198,7 @@ def main() -> None:
     make_prompt_refs(pipes)
     make_img2img_refs(pipes)
     make_inpaint_refs(pipes)
+    make_single_file_refs(pipes)
     problems += make_pipeline_refs(pipes)
     problems += check_no_nan_files()
 

@@ -11,6 +11,7 @@ pub mod presets;
 pub mod prompt;
 pub mod rng;
 pub mod schedulers;
+pub mod single_file;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae_encoder;

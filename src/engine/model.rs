@@ -13,6 +13,7 @@ use super::clip::ClipTextModel;
 use super::config::{ClipConfig, JsonConfig, UNetConfig, VaeConfig};
 use super::error::{Error, Result};
 use super::schedulers::SchedulerConfig;
+use super::single_file::SingleFile;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
 
@@ -73,9 +74,16 @@ pub fn resolve(spec: &str, prefer_fp16: bool) -> Result<PathBuf> {
                 path: path.to_path_buf(),
             });
         }
+        if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+        {
+            return Ok(path.to_path_buf()); // a single-file checkpoint
+        }
         return Err(Error::invalid(
             "model",
-            format!("{spec} is a single file; single-file checkpoints are not supported yet, pass a diffusers folder or hub id"),
+            format!("{spec} is neither a diffusers folder nor a .safetensors checkpoint"),
         ));
     }
     if !looks_like_repo_id(spec) {
@@ -283,10 +291,60 @@ pub struct ModelFiles {
     pub unet_weights: Vec<PathBuf>,
     pub vae_weights: Vec<PathBuf>,
     pub text_encoder_weights: Vec<PathBuf>,
+    /// Set for single-file checkpoints: weights are renamed from the original SD layout.
+    pub single: Option<std::sync::Arc<SingleFile>>,
+    /// A diffusers folder describing a single file's architecture (`--config`).
+    pub config_root: Option<PathBuf>,
 }
 
 impl ModelFiles {
+    /// A single-file checkpoint (original SD key layout). `v_prediction`: None reads an
+    /// A1111-style `.yaml` beside the file.
+    /// `config`: a diffusers folder whose config files (and tokenizer) describe the
+    /// architecture instead of inferring it from tensor shapes, as diffusers'
+    /// `from_single_file(config=…)`.
+    pub fn from_single_file(
+        path: &Path,
+        v_prediction: Option<bool>,
+        config: Option<&Path>,
+    ) -> Result<Self> {
+        let (file, scheduler_config) = SingleFile::open(path, v_prediction)?;
+        let (unet_config, vae_config, clip_config, scheduler_config) = match config {
+            None => (
+                file.unet_config.clone(),
+                file.vae_config.clone(),
+                file.clip_config.clone(),
+                scheduler_config,
+            ),
+            Some(dir) => {
+                let c = Self::from_dir(dir, false)?;
+                (
+                    c.unet_config,
+                    c.vae_config,
+                    c.clip_config,
+                    c.scheduler_config,
+                )
+            }
+        };
+        Ok(Self {
+            root: path.to_path_buf(),
+            config_root: config.map(Path::to_path_buf),
+            unet_config,
+            vae_config,
+            clip_config,
+            scheduler_config,
+            unet_weights: vec![path.to_path_buf()],
+            vae_weights: vec![path.to_path_buf()],
+            text_encoder_weights: vec![path.to_path_buf()],
+            single: Some(std::sync::Arc::new(file)),
+        })
+    }
+
+    /// A diffusers folder, or a single `.safetensors` checkpoint.
     pub fn from_dir(root: &Path, prefer_fp16: bool) -> Result<Self> {
+        if root.is_file() {
+            return Self::from_single_file(root, None, None);
+        }
         let index = root.join("model_index.json");
         if index.is_file() {
             let c = JsonConfig::load(&index)?;
@@ -338,6 +396,8 @@ impl ModelFiles {
             vae_weights: find_weights(&root.join("vae"), prefer_fp16)?,
             text_encoder_weights: find_weights(&root.join("text_encoder"), prefer_fp16)?,
             root: root.to_path_buf(),
+            single: None,
+            config_root: None,
             unet_config,
             vae_config,
             clip_config,
@@ -345,12 +405,30 @@ impl ModelFiles {
         })
     }
 
+    /// The VAE's weights (diffusers names), from either layout.
+    pub fn vae_vb(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        match &self.single {
+            Some(f) => Ok(f.vae_vb(dtype, device)),
+            None => var_builder(&self.vae_weights, dtype, device, "vae"),
+        }
+    }
+
     pub fn load_tokenizer(&self) -> Result<ClipTokenizer> {
+        if let Some(dir) = &self.config_root {
+            return ClipTokenizer::from_dir(&dir.join("tokenizer"));
+        }
+        if let Some(f) = &self.single {
+            // Single files carry no tokenizer: the built-in CLIP one, padded as SD 2.x pads.
+            return ClipTokenizer::builtin(if f.is_sd2 { "!" } else { "<|endoftext|>" });
+        }
         ClipTokenizer::from_dir(&self.root.join("tokenizer"))
     }
 
     pub fn load_text_encoder(&self, dtype: DType, device: &Device) -> Result<ClipTextModel> {
-        let vb = var_builder(&self.text_encoder_weights, dtype, device, "text encoder")?;
+        let vb = match &self.single {
+            Some(f) => f.text_vb(dtype, device),
+            None => var_builder(&self.text_encoder_weights, dtype, device, "text encoder")?,
+        };
         ClipTextModel::new(vb, &self.clip_config).map_err(|e| Error::Weights {
             component: "text encoder",
             path: self.text_encoder_weights[0].clone(),
@@ -359,7 +437,10 @@ impl ModelFiles {
     }
 
     pub fn load_unet(&self, dtype: DType, device: &Device) -> Result<UNet> {
-        let vb = var_builder(&self.unet_weights, dtype, device, "unet")?;
+        let vb = match &self.single {
+            Some(f) => f.unet_vb(dtype, device),
+            None => var_builder(&self.unet_weights, dtype, device, "unet")?,
+        };
         UNet::new(vb, &self.unet_config).map_err(|e| Error::Weights {
             component: "unet",
             path: self.unet_weights[0].clone(),
@@ -368,7 +449,7 @@ impl ModelFiles {
     }
 
     pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<AutoEncoderKL> {
-        let vb = var_builder(&self.vae_weights, dtype, device, "vae")?;
+        let vb = self.vae_vb(dtype, device)?;
         let c = &self.vae_config;
         let cfg = AutoEncoderKLConfig {
             block_out_channels: c.block_out_channels.clone(),

@@ -687,9 +687,10 @@ impl StableDiffusion {
     /// The VAE encoder, loaded on first use (only img2img needs it).
     fn encoder(&self) -> Result<&VaeEncoder> {
         let e = self.vae_encoder.get_or_init(|| {
-            let vb =
-                super::model::var_builder(&self.files.vae_weights, self.dtype, &self.device, "vae")
-                    .map_err(|e| e.to_string())?;
+            let vb = self
+                .files
+                .vae_vb(self.dtype, &self.device)
+                .map_err(|e| e.to_string())?;
             VaeEncoder::new(vb, &self.files.vae_config)
                 .map_err(|e| format!("vae encoder weights: {}", super::model::candle_msg(&e)))
         });

@@ -92,21 +92,59 @@ impl ClipTokenizer {
         pad_token: &str,
         max_length: usize,
     ) -> Result<Self> {
-        let as_str = |p: &Path| {
-            p.to_str()
-                .map(str::to_string)
-                .ok_or_else(|| Error::read(p, "path is not UTF-8"))
-        };
-        let bpe = BPE::from_file(&as_str(vocab)?, &as_str(merges)?)
+        let vocab_text = std::fs::read_to_string(vocab).map_err(|e| Error::read(vocab, e))?;
+        let merges_text = std::fs::read_to_string(merges).map_err(|e| Error::read(merges, e))?;
+        Self::from_strings(&vocab_text, &merges_text, pad_token, max_length, vocab)
+    }
+
+    /// The CLIP tokenizer shipped in assets/ (OpenAI CLIP's BPE), for checkpoints that carry
+    /// none. `pad_token`: "<|endoftext|>" for SD 1.x, "!" for SD 2.x.
+    pub fn builtin(pad_token: &str) -> Result<Self> {
+        const VOCAB: &str = include_str!("../../assets/clip-tokenizer/vocab.json");
+        const MERGES: &str = include_str!("../../assets/clip-tokenizer/merges.txt");
+        Self::from_strings(
+            VOCAB,
+            MERGES,
+            pad_token,
+            77,
+            Path::new("assets/clip-tokenizer/vocab.json"),
+        )
+    }
+
+    /// From the contents of vocab.json and merges.txt; `origin` names them in errors.
+    pub fn from_strings(
+        vocab_text: &str,
+        merges_text: &str,
+        pad_token: &str,
+        max_length: usize,
+        origin: &Path,
+    ) -> Result<Self> {
+        let vocab = origin;
+        let map: std::collections::HashMap<String, u32> = serde_json::from_str(vocab_text)
+            .map_err(|e| Error::read(origin, format!("invalid vocabulary JSON: {e}")))?;
+        let merges_list: Vec<(String, String)> = merges_text
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .map(|l| {
+                l.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                Error::read(
+                    origin.with_file_name("merges.txt"),
+                    "a merge line is not two tokens",
+                )
+            })?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(
+                map.into_iter().collect::<tokenizers::models::bpe::Vocab>(),
+                merges_list,
+            )
             .unk_token(EOS.to_string())
             .end_of_word_suffix("</w>".to_string())
             .build()
-            .map_err(|e| {
-                Error::read(
-                    vocab.to_path_buf(),
-                    format!("invalid BPE vocabulary/merges: {e}"),
-                )
-            })?;
+            .map_err(|e| Error::read(origin, format!("invalid BPE vocabulary/merges: {e}")))?;
         let mut inner = Tokenizer::new(bpe);
         let bad = |e: tokenizers::Error| Error::read(PathBuf::from(vocab), e);
         let normalizer = NormSeq::new(vec![

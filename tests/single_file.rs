@@ -1,0 +1,151 @@
+//! Single-file checkpoints in the original SD key layout (tests/fixtures/single, written from
+//! tiny-sd15 by our reference script and checked there with diffusers' converters).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use sd_studio::engine::model::ModelFiles;
+use sd_studio::engine::pipeline::{GenerateRequest, StableDiffusion};
+use sd_studio::engine::schedulers::SchedulerKind;
+
+fn file() -> PathBuf {
+    common::fixtures()
+        .join("single")
+        .join("tiny-sd15.safetensors")
+}
+
+fn request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a (red:1.2) bicycle".into(),
+        negative_prompt: "blurry".into(),
+        seed: 77,
+        steps: 4,
+        width: 64,
+        height: 64,
+        scheduler: SchedulerKind::EulerAncestral,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn single_file_gives_the_same_image_as_the_folder() {
+    let files =
+        ModelFiles::from_single_file(&file(), None, Some(&common::model_dir("tiny-sd15"))).unwrap();
+    let mut single = StableDiffusion::load(files, Device::Cpu, DType::F32).unwrap();
+    let mut folder = common::load_model("tiny-sd15");
+    let a = single.generate(&request(), &mut |_| Ok(())).unwrap();
+    let b = folder.generate(&request(), &mut |_| Ok(())).unwrap();
+    assert_eq!(common::max_pixel_diff(&a[0].rgb, &b[0].rgb), 0);
+}
+
+#[test]
+fn architecture_is_inferred_from_tensor_shapes() {
+    let inferred = ModelFiles::from_single_file(&file(), None, None).unwrap();
+    let folder = ModelFiles::from_dir(&common::model_dir("tiny-sd15"), false).unwrap();
+    let (u, f) = (&inferred.unet_config, &folder.unet_config);
+    assert_eq!(u.block_out_channels, f.block_out_channels);
+    assert_eq!(u.layers_per_block, f.layers_per_block);
+    assert_eq!(u.cross_attn, f.cross_attn);
+    assert_eq!(u.cross_attention_dim, f.cross_attention_dim);
+    assert_eq!(u.use_linear_projection, f.use_linear_projection);
+    assert_eq!(
+        (u.in_channels, u.out_channels),
+        (f.in_channels, f.out_channels)
+    );
+    // Head counts are not in the shapes: SD 1.x convention (8 per block) applies.
+    assert!(u.num_heads.iter().all(|&h| h == 8));
+    let (v, fv) = (&inferred.vae_config, &folder.vae_config);
+    assert_eq!(
+        (&v.block_out_channels, v.layers_per_block, v.latent_channels),
+        (
+            &fv.block_out_channels,
+            fv.layers_per_block,
+            fv.latent_channels
+        )
+    );
+    let (c, fc) = (&inferred.clip_config, &folder.clip_config);
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.intermediate_size,
+            c.vocab_size
+        ),
+        (
+            fc.hidden_size,
+            fc.num_hidden_layers,
+            fc.intermediate_size,
+            fc.vocab_size
+        )
+    );
+    // The built-in tokenizer stands in for the missing one.
+    let tok = inferred.load_tokenizer().unwrap();
+    assert_eq!(
+        tok.encode("a photo of a cat").unwrap().ids[..7],
+        [49406, 320, 1125, 539, 320, 2368, 49407]
+    );
+}
+
+#[test]
+fn a_missing_weight_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors: HashMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(file(), &Device::Cpu).unwrap();
+    tensors.remove("model.diffusion_model.out.2.weight");
+    tensors.remove("first_stage_model.decoder.conv_out.bias");
+    let broken = dir.path().join("broken.safetensors");
+    candle_core::safetensors::save(&tensors, &broken).unwrap();
+    let e = ModelFiles::from_single_file(&broken, None, None)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("model.diffusion_model.out.2.weight"), "{e}");
+    // A weight missing where shapes are not needed: loading names it.
+    let mut tensors: HashMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(file(), &Device::Cpu).unwrap();
+    tensors.remove("first_stage_model.decoder.conv_out.bias");
+    let broken = dir.path().join("broken-vae.safetensors");
+    candle_core::safetensors::save(&tensors, &broken).unwrap();
+    let files =
+        ModelFiles::from_single_file(&broken, None, Some(&common::model_dir("tiny-sd15"))).unwrap();
+    let e = StableDiffusion::load(files, Device::Cpu, DType::F32)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("decoder.conv_out.bias") && e.contains("broken-vae.safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn cli_loads_a_single_file_and_refuses_unrelated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sd-studio"))
+        .args([
+            "generate", "--prompt", "x", "--steps", "2", "--width", "64", "--height", "64",
+            "--seed", "1", "--model",
+        ])
+        .arg(file())
+        .arg("--config")
+        .arg(common::model_dir("tiny-sd15"))
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let not_sd = dir.path().join("other.safetensors");
+    let t = candle_core::Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("weight".to_string(), t)]), &not_sd).unwrap();
+    let e = ModelFiles::from_single_file(&not_sd, None, None)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("missing tensor model.diffusion_model.input_blocks.0.0.weight"),
+        "{e}"
+    );
+}
