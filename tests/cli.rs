@@ -217,7 +217,7 @@ fn bad_model_paths_and_files_are_named() {
     // Copies of the tiny model with one thing broken each.
     let copy = |name: &str| -> PathBuf {
         let dst = dir.path().join(name);
-        copy_dir(&common::model_dir("tiny-sd15"), &dst);
+        common::copy_dir(&common::model_dir("tiny-sd15"), &dst);
         dst
     };
     let m = copy("truncated");
@@ -354,19 +354,6 @@ fn help_documents_every_flag() {
     let help = String::from_utf8(o.stdout).unwrap();
     for cmd in ["generate", "bench", "schedulers"] {
         assert!(help.contains(cmd));
-    }
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), &to).unwrap();
-        }
     }
 }
 

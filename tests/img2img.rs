@@ -42,6 +42,7 @@ fn img2img_matches_diffusers() {
             init_image: Some(InitImage {
                 rgb,
                 strength: case["strength"].as_f64().unwrap(),
+                mask: None,
             }),
             ..Default::default()
         };
@@ -79,6 +80,7 @@ fn strength_controls_how_much_of_the_schedule_runs() {
         init_image: Some(InitImage {
             rgb: rgb.clone(),
             strength: 0.3,
+            mask: None,
         }),
         ..Default::default()
     };
@@ -89,7 +91,11 @@ fn strength_controls_how_much_of_the_schedule_runs() {
     .unwrap();
     assert_eq!(steps_seen, 3);
     let bad = GenerateRequest {
-        init_image: Some(InitImage { rgb, strength: 1.5 }),
+        init_image: Some(InitImage {
+            rgb,
+            strength: 1.5,
+            mask: None,
+        }),
         ..req
     };
     assert!(sd

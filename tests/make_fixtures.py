@@ -56,6 +56,7 @@ import json
 import re
 import shutil
 import sys
+import tempfile
 import unicodedata
 from pathlib import Path
 
@@ -948,12 +949,13 @@ def make_img2img_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
 # --------------------------------------------------------------------------
 
 
-def make_inpaint_model() -> None:
-    out = FIXTURES / "tiny-sd15-inpaint"
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(FIXTURES / "tiny-sd15", out)
-    shutil.rmtree(out / "unet")
+def make_inpaint_model() -> Path:
+    """A 9-channel inpainting UNet. Only the UNet is committed (tiny-sd15-inpaint-unet/);
+    the full model is tiny-sd15 with this UNet, assembled in a temporary folder (the Rust
+    tests assemble it the same way), so the fixtures hold no second copy of the rest."""
+    unet_dir = FIXTURES / "tiny-sd15-inpaint-unet"
+    if unet_dir.exists():
+        shutil.rmtree(unet_dir)
     torch.manual_seed(1601)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -968,10 +970,12 @@ def make_inpaint_model() -> None:
         norm_num_groups=8,
     )
     randomize_norms(unet, 1610)
-    unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
-    index = json.loads((out / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionInpaintPipeline"
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    unet.to(torch.float16).save_pretrained(unet_dir, safe_serialization=True)
+    out = Path(tempfile.mkdtemp()) / "tiny-sd15-inpaint"
+    shutil.copytree(FIXTURES / "tiny-sd15", out)
+    shutil.rmtree(out / "unet")
+    shutil.copytree(unet_dir, out / "unet")
+    return out
 
 
 def mask_picture(w: int, h: int) -> np.ndarray:
@@ -984,11 +988,11 @@ def mask_picture(w: int, h: int) -> np.ndarray:
 def make_inpaint_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
     from diffusers import StableDiffusionInpaintPipeline
 
-    make_inpaint_model()
+    inpaint_dir = make_inpaint_model()
     Image.fromarray(mask_picture(64, 64)).save(REFS / "mask_64x64.png")
     if not (REFS / "init_64x64.png").exists():
         Image.fromarray(init_picture(64, 64)).save(REFS / "init_64x64.png")
-    inpaint_model = StableDiffusionInpaintPipeline.from_pretrained(FIXTURES / "tiny-sd15-inpaint", torch_dtype=torch.float32)
+    inpaint_model = StableDiffusionInpaintPipeline.from_pretrained(inpaint_dir, torch_dtype=torch.float32)
     legacy = StableDiffusionInpaintPipeline(**pipes["tiny-sd15"].components)
     cases = []
     for model, pipe in (("tiny-sd15", legacy), ("tiny-sd15-inpaint", inpaint_model)):

@@ -38,6 +38,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         init_latents,
         variation: None,
         clip_skip: 1,
+        init_image: None,
     }
 }
 
@@ -116,6 +117,7 @@ fn batch_size_never_changes_an_image() {
         init_latents: None,
         variation: None,
         clip_skip: 1,
+        init_image: None,
     };
     let batch = sd.generate(&base, &mut |_| Ok(())).unwrap();
     let single = sd
@@ -156,6 +158,7 @@ fn steps_are_reported_and_cancel_stops_the_job() {
         init_latents: None,
         variation: None,
         clip_skip: 1,
+        init_image: None,
     };
     let mut seen = Vec::new();
     sd.generate(&req, &mut |s| {

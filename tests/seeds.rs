@@ -22,6 +22,7 @@ fn req(seed: u64, variation: Option<Variation>) -> GenerateRequest {
         init_latents: None,
         variation,
         clip_skip: 1,
+        init_image: None,
     }
 }
 

@@ -18,8 +18,41 @@ pub fn model_dir(name: &str) -> PathBuf {
     fixtures().join(name)
 }
 
+/// The fixture folder of a model. `tiny-sd15-inpaint` is tiny-sd15 with the 9-channel UNet
+/// of `tiny-sd15-inpaint-unet/`, assembled once in a temporary folder (only that UNet is
+/// committed, not a second copy of the rest).
+pub fn model_path(name: &str) -> PathBuf {
+    if name != "tiny-sd15-inpaint" {
+        return model_dir(name);
+    }
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("sd-studio-tiny-inpaint-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_dir(&model_dir("tiny-sd15"), &dir);
+        std::fs::remove_dir_all(dir.join("unet")).expect("remove unet");
+        copy_dir(&model_dir("tiny-sd15-inpaint-unet"), &dir.join("unet"));
+        dir
+    })
+    .clone()
+}
+
+pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).expect("create dir");
+    for e in std::fs::read_dir(src).expect("read dir") {
+        let e = e.expect("dir entry");
+        let to = dst.join(e.file_name());
+        if e.file_type().expect("file type").is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).expect("copy");
+        }
+    }
+}
+
 pub fn load_model(name: &str) -> StableDiffusion {
-    let files = ModelFiles::from_dir(&model_dir(name), false).expect("fixture model files");
+    let files = ModelFiles::from_dir(&model_path(name), false).expect("fixture model files");
     StableDiffusion::load(files, Device::Cpu, DType::F32).expect("load fixture model")
 }
 
