@@ -9,6 +9,7 @@ pub mod model;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;
+pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 
