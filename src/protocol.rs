@@ -286,6 +286,7 @@ pub fn link(waker: Waker) -> (EngineLink, WorkerLink) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

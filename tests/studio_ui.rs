@@ -1,6 +1,7 @@
 //! The studio window against a fake engine (the test plays the generation thread through
 //! the protocol's channel pair): widgets are found by their accessible labels, no GPU, no
 //! display, no snapshots.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(feature = "gui")]
 
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! TAESD's decoder against diffusers' `AutoencoderTiny.decode` on a tiny random-weight model
 //! (tests/fixtures/tiny-taesd, made by make_fixtures.py --only taesd).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

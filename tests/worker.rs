@@ -1,5 +1,6 @@
 //! The generation thread on the tiny SD 1.5 fixture: event order, previews for every cell
 //! and step, cancel within one step, queueing, bad jobs and bad models.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -296,6 +296,7 @@ pub fn parse_a1111(text: &str) -> Result<ParsedParameters> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::engine::schedulers::SchedulerKind;

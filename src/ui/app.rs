@@ -117,6 +117,8 @@ pub struct ModelStatus {
 pub struct Timings {
     /// CPU time of each `ui()` call while a job ran.
     pub frame_cpu: Vec<Duration>,
+    /// eframe's CPU time for the previous frame (ui, tessellation, paint submission).
+    pub frame_eframe: Vec<Duration>,
     /// Time between consecutive frames while a job ran.
     pub frame_interval: Vec<Duration>,
     /// Worker-side preview decode time per step (all cells).
@@ -752,7 +754,14 @@ impl StudioApp {
 }
 
 impl eframe::App for StudioApp {
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
+        if self.running().is_some() {
+            if let Some(cpu) = frame.info().cpu_usage {
+                self.timings
+                    .frame_eframe
+                    .push(Duration::from_secs_f32(cpu.max(0.0)));
+            }
+        }
         self.frame(ui);
     }
 

@@ -84,6 +84,12 @@ impl ScreenshotPlan {
             ctx.send_viewport_cmd(egui::ViewportCommand::Close);
             return out;
         }
+        if self.frames % 100 == 1 {
+            eprintln!(
+                "screenshot mode: {:?}, frame {}, model ready {}, cells done {}, jobs done {}",
+                self.stage, self.frames, self.model_ready, self.cells_done, self.jobs_done
+            );
+        }
         match self.stage {
             Stage::WaitMid => {
                 let mid = cells.iter().any(|c| match c.status {
@@ -145,6 +151,8 @@ pub fn print_timings(t: &Timings) {
         "frames": t.frame_cpu.len(),
         "frame_cpu_ms_p50": pct(&t.frame_cpu, 0.5),
         "frame_cpu_ms_p99": pct(&t.frame_cpu, 0.99),
+        "frame_eframe_cpu_ms_p50": pct(&t.frame_eframe, 0.5),
+        "frame_eframe_cpu_ms_p99": pct(&t.frame_eframe, 0.99),
         "frame_interval_ms_p50": pct(&t.frame_interval, 0.5),
         "frame_interval_ms_p99": pct(&t.frame_interval, 0.99),
         "step_ms_p50": pct(&t.step, 0.5),

@@ -87,7 +87,7 @@ impl Default for Settings {
 }
 
 /// One finished generation: its parameters and where its images went.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HistoryEntry {
     pub params: Params,
@@ -96,18 +96,6 @@ pub struct HistoryEntry {
     pub images: Vec<PathBuf>,
     /// Seconds since the Unix epoch.
     pub time: u64,
-}
-
-impl Default for HistoryEntry {
-    fn default() -> Self {
-        Self {
-            params: Params::default(),
-            model: String::new(),
-            seeds: Vec::new(),
-            images: Vec::new(),
-            time: 0,
-        }
-    }
 }
 
 /// Everything persisted.
@@ -180,6 +168,7 @@ impl Persisted {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
