@@ -10,7 +10,9 @@ use super::commands::UiCommand;
 use super::errors::{Message, Severity};
 use super::screenshot::ScreenshotPlan;
 use super::state::{HistoryEntry, Params, Persisted, SeedMode};
-use super::{errors, grid, model_picker, prompt, queue, sampling, seed, status_bar, viewer};
+use super::{
+    errors, grid, history, model_picker, prompt, queue, sampling, seed, status_bar, viewer,
+};
 use crate::engine::metadata::Parameters;
 use crate::engine::metadata::{encode_png, parse_a1111, read_png_parameters, write_atomic};
 use crate::engine::schedulers::SchedulerKind;
@@ -385,6 +387,14 @@ impl StudioApp {
                     self.error(format!("{}: {e}", path.display()));
                 }
             }
+            UiCommand::RestoreHistory(i) => {
+                if let Some(h) = self.state.history.get(i) {
+                    let seed = h.seeds.first().copied().unwrap_or(h.params.seed);
+                    self.state.params = h.params.clone();
+                    self.state.params.seed = seed;
+                    self.state.params.seed_locked = true;
+                }
+            }
             UiCommand::Dismiss(i) => {
                 if i < self.messages.len() {
                     self.messages.remove(i);
@@ -723,6 +733,8 @@ impl StudioApp {
                     cmds.extend(sampling::preview_settings_ui(ui, &mut self.state.settings));
                     ui.separator();
                     cmds.extend(queue::queue_ui(ui, &self.jobs));
+                    ui.separator();
+                    cmds.extend(history::history_ui(ui, &self.state.history));
                 });
             });
         egui::CentralPanel::default_margins().show(ui, |ui| {

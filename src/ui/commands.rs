@@ -34,6 +34,8 @@ pub enum UiCommand {
     CopyParameters(usize),
     /// Restore the editor from a PNG's parameters.
     RestoreFromPng(PathBuf),
+    /// Put a past generation's parameters (and first seed, locked) back in the editor.
+    RestoreHistory(usize),
     /// Hide a message.
     Dismiss(usize),
 }

@@ -7,6 +7,7 @@ pub mod app;
 pub mod commands;
 pub mod errors;
 pub mod grid;
+pub mod history;
 pub mod model_picker;
 pub mod prompt;
 pub mod queue;
