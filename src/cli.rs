@@ -1,4 +1,5 @@
-//! The headless command line: `sd-studio generate`, `sd-studio bench`, `sd-studio schedulers`.
+//! The command line: `sd-studio` or `sd-studio studio` opens the window (feature `gui`);
+//! `sd-studio generate`, `sd-studio bench`, `sd-studio schedulers` run headless.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,13 +18,19 @@ use crate::engine::{self, Error, Result};
 
 #[derive(Parser, Debug)]
 #[command(name = "sd-studio", version, about = "Stable Diffusion studio: candle engine with diffusers parity", long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    /// Without a subcommand: open the studio window.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub studio: StudioArgs,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Open the studio window (the default).
+    Studio(StudioArgs),
     /// Generate images from a prompt and write them as PNGs with A1111 metadata.
     Generate(GenerateArgs),
     /// Time text encoding, denoising steps and decoding for a model.
@@ -130,6 +137,44 @@ pub struct GenerateArgs {
     pub out: PathBuf,
 }
 
+#[derive(Args, Debug, Clone, Default)]
+pub struct StudioArgs {
+    /// Model to load at start: diffusers folder or hub id (default: the last one used).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Compute device: cpu or cuda.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Precision: f32, f16 or bf16.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Prompt to start with.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Where settings, last prompt and history are kept (default: ~/.config/sd-studio/state.json).
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+    /// Neither read nor write the state file.
+    #[arg(long)]
+    pub no_persist: bool,
+    /// Generate a grid as soon as the model is loaded.
+    #[arg(long)]
+    pub auto_generate: bool,
+    /// Save screenshots (mid-generation, finished, large view) here, then close and print
+    /// frame/preview timings as JSON.
+    #[arg(long)]
+    pub screenshot_dir: Option<PathBuf>,
+    /// Renderer: wgpu or glow.
+    #[arg(long, default_value = "wgpu")]
+    pub renderer: String,
+    /// TAESD preview weights: folder or hub id (default: madebyollin/taesd).
+    #[arg(long)]
+    pub taesd: Option<String>,
+    /// Output folder for finished images.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct TokenizeArgs {
     /// Diffusers folder or hub id whose tokenizer to use.
@@ -157,10 +202,12 @@ pub struct BenchArgs {
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(a) => generate(&a),
-        Command::Bench(a) => bench(&a),
-        Command::Tokenize(a) => tokenize(&a),
-        Command::Schedulers => {
+        None => studio(cli.studio),
+        Some(Command::Studio(a)) => studio(a),
+        Some(Command::Generate(a)) => generate(&a),
+        Some(Command::Bench(a)) => bench(&a),
+        Some(Command::Tokenize(a)) => tokenize(&a),
+        Some(Command::Schedulers) => {
             for k in SchedulerKind::ALL {
                 let (name, sched) = k.a1111_name();
                 let label = match sched {
@@ -179,6 +226,32 @@ pub fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "gui")]
+fn studio(a: StudioArgs) -> Result<()> {
+    let opts = crate::ui::StudioOptions {
+        model: a.model,
+        device: a.device,
+        dtype: a.dtype,
+        state_file: a.state_file,
+        no_persist: a.no_persist,
+        screenshot_dir: a.screenshot_dir,
+        auto_generate: a.auto_generate,
+        prompt: a.prompt,
+        renderer: a.renderer,
+        taesd: a.taesd,
+        out: a.out,
+    };
+    crate::ui::run(opts).map_err(|e| Error::invalid("studio", e))
+}
+
+#[cfg(not(feature = "gui"))]
+fn studio(_: StudioArgs) -> Result<()> {
+    Err(Error::invalid(
+        "command",
+        "this build has no studio window (built without the `gui` feature); use `sd-studio generate`",
+    ))
 }
 
 /// A random seed in A1111's range (0 ..= 2^32 - 1).

@@ -69,12 +69,15 @@ def make_model(path: Path) -> None:
         text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT)),
         tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
         unet=UNet2DConditionModel(**UNET),
-        scheduler=PNDMScheduler(**{k: v for k, v in SCHEDULER.items() if not k.startswith("_")}),
+        scheduler=PNDMScheduler.from_config(SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    # The hub's SD repos ship vocab.json + merges.txt; transformers 5 saves tokenizer.json.
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tok_dir / name, tmp / "tokenizer" / name)
     tmp.rename(path)
 
 

@@ -28,7 +28,12 @@ What it makes (everything under ``tests/fixtures/``):
     - ``schedulers.json``: timesteps / sigmas / init_noise_sigma of each
       scheduler after ``set_timesteps``;
     - ``latents_64x64.safetensors``, ``images/*.png``, ``cases.json``:
-      full text-to-image pipeline runs.
+      full text-to-image pipeline runs;
+    - ``taesd_tiny.safetensors``: latents and the decode of ``tiny-taesd/``.
+* ``tiny-taesd/`` -- a tiny random-weight ``AutoencoderTiny`` (TAESD's
+  architecture, 16 channels instead of 64) for the preview decoder's parity test.
+  ``--only taesd`` rebuilds just this model and its reference, leaving every
+  other fixture untouched.
 
 How to run (from the repository root)::
 
@@ -66,6 +71,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from diffusers import (
+    AutoencoderTiny,
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
@@ -1151,6 +1157,26 @@ def check_no_nan_files() -> list[str]:
     return problems
 
 
+def make_taesd() -> None:
+    """A tiny AutoencoderTiny (TAESD layout) and diffusers' decode of fixed latents."""
+    torch.manual_seed(4242)
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(16, 16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16, 16),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(2, 1, 1, 1),
+    ).eval()
+    out_dir = FIXTURES / "tiny-taesd"
+    vae.save_pretrained(out_dir, safe_serialization=True)
+    vae = AutoencoderTiny.from_pretrained(out_dir).eval()
+    latents = torch.randn((2, 4, 8, 12), generator=torch.Generator("cpu").manual_seed(77)) * 2.5
+    with torch.no_grad():
+        image = vae.decode(latents).sample
+    REFS.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.contiguous(), "image": image.contiguous()}, REFS / "taesd_tiny.safetensors")
+    print(f"tiny-taesd: decode {tuple(latents.shape)} -> {tuple(image.shape)}, std {image.std():.4f}")
+
+
 def summary() -> None:
     total = 0
     print("\nfiles under tests/fixtures:")
@@ -1165,8 +1191,13 @@ def summary() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bpe", help="path to bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip)")
-    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single"], help="only remake one set of references from the committed models")
+    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd"],
+                    help="only remake one set of references from the committed models")
     args = ap.parse_args()
+    if args.only == "taesd":
+        torch.set_num_threads(2)
+        make_taesd()
+        return
 
     torch.set_num_threads(2)
     diffusers_logging.set_verbosity_error()
@@ -1204,6 +1235,7 @@ def main() -> None:
     make_inpaint_refs(pipes)
     make_single_file_refs(pipes)
     problems += make_pipeline_refs(pipes)
+    make_taesd()
     problems += check_no_nan_files()
 
     summary()

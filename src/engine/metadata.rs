@@ -183,7 +183,7 @@ pub fn output_path(dir: &Path, stem: &str) -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+mod format_tests {
     use super::*;
 
     fn params() -> Parameters {
@@ -242,5 +242,231 @@ mod tests {
             assert_eq!(read_png_parameters(&path).unwrap().as_deref(), Some(text));
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Generation parameters read back from A1111-style `parameters` text. Fields A1111 may
+/// leave out are `Option`; keys we do not use are kept in `other`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParsedParameters {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: Option<usize>,
+    pub sampler: Option<String>,
+    pub schedule_type: Option<String>,
+    pub cfg_scale: Option<f64>,
+    pub seed: Option<u64>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub model: Option<String>,
+    pub other: Vec<(String, String)>,
+}
+
+impl ParsedParameters {
+    /// Our sampler for A1111's `Sampler` + `Schedule type` (old files put "Karras" in the
+    /// sampler name itself); `None` when absent or not one we have.
+    pub fn scheduler(&self) -> Option<super::schedulers::SchedulerKind> {
+        use super::schedulers::SchedulerKind;
+        let s = self.sampler.as_deref()?;
+        match self.schedule_type.as_deref() {
+            None | Some("Automatic") => SchedulerKind::parse(s).ok(),
+            Some(t) => SchedulerKind::parse(&format!("{s} {t}")).ok().or_else(|| {
+                SchedulerKind::parse(s)
+                    .ok()
+                    .filter(|_| t == "Normal" || t == "Uniform")
+            }),
+        }
+    }
+}
+
+/// Splits A1111's `Key: value, Key: "json, quoted", …` line. `None` when the line is not
+/// such a list.
+fn parse_pairs(line: &str) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut rest = line.trim();
+    while !rest.is_empty() {
+        let colon = rest.find(':')?;
+        let key = rest[..colon].trim();
+        if key.is_empty() || key.contains(',') || key.contains('"') {
+            return None;
+        }
+        rest = rest[colon + 1..].trim_start();
+        let value;
+        if rest.starts_with('"') {
+            // A JSON string: find its closing quote, honouring backslash escapes.
+            let bytes = rest.as_bytes();
+            let mut i = 1;
+            let mut end = None;
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'\\' => i += 2,
+                    b'"' => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => i += 1,
+                }
+            }
+            let end = end?;
+            value = serde_json::from_str::<String>(&rest[..=end]).ok()?;
+            rest = rest[end + 1..].trim_start();
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            value = rest[..end].trim().to_string();
+            rest = rest.get(end + 1..).unwrap_or("");
+        }
+        out.push((key.to_string(), value));
+        rest = rest.trim_start();
+    }
+    Some(out)
+}
+
+/// Parses A1111's `parameters` text: prompt lines, optional `Negative prompt:` lines, and a
+/// last line of `Key: value` pairs that must include `Steps`.
+pub fn parse_a1111(text: &str) -> Result<ParsedParameters> {
+    let bad = |reason: String| Error::invalid("parameters", reason);
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(bad("the text is empty".into()));
+    }
+    let (head, last) = match text.rfind('\n') {
+        Some(i) => (&text[..i], &text[i + 1..]),
+        None => ("", text),
+    };
+    let pairs = parse_pairs(last)
+        .filter(|p| p.iter().any(|(k, _)| k == "Steps"))
+        .ok_or_else(|| {
+            bad("no settings line (\"Steps: …, Sampler: …, Seed: …\") at the end".into())
+        })?;
+    let mut p = ParsedParameters::default();
+    match head
+        .find("\nNegative prompt:")
+        .map(|i| i + 1)
+        .or_else(|| head.starts_with("Negative prompt:").then_some(0))
+    {
+        Some(i) => {
+            p.prompt = head[..i].trim().to_string();
+            p.negative_prompt = head[i + "Negative prompt:".len()..].trim().to_string();
+        }
+        None => p.prompt = head.trim().to_string(),
+    }
+    let num_err = |k: &str, v: &str| bad(format!("{k}: {v:?} is not a number"));
+    for (k, v) in pairs {
+        match k.as_str() {
+            "Steps" => p.steps = Some(v.parse().map_err(|_| num_err(&k, &v))?),
+            "Sampler" => p.sampler = Some(v),
+            "Schedule type" => p.schedule_type = Some(v),
+            "CFG scale" => p.cfg_scale = Some(v.parse().map_err(|_| num_err(&k, &v))?),
+            "Seed" => p.seed = Some(v.parse().map_err(|_| num_err(&k, &v))?),
+            "Size" => {
+                let (w, h) = v
+                    .split_once('x')
+                    .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
+                    .ok_or_else(|| bad(format!("Size: {v:?} is not WIDTHxHEIGHT")))?;
+                p.width = Some(w);
+                p.height = Some(h);
+            }
+            "Model" => p.model = Some(v),
+            _ => p.other.push((k, v)),
+        }
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::engine::schedulers::SchedulerKind;
+
+    #[test]
+    fn parses_a1111_with_schedule_type_and_quoted_values() {
+        let text = "masterpiece, a cat on a windowsill, (soft light:1.2)\nsecond line\n\
+Negative prompt: blurry, lowres\n\
+Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 3735928559, \
+Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, \
+Lora hashes: \"add_detail: 7c6bad76eb54, more: \\\"x\\\"\", Version: v1.9.4";
+        let p = parse_a1111(text).unwrap();
+        assert_eq!(
+            p.prompt,
+            "masterpiece, a cat on a windowsill, (soft light:1.2)\nsecond line"
+        );
+        assert_eq!(p.negative_prompt, "blurry, lowres");
+        assert_eq!(p.steps, Some(28));
+        assert_eq!(p.sampler.as_deref(), Some("DPM++ 2M"));
+        assert_eq!(p.schedule_type.as_deref(), Some("Karras"));
+        assert_eq!(p.scheduler(), Some(SchedulerKind::DpmPp2MKarras));
+        assert_eq!(p.cfg_scale, Some(6.5));
+        assert_eq!(p.seed, Some(3735928559));
+        assert_eq!((p.width, p.height), (Some(512), Some(768)));
+        assert_eq!(p.model.as_deref(), Some("v1-5-pruned-emaonly"));
+        assert!(p.other.contains(&(
+            "Lora hashes".to_string(),
+            "add_detail: 7c6bad76eb54, more: \"x\"".to_string()
+        )));
+        assert!(p
+            .other
+            .contains(&("Version".to_string(), "v1.9.4".to_string())));
+    }
+
+    #[test]
+    fn parses_without_negative_prompt_and_old_karras_names() {
+        let p = parse_a1111(
+            "a lighthouse\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 64x64",
+        )
+        .unwrap();
+        assert_eq!(p.prompt, "a lighthouse");
+        assert_eq!(p.negative_prompt, "");
+        assert_eq!(p.scheduler(), Some(SchedulerKind::DpmPp2MKarras));
+        assert_eq!(p.cfg_scale, Some(7.0));
+        let p = parse_a1111("Steps: 5, Sampler: Euler a, Seed: 9").unwrap();
+        assert_eq!(p.prompt, "");
+        assert_eq!(p.scheduler(), Some(SchedulerKind::EulerAncestral));
+        let p = parse_a1111("x\nSteps: 5, Sampler: Heun, Schedule type: Karras").unwrap();
+        assert_eq!(p.scheduler(), None);
+    }
+
+    #[test]
+    fn our_own_text_round_trips() {
+        let params = Parameters {
+            prompt: "a \"quoted\" prompt, with: colons".into(),
+            negative_prompt: "bad hands".into(),
+            steps: 12,
+            sampler: "DPM++ 2M".into(),
+            schedule_type: Some("Karras".into()),
+            cfg_scale: 7.5,
+            seed: 42,
+            width: 640,
+            height: 384,
+            model: "tiny, model".into(),
+            variation: Some((7, 0.25)),
+            denoising_strength: None,
+            clip_skip: Some(2),
+            rng: Some("CPU".into()),
+        };
+        let p = parse_a1111(&params.to_a1111()).unwrap();
+        assert_eq!(p.prompt, params.prompt);
+        assert_eq!(p.negative_prompt, "bad hands");
+        assert_eq!(p.steps, Some(12));
+        assert_eq!(p.scheduler(), Some(SchedulerKind::DpmPp2MKarras));
+        assert_eq!(p.cfg_scale, Some(7.5));
+        assert_eq!(p.seed, Some(42));
+        assert_eq!((p.width, p.height), (Some(640), Some(384)));
+        assert_eq!(p.model.as_deref(), Some("tiny, model"));
+    }
+
+    #[test]
+    fn bad_text_gives_a_clear_error() {
+        for (text, want) in [
+            ("", "empty"),
+            ("just a prompt", "no settings line"),
+            ("p\nSteps: many, Seed: 1", "Steps: \"many\" is not a number"),
+            ("p\nSteps: 3, Size: big", "Size"),
+            ("p\nSteps: 3, Lora: \"unterminated", "no settings line"),
+        ] {
+            let e = parse_a1111(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
     }
 }

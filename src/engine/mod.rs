@@ -12,6 +12,7 @@ pub mod prompt;
 pub mod rng;
 pub mod schedulers;
 pub mod single_file;
+pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae_encoder;

@@ -1,0 +1,336 @@
+//! The messages between the studio window and the generation thread: plain data only (no
+//! egui, no candle types), so either side can be replaced — the tests drive the window with
+//! a fake engine that speaks this protocol without any weights.
+//!
+//! Commands and events travel over crossbeam channels. Previews do not: each grid cell has a
+//! latest-value slot ([`PreviewSlots`]) that the worker overwrites, so a slow window never
+//! makes previews pile up. After every event or preview the worker calls the waker (the
+//! window passes one that calls `ctx.request_repaint()`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::engine::schedulers::SchedulerKind;
+use crate::engine::tokenizer::ClipTokenizer;
+
+/// The grid has 2 rows of 4 cells.
+pub const GRID_CELLS: usize = 8;
+
+/// Identifies a job for its whole life (queued, running, done).
+pub type JobId = u64;
+
+/// An RGB8 image, row-major, `width * height * 3` bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+impl std::fmt::Debug for RgbImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RgbImage({}x{})", self.width, self.height)
+    }
+}
+
+/// How per-step previews are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum PreviewMode {
+    /// TAESD when its weights were found, else the linear approximation.
+    #[default]
+    Taesd,
+    /// The 4×3 latent→RGB matrix at 1/8 resolution: nearly free.
+    Linear,
+    /// No previews.
+    Off,
+}
+
+/// Which model to load and how.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelSpec {
+    /// A diffusers folder or a hub id.
+    pub model: String,
+    /// `cpu` or `cuda`.
+    pub device: String,
+    /// `f32`, `f16` or `bf16`.
+    pub dtype: String,
+    /// TAESD weights: a folder or hub id (`madebyollin/taesd`); `None` → linear previews.
+    pub taesd: Option<String>,
+}
+
+/// One job: up to 8 images sharing prompt and settings, each with its own seed and cell.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobRequest {
+    pub id: JobId,
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// One seed per image. Consecutive seeds run as one batch (image i = seed + i).
+    pub seeds: Vec<u64>,
+    /// The grid cell each image fills (same length as `seeds`).
+    pub cells: Vec<usize>,
+    pub steps: usize,
+    pub guidance: f64,
+    #[serde(with = "scheduler_serde")]
+    pub scheduler: SchedulerKind,
+    pub width: usize,
+    pub height: usize,
+    pub preview: PreviewMode,
+    /// Preview every N steps (1 = every step).
+    pub preview_every: usize,
+    /// Where finished images are saved (created if missing).
+    pub output_dir: PathBuf,
+}
+
+mod scheduler_serde {
+    use crate::engine::schedulers::SchedulerKind;
+
+    pub fn serialize<S: serde::Serializer>(k: &SchedulerKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(k.cli_name())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SchedulerKind, D::Error> {
+        let name: String = serde::Deserialize::deserialize(d)?;
+        SchedulerKind::parse(&name).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What the window asks of the generation thread.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Queue a job; it starts when the jobs before it are done.
+    Generate(JobRequest),
+    /// Stop a job: the running one within one denoising step, a queued one at once.
+    Cancel(JobId),
+    /// Load (or switch to) a model; a running job finishes first.
+    LoadModel(ModelSpec),
+    /// Finish: cancel everything and end the thread.
+    Shutdown,
+}
+
+/// A counter for prompt tokens, shared by the worker once a model is loaded.
+#[derive(Clone)]
+pub struct TokenCounter(pub Arc<ClipTokenizer>);
+
+impl TokenCounter {
+    /// Prompt tokens and 75-token chunks, as A1111 counts them (weights syntax stripped,
+    /// BREAK and comma backtracking applied); `None` when the text cannot be tokenized.
+    pub fn count(&self, text: &str) -> Option<(usize, usize)> {
+        crate::engine::prompt::tokenize(&self.0, text)
+            .ok()
+            .map(|t| (t.token_count, t.chunks.len()))
+    }
+    /// Tokens that fit in one CLIP window (75 for SD).
+    pub fn chunk(&self) -> usize {
+        self.0.max_length.saturating_sub(2)
+    }
+}
+
+impl std::fmt::Debug for TokenCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenCounter")
+    }
+}
+
+/// What the generation thread reports.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A model is being loaded (resolving, downloading, reading weights).
+    ModelLoading { message: String },
+    /// The model is loaded and jobs can run.
+    ModelReady {
+        name: String,
+        device: String,
+        dtype: String,
+        /// "TAESD" or "linear": what previews will use.
+        previewer: String,
+        tokens: Option<TokenCounter>,
+    },
+    /// Loading a model failed; the previous one (if any) is gone.
+    ModelFailed { message: String },
+    /// A job entered the queue behind `ahead` others.
+    Queued { job: JobId, ahead: usize },
+    /// A job left the queue and started.
+    Started { job: JobId },
+    /// A denoising step finished (1-based over the whole job; `elapsed` since the job started).
+    Step {
+        job: JobId,
+        step: usize,
+        total: usize,
+        elapsed: Duration,
+    },
+    /// A preview of one cell (delivered through [`PreviewSlots`], newest only).
+    Preview {
+        job: JobId,
+        cell: usize,
+        step: usize,
+        image: RgbImage,
+        /// Time spent decoding this step's previews (all cells together).
+        decode_time: Duration,
+    },
+    /// One cell's final image (full VAE decode), saved at `path` when saving worked.
+    CellDone {
+        job: JobId,
+        cell: usize,
+        seed: u64,
+        image: RgbImage,
+        path: Option<PathBuf>,
+    },
+    /// Every cell of the job is done.
+    JobDone { job: JobId, elapsed: Duration },
+    /// The job (or, with `job: None`, the thread itself) failed; the message is for the user.
+    Failed { job: Option<JobId>, message: String },
+    /// The job stopped on request (queued jobs report this at once).
+    Cancelled { job: JobId },
+    /// Something the user should know that stopped nothing (e.g. an image could not be saved).
+    Warning { message: String },
+}
+
+/// The newest preview per grid cell; the worker overwrites, the window takes.
+#[derive(Default)]
+pub struct PreviewSlots {
+    slots: Mutex<Vec<Option<Event>>>,
+}
+
+impl PreviewSlots {
+    /// Stores a preview event (anything else is ignored), replacing an older one.
+    pub fn put(&self, cell: usize, event: Event) {
+        if let Ok(mut s) = self.slots.lock() {
+            if s.len() <= cell {
+                s.resize(cell + 1, None);
+            }
+            s[cell] = Some(event);
+        }
+    }
+    /// Drops a cell's waiting preview (its final image is on the way).
+    pub fn clear(&self, cell: usize) {
+        if let Ok(mut s) = self.slots.lock() {
+            if let Some(x) = s.get_mut(cell) {
+                *x = None;
+            }
+        }
+    }
+    /// Takes every waiting preview.
+    pub fn take_all(&self) -> Vec<Event> {
+        match self.slots.lock() {
+            Ok(mut s) => s.iter_mut().filter_map(Option::take).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Called after every event so the window wakes up.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// The window's end: send commands, drain events.
+pub struct EngineLink {
+    pub commands: Sender<Command>,
+    pub events: Receiver<Event>,
+    pub previews: Arc<PreviewSlots>,
+}
+
+impl EngineLink {
+    /// Sends a command; `false` when the thread is gone.
+    pub fn send(&self, c: Command) -> bool {
+        self.commands.send(c).is_ok()
+    }
+    /// Everything that arrived since the last call: channel events first, then previews.
+    pub fn drain(&self) -> Vec<Event> {
+        let mut out: Vec<Event> = self.events.try_iter().collect();
+        out.extend(self.previews.take_all());
+        out
+    }
+}
+
+/// The generation thread's end (or a fake engine's, in tests).
+pub struct WorkerLink {
+    pub commands: Receiver<Command>,
+    pub events: Sender<Event>,
+    pub previews: Arc<PreviewSlots>,
+    pub waker: Waker,
+}
+
+impl WorkerLink {
+    /// Sends an event and wakes the window.
+    pub fn send(&self, e: Event) {
+        if let Event::Preview { cell, .. } = &e {
+            self.previews.put(*cell, e);
+        } else {
+            let _ = self.events.send(e);
+        }
+        (self.waker)();
+    }
+    /// Waits up to `timeout` for a command.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Command, RecvTimeoutError> {
+        self.commands.recv_timeout(timeout)
+    }
+}
+
+/// A connected pair of ends.
+pub fn link(waker: Waker) -> (EngineLink, WorkerLink) {
+    let (ctx, crx) = crossbeam_channel::unbounded();
+    let (etx, erx) = crossbeam_channel::unbounded();
+    let previews = Arc::new(PreviewSlots::default());
+    (
+        EngineLink {
+            commands: ctx,
+            events: erx,
+            previews: previews.clone(),
+        },
+        WorkerLink {
+            commands: crx,
+            events: etx,
+            previews,
+            waker,
+        },
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn preview(cell: usize, step: usize) -> Event {
+        Event::Preview {
+            job: 1,
+            cell,
+            step,
+            image: RgbImage {
+                width: 1,
+                height: 1,
+                rgb: vec![0, 0, 0],
+            },
+            decode_time: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn previews_keep_only_the_newest_per_cell_and_wake_every_time() {
+        let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = wakes.clone();
+        let (ui, worker) = link(Arc::new(move || {
+            w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        for step in 1..=5 {
+            worker.send(preview(0, step));
+            worker.send(preview(3, step));
+        }
+        worker.send(Event::Cancelled { job: 1 });
+        assert_eq!(wakes.load(std::sync::atomic::Ordering::SeqCst), 11);
+        let got = ui.drain();
+        assert_eq!(got.len(), 3);
+        assert!(matches!(got[0], Event::Cancelled { job: 1 }));
+        let steps: Vec<_> = got[1..]
+            .iter()
+            .map(|e| match e {
+                Event::Preview { cell, step, .. } => (*cell, *step),
+                _ => (99, 99),
+            })
+            .collect();
+        assert_eq!(steps, vec![(0, 5), (3, 5)]);
+        assert!(ui.drain().is_empty());
+    }
+}

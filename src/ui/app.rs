@@ -1,0 +1,790 @@
+//! The studio: owns the persisted state, the grid and the engine link; drains engine events
+//! every frame, draws the panels and applies the commands they return.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use egui::{Key, Modifiers};
+
+use super::commands::UiCommand;
+use super::errors::{Message, Severity};
+use super::screenshot::ScreenshotPlan;
+use super::state::{HistoryEntry, Params, Persisted, SeedMode};
+use super::{
+    errors, grid, history, model_picker, prompt, queue, sampling, seed, status_bar, viewer,
+};
+use crate::engine::metadata::Parameters;
+use crate::engine::metadata::{encode_png, parse_a1111, read_png_parameters, write_atomic};
+use crate::engine::schedulers::SchedulerKind;
+use crate::protocol::{
+    Command, EngineLink, Event, JobId, JobRequest, ModelSpec, RgbImage, TokenCounter, GRID_CELLS,
+};
+
+/// How the studio was started.
+#[derive(Debug, Clone, Default)]
+pub struct StudioOptions {
+    /// Load this model at start (else the last one used, if any).
+    pub model: Option<String>,
+    pub device: Option<String>,
+    pub dtype: Option<String>,
+    /// Where the persisted state lives (default: [`Persisted::default_path`]); `None` in
+    /// tests that must not touch the user's files when `no_persist` is set.
+    pub state_file: Option<PathBuf>,
+    /// Do not read or write the state file.
+    pub no_persist: bool,
+    /// Screenshot mode: save PNGs of the window here, then close.
+    pub screenshot_dir: Option<PathBuf>,
+    /// Generate once the model is ready (with `prompt` when given).
+    pub auto_generate: bool,
+    pub prompt: Option<String>,
+    /// `wgpu` (default) or `glow`.
+    pub renderer: String,
+    /// TAESD weights (folder or hub id) instead of the remembered setting.
+    pub taesd: Option<String>,
+    /// Output folder instead of the remembered setting.
+    pub out: Option<PathBuf>,
+}
+
+/// What a grid cell shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CellStatus {
+    Empty,
+    /// Its job is queued or encoding the prompt.
+    Waiting,
+    /// Denoising; the image is the latest preview.
+    Running {
+        step: usize,
+        total: usize,
+    },
+    /// Steps done, the VAE is decoding.
+    Decoding,
+    Done,
+    Cancelled,
+    Failed,
+}
+
+/// One of the eight grid cells.
+pub struct Cell {
+    pub job: Option<JobId>,
+    pub seed: Option<u64>,
+    pub status: CellStatus,
+    pub texture: Option<egui::TextureHandle>,
+    /// The final image, for Save as….
+    pub image: Option<RgbImage>,
+    pub path: Option<PathBuf>,
+    /// The parameters that made it (for Copy parameters / Regenerate).
+    pub params: Option<Params>,
+}
+
+impl Default for Cell {
+    fn default() -> Self {
+        Self {
+            job: None,
+            seed: None,
+            status: CellStatus::Empty,
+            texture: None,
+            image: None,
+            path: None,
+            params: None,
+        }
+    }
+}
+
+/// A job the window sent, as the queue panel shows it.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    pub request: JobRequest,
+    pub params: Params,
+    pub running: bool,
+    pub step: usize,
+    pub total: usize,
+    pub elapsed: Duration,
+    pub paths: Vec<PathBuf>,
+}
+
+/// The loaded model, as the status bar shows it.
+#[derive(Debug, Clone, Default)]
+pub struct ModelStatus {
+    pub name: String,
+    pub device: String,
+    pub dtype: String,
+    pub previewer: String,
+    /// `Some(message)` while loading.
+    pub loading: Option<String>,
+    pub ready: bool,
+}
+
+/// Frame and preview timings (for the benchmark).
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// CPU time of each `ui()` call while a job ran.
+    pub frame_cpu: Vec<Duration>,
+    /// eframe's CPU time for the previous frame (ui, tessellation, paint submission).
+    pub frame_eframe: Vec<Duration>,
+    /// Time between consecutive frames while a job ran.
+    pub frame_interval: Vec<Duration>,
+    /// Worker-side preview decode time per step (all cells).
+    pub preview_decode: Vec<Duration>,
+    /// From a step's event arriving to its previews arriving.
+    pub preview_lag: Vec<Duration>,
+    /// Step durations seen by the window.
+    pub step: Vec<Duration>,
+    last_frame: Option<Instant>,
+    step_arrived: Option<(usize, Instant, Duration)>,
+}
+
+pub struct StudioApp {
+    pub state: Persisted,
+    pub engine: EngineLink,
+    pub cells: Vec<Cell>,
+    pub jobs: Vec<JobView>,
+    pub messages: Vec<Message>,
+    pub model: ModelStatus,
+    pub tokens: Option<TokenCounter>,
+    /// The model field's text (what Load will load).
+    pub model_input: String,
+    /// The cell open in the large view, with its zoom and pan.
+    pub viewer: Option<viewer::ViewerState>,
+    pub next_job: JobId,
+    pub timings: Timings,
+    pub options: StudioOptions,
+    state_file: Option<PathBuf>,
+    screenshots: Option<ScreenshotPlan>,
+    engine_gone: bool,
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() & 0xffff_ffff
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl StudioApp {
+    /// A studio talking to `engine` (the real worker, or a fake one in tests).
+    pub fn new(engine: EngineLink, options: StudioOptions) -> Self {
+        let state_file = if options.no_persist {
+            None
+        } else {
+            Some(
+                options
+                    .state_file
+                    .clone()
+                    .unwrap_or_else(Persisted::default_path),
+            )
+        };
+        let (mut state, load_err) = match &state_file {
+            Some(p) => Persisted::load(p),
+            None => (Persisted::default(), None),
+        };
+        if let Some(d) = &options.device {
+            state.settings.device = d.clone();
+        }
+        if let Some(d) = &options.dtype {
+            state.settings.dtype = d.clone();
+        }
+        if let Some(t) = &options.taesd {
+            state.settings.taesd = t.clone();
+        }
+        if let Some(o) = &options.out {
+            state.settings.output_dir = o.clone();
+        }
+        if let Some(p) = &options.prompt {
+            state.params.prompt = p.clone();
+        }
+        let model = options.model.clone().unwrap_or_else(|| state.model.clone());
+        let mut app = Self {
+            model_input: model.clone(),
+            state,
+            engine,
+            cells: (0..GRID_CELLS).map(|_| Cell::default()).collect(),
+            jobs: Vec::new(),
+            messages: Vec::new(),
+            model: ModelStatus::default(),
+            tokens: None,
+            viewer: None,
+            next_job: 1,
+            timings: Timings::default(),
+            screenshots: options.screenshot_dir.clone().map(ScreenshotPlan::new),
+            options,
+            state_file,
+            engine_gone: false,
+        };
+        if let Some(e) = load_err {
+            app.warn(e);
+        }
+        if !model.is_empty() {
+            app.load_model(model);
+        }
+        app
+    }
+
+    pub fn error(&mut self, text: impl Into<String>) {
+        self.messages.push(Message {
+            text: text.into(),
+            severity: Severity::Error,
+        });
+    }
+
+    pub fn warn(&mut self, text: impl Into<String>) {
+        self.messages.push(Message {
+            text: text.into(),
+            severity: Severity::Warning,
+        });
+    }
+
+    fn send(&mut self, c: Command) {
+        if !self.engine.send(c) && !self.engine_gone {
+            self.engine_gone = true;
+            self.error("the generation thread has stopped; restart the studio");
+        }
+    }
+
+    fn load_model(&mut self, model: String) {
+        let model = model.trim().to_string();
+        if model.is_empty() {
+            self.error("enter a model: a diffusers folder or a hub id like owner/name");
+            return;
+        }
+        self.model_input = model.clone();
+        self.model.loading = Some(format!("loading {model}"));
+        self.model.ready = false;
+        let s = &self.state.settings;
+        let spec = ModelSpec {
+            model: model.clone(),
+            device: s.device.clone(),
+            dtype: s.dtype.clone(),
+            taesd: (!s.taesd.trim().is_empty()).then(|| s.taesd.trim().to_string()),
+        };
+        self.state.model = model.clone();
+        self.state.remember_model(&model);
+        self.send(Command::LoadModel(spec));
+    }
+
+    /// The running job, if any.
+    pub fn running(&self) -> Option<&JobView> {
+        self.jobs.iter().find(|j| j.running)
+    }
+
+    fn scheduler(&self) -> Result<SchedulerKind, String> {
+        SchedulerKind::parse(&self.state.params.sampler).map_err(|e| e.to_string())
+    }
+
+    /// Builds a job from the editor for the given (seed, cell) pairs and queues it.
+    fn queue_job(&mut self, seeds: Vec<u64>, cells: Vec<usize>) {
+        let scheduler = match self.scheduler() {
+            Ok(s) => s,
+            Err(e) => return self.error(e),
+        };
+        let p = &self.state.params;
+        let s = &self.state.settings;
+        let request = JobRequest {
+            id: self.next_job,
+            prompt: p.prompt.clone(),
+            negative_prompt: p.negative_prompt.clone(),
+            seeds,
+            cells,
+            steps: p.steps,
+            guidance: p.cfg,
+            scheduler,
+            width: p.width,
+            height: p.height,
+            preview: s.preview,
+            preview_every: s.preview_every.max(1),
+            output_dir: s.output_dir.clone(),
+        };
+        if let Err(e) = crate::worker::check_job(&request) {
+            return self.error(e);
+        }
+        self.next_job += 1;
+        self.jobs.push(JobView {
+            request: request.clone(),
+            params: p.clone(),
+            running: false,
+            step: 0,
+            total: 0,
+            elapsed: Duration::ZERO,
+            paths: Vec::new(),
+        });
+        self.send(Command::Generate(request));
+    }
+
+    /// Applies one user action.
+    pub fn apply(&mut self, ctx: &egui::Context, c: UiCommand) {
+        match c {
+            UiCommand::Generate => {
+                if !self.state.params.seed_locked {
+                    self.state.params.seed = random_seed();
+                }
+                let p = &self.state.params;
+                let n = p.count.clamp(1, GRID_CELLS);
+                let seeds = (0..n as u64)
+                    .map(|i| match p.seed_mode {
+                        SeedMode::Increment => p.seed.wrapping_add(i),
+                        SeedMode::Same => p.seed,
+                    })
+                    .collect();
+                self.queue_job(seeds, (0..n).collect());
+            }
+            UiCommand::RegenerateCell(i) => match self.cells.get(i).and_then(|c| c.seed) {
+                Some(seed) => self.queue_job(vec![seed], vec![i]),
+                None => self.error(format!("cell {} has no seed yet", i + 1)),
+            },
+            UiCommand::Stop => {
+                if let Some(id) = self.running().map(|j| j.request.id) {
+                    self.send(Command::Cancel(id));
+                }
+            }
+            UiCommand::UseSeed(seed) => {
+                self.state.params.seed = seed;
+                self.state.params.seed_locked = true;
+            }
+            UiCommand::LoadModel(m) => self.load_model(m),
+            UiCommand::BrowseModel => {
+                if let Some(dir) = rfd::FileDialog::new()
+                    .set_title("Choose a diffusers model folder")
+                    .pick_folder()
+                {
+                    self.load_model(dir.display().to_string());
+                }
+            }
+            UiCommand::BrowseOutput => {
+                if let Some(dir) = rfd::FileDialog::new()
+                    .set_title("Choose where images are saved")
+                    .pick_folder()
+                {
+                    self.state.settings.output_dir = dir;
+                }
+            }
+            UiCommand::CancelJob(id) => self.send(Command::Cancel(id)),
+            UiCommand::EditJob(id) => {
+                if let Some(j) = self.jobs.iter().find(|j| j.request.id == id && !j.running) {
+                    self.state.params = j.params.clone();
+                    self.state.params.seed_locked = true;
+                    self.send(Command::Cancel(id));
+                }
+            }
+            UiCommand::View(i) => self.viewer = i.map(viewer::ViewerState::new),
+            UiCommand::SaveAs(i) => self.save_as(i),
+            UiCommand::CopyParameters(i) => match self.cell_parameters(i) {
+                Some(p) => ctx.copy_text(p.to_a1111()),
+                None => self.error(format!("cell {} has no finished image", i + 1)),
+            },
+            UiCommand::RestoreFromPng(path) => {
+                if let Err(e) = self.restore_from_png(&path) {
+                    self.error(format!("{}: {e}", path.display()));
+                }
+            }
+            UiCommand::RestoreHistory(i) => {
+                if let Some(h) = self.state.history.get(i) {
+                    let seed = h.seeds.first().copied().unwrap_or(h.params.seed);
+                    self.state.params = h.params.clone();
+                    self.state.params.seed = seed;
+                    self.state.params.seed_locked = true;
+                }
+            }
+            UiCommand::Dismiss(i) => {
+                if i < self.messages.len() {
+                    self.messages.remove(i);
+                }
+            }
+        }
+    }
+
+    /// A finished cell's A1111 parameters.
+    pub fn cell_parameters(&self, i: usize) -> Option<Parameters> {
+        let c = self.cells.get(i)?;
+        let p = c.params.as_ref()?;
+        let seed = c.seed?;
+        c.image.as_ref()?;
+        let kind = SchedulerKind::parse(&p.sampler).ok()?;
+        let (sampler, schedule) = kind.a1111_name();
+        Some(Parameters {
+            prompt: p.prompt.clone(),
+            negative_prompt: p.negative_prompt.clone(),
+            steps: p.steps,
+            sampler: sampler.into(),
+            schedule_type: schedule.map(str::to_string),
+            cfg_scale: p.cfg,
+            seed,
+            width: p.width,
+            height: p.height,
+            model: self.model.name.clone(),
+            variation: None,
+            denoising_strength: None,
+            clip_skip: None,
+            rng: None,
+        })
+    }
+
+    fn save_as(&mut self, i: usize) {
+        let (Some(params), Some(img)) = (
+            self.cell_parameters(i),
+            self.cells.get(i).and_then(|c| c.image.clone()),
+        ) else {
+            return self.error(format!("cell {} has no finished image", i + 1));
+        };
+        let Some(path) = rfd::FileDialog::new()
+            .set_file_name(format!("{}.png", params.seed))
+            .add_filter("PNG", &["png"])
+            .save_file()
+        else {
+            return;
+        };
+        let r = encode_png(&img.rgb, img.width, img.height, &params.to_a1111())
+            .and_then(|png| write_atomic(&path, &png));
+        if let Err(e) = r {
+            self.error(e.to_string());
+        }
+    }
+
+    /// Restores prompt, negative prompt, seed, sampler, steps, CFG and size from a PNG.
+    pub fn restore_from_png(&mut self, path: &std::path::Path) -> Result<(), String> {
+        let text = read_png_parameters(path)
+            .map_err(|e| e.to_string())?
+            .ok_or("this PNG has no generation parameters (no `parameters` text chunk)")?;
+        let parsed = parse_a1111(&text).map_err(|e| e.to_string())?;
+        let p = &mut self.state.params;
+        p.prompt = parsed.prompt.clone();
+        p.negative_prompt = parsed.negative_prompt.clone();
+        if let Some(s) = parsed.seed {
+            p.seed = s;
+            p.seed_locked = true;
+        }
+        if let Some(s) = parsed.steps {
+            p.steps = s.clamp(1, 150);
+        }
+        if let Some(c) = parsed.cfg_scale {
+            p.cfg = c;
+        }
+        if let (Some(w), Some(h)) = (parsed.width, parsed.height) {
+            p.width = w;
+            p.height = h;
+        }
+        match parsed.scheduler() {
+            Some(k) => p.sampler = k.cli_name().into(),
+            None => {
+                if let Some(s) = &parsed.sampler {
+                    let full = match &parsed.schedule_type {
+                        Some(t) => format!("{s} ({t})"),
+                        None => s.clone(),
+                    };
+                    self.warn(format!(
+                        "sampler {full} is not available here; kept {}",
+                        self.state.params.sampler
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_texture(ctx: &egui::Context, cell: &mut Cell, name: String, img: &RgbImage) {
+        if img.rgb.len() != img.width * img.height * 3 {
+            return;
+        }
+        let color = egui::ColorImage::from_rgb([img.width, img.height], &img.rgb);
+        match &mut cell.texture {
+            Some(t) => t.set(color, egui::TextureOptions::LINEAR),
+            None => {
+                cell.texture = Some(ctx.load_texture(name, color, egui::TextureOptions::LINEAR))
+            }
+        }
+    }
+
+    /// Applies one engine event to the window's state.
+    pub fn handle_event(&mut self, ctx: &egui::Context, e: Event) {
+        match e {
+            Event::ModelLoading { message } => self.model.loading = Some(message),
+            Event::ModelReady {
+                name,
+                device,
+                dtype,
+                previewer,
+                tokens,
+            } => {
+                self.model = ModelStatus {
+                    name,
+                    device,
+                    dtype,
+                    previewer,
+                    loading: None,
+                    ready: true,
+                };
+                self.tokens = tokens;
+                self.save_state();
+                if let Some(plan) = &mut self.screenshots {
+                    plan.model_ready = true;
+                }
+                if self.options.auto_generate {
+                    self.options.auto_generate = false;
+                    self.apply(ctx, UiCommand::Generate);
+                }
+            }
+            Event::ModelFailed { message } => {
+                self.model.loading = None;
+                self.model.ready = false;
+                self.error(format!("could not load the model: {message}"));
+            }
+            Event::Queued { .. } => {}
+            Event::Started { job } => {
+                if let Some(j) = self.jobs.iter_mut().find(|j| j.request.id == job) {
+                    j.running = true;
+                    let (seeds, cells, params) = (
+                        j.request.seeds.clone(),
+                        j.request.cells.clone(),
+                        j.params.clone(),
+                    );
+                    for (seed, cell) in seeds.into_iter().zip(cells) {
+                        if let Some(c) = self.cells.get_mut(cell) {
+                            *c = Cell {
+                                job: Some(job),
+                                seed: Some(seed),
+                                status: CellStatus::Waiting,
+                                texture: c.texture.take(),
+                                image: None,
+                                path: None,
+                                params: Some(params.clone()),
+                            };
+                        }
+                    }
+                }
+            }
+            Event::Step {
+                job,
+                step,
+                total,
+                elapsed,
+            } => {
+                let now = Instant::now();
+                if let Some(j) = self.jobs.iter_mut().find(|j| j.request.id == job) {
+                    if step > j.step && j.step > 0 {
+                        let per = elapsed.saturating_sub(j.elapsed) / (step - j.step) as u32;
+                        self.timings.step.push(per);
+                    }
+                    j.step = step;
+                    j.total = total;
+                    j.elapsed = elapsed;
+                }
+                self.timings.step_arrived = Some((step, now, elapsed));
+                for c in self.cells.iter_mut().filter(|c| c.job == Some(job)) {
+                    if matches!(c.status, CellStatus::Waiting | CellStatus::Running { .. }) {
+                        c.status = if step % total.max(1) == 0 && step > 0 {
+                            CellStatus::Decoding
+                        } else {
+                            CellStatus::Running { step, total }
+                        };
+                    }
+                }
+            }
+            Event::Preview {
+                job,
+                cell,
+                step,
+                image,
+                decode_time,
+            } => {
+                if let Some((s, at, _)) = self.timings.step_arrived {
+                    if s == step {
+                        self.timings.preview_lag.push(at.elapsed());
+                        self.timings.preview_decode.push(decode_time);
+                        self.timings.step_arrived = None;
+                    }
+                }
+                if let Some(c) = self.cells.get_mut(cell) {
+                    // A late preview never replaces a final image.
+                    if c.job == Some(job) && !matches!(c.status, CellStatus::Done) {
+                        Self::set_texture(ctx, c, format!("cell{cell}"), &image);
+                    }
+                }
+            }
+            Event::CellDone {
+                job,
+                cell,
+                seed,
+                image,
+                path,
+            } => {
+                if let Some(c) = self.cells.get_mut(cell) {
+                    Self::set_texture(ctx, c, format!("cell{cell}"), &image);
+                    c.job = Some(job);
+                    c.seed = Some(seed);
+                    c.status = CellStatus::Done;
+                    c.image = Some(image);
+                    c.path = path.clone();
+                }
+                if let (Some(j), Some(p)) =
+                    (self.jobs.iter_mut().find(|j| j.request.id == job), path)
+                {
+                    j.paths.push(p);
+                }
+                if let Some(plan) = &mut self.screenshots {
+                    plan.cells_done += 1;
+                }
+            }
+            Event::JobDone { job, .. } => {
+                if let Some(pos) = self.jobs.iter().position(|j| j.request.id == job) {
+                    let j = self.jobs.remove(pos);
+                    self.state.push_history(HistoryEntry {
+                        params: j.params,
+                        model: self.model.name.clone(),
+                        seeds: j.request.seeds,
+                        images: j.paths,
+                        time: now_secs(),
+                    });
+                    self.save_state();
+                }
+                if let Some(plan) = &mut self.screenshots {
+                    plan.jobs_done += 1;
+                }
+            }
+            Event::Failed { job, message } => {
+                self.finish_job(job, CellStatus::Failed);
+                self.error(message);
+            }
+            Event::Cancelled { job } => self.finish_job(Some(job), CellStatus::Cancelled),
+            Event::Warning { message } => self.warn(message),
+        }
+    }
+
+    fn finish_job(&mut self, job: Option<JobId>, status: CellStatus) {
+        let Some(job) = job else { return };
+        self.jobs.retain(|j| j.request.id != job);
+        for c in self.cells.iter_mut().filter(|c| c.job == Some(job)) {
+            if c.status != CellStatus::Done {
+                c.status = status;
+            }
+        }
+    }
+
+    pub fn save_state(&mut self) {
+        if let Some(p) = &self.state_file {
+            if let Err(e) = self.state.save(p) {
+                self.warn(format!("settings not saved: {e}"));
+            }
+        }
+    }
+
+    /// Keyboard shortcuts: Ctrl+Enter generates, Esc closes the large view or stops.
+    fn shortcuts(&mut self, ctx: &egui::Context) -> Vec<UiCommand> {
+        let mut out = Vec::new();
+        ctx.input_mut(|i| {
+            if i.consume_key(Modifiers::COMMAND, Key::Enter) {
+                out.push(UiCommand::Generate);
+            }
+            if i.consume_key(Modifiers::NONE, Key::Escape) {
+                out.push(if self.viewer.is_some() {
+                    UiCommand::View(None)
+                } else {
+                    UiCommand::Stop
+                });
+            }
+            for f in &i.raw.dropped_files {
+                out.push(UiCommand::RestoreFromPng(f.path().to_path_buf()));
+            }
+        });
+        out
+    }
+
+    /// One frame: events, panels, commands.
+    pub fn frame(&mut self, ui: &mut egui::Ui) {
+        let t0 = Instant::now();
+        let ctx = ui.ctx().clone();
+        for e in self.engine.drain() {
+            self.handle_event(&ctx, e);
+        }
+        let mut cmds = self.shortcuts(&ctx);
+
+        egui::Panel::top("model").show(ui, |ui| {
+            cmds.extend(model_picker::model_picker_ui(
+                ui,
+                &mut self.model_input,
+                &mut self.state,
+                &self.model,
+            ));
+        });
+        egui::Panel::bottom("status").show(ui, |ui| {
+            status_bar::status_bar_ui(ui, &self.model, self.running(), self.jobs.len());
+        });
+        egui::Panel::left("controls")
+            .default_size(360.0)
+            .resizable(true)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| {
+                    cmds.extend(prompt::prompt_ui(
+                        ui,
+                        &mut self.state.params,
+                        self.tokens.as_ref(),
+                    ));
+                    ui.separator();
+                    cmds.extend(seed::seed_ui(ui, &mut self.state.params));
+                    ui.separator();
+                    sampling::sampling_ui(ui, &mut self.state.params);
+                    ui.separator();
+                    cmds.extend(sampling::preview_settings_ui(ui, &mut self.state.settings));
+                    ui.separator();
+                    cmds.extend(queue::queue_ui(ui, &self.jobs));
+                    ui.separator();
+                    cmds.extend(history::history_ui(ui, &self.state.history));
+                });
+            });
+        egui::CentralPanel::default_margins().show(ui, |ui| {
+            cmds.extend(errors::messages_ui(ui, &self.messages));
+            cmds.extend(grid::grid_ui(ui, &self.cells, self.running().is_some()));
+        });
+        if let Some(v) = &mut self.viewer {
+            cmds.extend(viewer::viewer_ui(&ctx, v, &self.cells));
+        }
+        for c in cmds {
+            self.apply(&ctx, c);
+        }
+        if let Some(plan) = &mut self.screenshots {
+            for c in plan.tick(&ctx, &self.cells) {
+                self.apply(&ctx, c);
+            }
+        }
+        if self.running().is_some() {
+            let now = Instant::now();
+            if let Some(last) = self.timings.last_frame {
+                self.timings.frame_interval.push(now - last);
+            }
+            self.timings.last_frame = Some(now);
+            self.timings.frame_cpu.push(t0.elapsed());
+        } else {
+            self.timings.last_frame = None;
+        }
+    }
+}
+
+impl eframe::App for StudioApp {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
+        if self.running().is_some() {
+            if let Some(cpu) = frame.info().cpu_usage {
+                self.timings
+                    .frame_eframe
+                    .push(Duration::from_secs_f32(cpu.max(0.0)));
+            }
+        }
+        self.frame(ui);
+    }
+
+    fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
+        let _ = self.engine.send(Command::Shutdown);
+        self.save_state();
+        if self.screenshots.is_some() {
+            super::screenshot::print_timings(&self.timings);
+        }
+    }
+}

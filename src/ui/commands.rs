@@ -1,0 +1,41 @@
+//! What the panels ask for; applied by [`super::StudioApp::apply`] once per frame.
+
+use std::path::PathBuf;
+
+use crate::protocol::JobId;
+
+/// One user action.
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub enum UiCommand {
+    /// Queue a job for the whole grid with the editor's parameters.
+    Generate,
+    /// Queue a job that regenerates one cell with its own seed.
+    RegenerateCell(usize),
+    /// Stop the running job.
+    Stop,
+    /// Put a cell's seed in the seed field and lock it.
+    UseSeed(u64),
+    /// Load this model (folder or hub id).
+    LoadModel(String),
+    /// Pick a model folder with the system dialog.
+    BrowseModel,
+    /// Pick the output folder with the system dialog.
+    BrowseOutput,
+    /// Remove a queued job.
+    CancelJob(JobId),
+    /// Remove a queued job and put its parameters back in the editor.
+    EditJob(JobId),
+    /// Open (Some) or close (None) the large view of a cell.
+    View(Option<usize>),
+    /// Save a cell's image under a name the user picks.
+    SaveAs(usize),
+    /// Copy a cell's A1111 parameters to the clipboard.
+    CopyParameters(usize),
+    /// Restore the editor from a PNG's parameters.
+    RestoreFromPng(PathBuf),
+    /// Put a past generation's parameters (and first seed, locked) back in the editor.
+    RestoreHistory(usize),
+    /// Hide a message.
+    Dismiss(usize),
+}

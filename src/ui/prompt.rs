@@ -1,0 +1,76 @@
+//! The prompt and negative prompt editors with a token counter.
+
+use super::commands::UiCommand;
+use super::state::Params;
+use crate::protocol::TokenCounter;
+
+/// "12/75 tokens", as A1111 shows it: the count over the room in the chunks used so far
+/// (long prompts run on in further 75-token chunks; `BREAK` starts one).
+pub fn token_label(tokens: Option<&TokenCounter>, text: &str) -> (String, bool) {
+    let Some(t) = tokens else {
+        return ("tokens: load a model to count".into(), false);
+    };
+    let Some((n, chunks)) = t.count(text) else {
+        return ("tokens: cannot tokenize".into(), true);
+    };
+    let chunk = t.chunk().max(1);
+    if chunks > 1 {
+        (
+            format!("{n}/{} tokens ({chunks} chunks of {chunk})", chunks * chunk),
+            false,
+        )
+    } else {
+        (format!("{n}/{chunk} tokens"), false)
+    }
+}
+
+fn counter_ui(ui: &mut egui::Ui, tokens: Option<&TokenCounter>, text: &str) {
+    let (label, warn) = token_label(tokens, text);
+    let mut rt = egui::RichText::new(label).small();
+    if warn {
+        rt = rt.color(ui.visuals().warn_fg_color);
+    }
+    ui.label(rt);
+}
+
+/// Prompt (Ctrl+Enter generates, handled by the app) and negative prompt.
+pub fn prompt_ui(
+    ui: &mut egui::Ui,
+    p: &mut Params,
+    tokens: Option<&TokenCounter>,
+) -> Vec<UiCommand> {
+    let mut out = Vec::new();
+    let label = ui.strong("Prompt");
+    ui.add(
+        egui::TextEdit::multiline(&mut p.prompt)
+            .id_salt("prompt")
+            .hint_text("what to draw — Ctrl+Enter generates")
+            .desired_rows(4)
+            .desired_width(f32::INFINITY),
+    )
+    .labelled_by(label.id);
+    counter_ui(ui, tokens, &p.prompt);
+    let label = ui.strong("Negative prompt");
+    ui.add(
+        egui::TextEdit::multiline(&mut p.negative_prompt)
+            .id_salt("negative")
+            .hint_text("what to avoid")
+            .desired_rows(2)
+            .desired_width(f32::INFINITY),
+    )
+    .labelled_by(label.id);
+    counter_ui(ui, tokens, &p.negative_prompt);
+    ui.horizontal(|ui| {
+        if ui
+            .add(egui::Button::new(egui::RichText::new("Generate").strong()))
+            .on_hover_text("Ctrl+Enter")
+            .clicked()
+        {
+            out.push(UiCommand::Generate);
+        }
+        if ui.button("Stop").on_hover_text("Esc").clicked() {
+            out.push(UiCommand::Stop);
+        }
+    });
+    out
+}

@@ -1,0 +1,202 @@
+//! What the studio remembers between runs: one serde struct, every field defaulted, written
+//! atomically as JSON (`$XDG_CONFIG_HOME/sd-studio/state.json` unless told otherwise).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::metadata::write_atomic;
+use crate::protocol::PreviewMode;
+
+/// Most generations kept in the history.
+pub const HISTORY_LEN: usize = 200;
+
+/// How the grid's seeds are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SeedMode {
+    /// Cell i uses seed + i (A1111's batch behaviour).
+    #[default]
+    Increment,
+    /// Every cell uses the same seed.
+    Same,
+}
+
+/// The generation parameters in the editor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Params {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    /// Locked: the seed stays; unlocked: a fresh random seed for every Generate.
+    pub seed_locked: bool,
+    pub seed_mode: SeedMode,
+    /// `SchedulerKind::cli_name()`.
+    pub sampler: String,
+    pub steps: usize,
+    pub cfg: f64,
+    pub width: usize,
+    pub height: usize,
+    /// Images per job, 1–8.
+    pub count: usize,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            seed: 1,
+            seed_locked: false,
+            seed_mode: SeedMode::Increment,
+            sampler: "dpm++2m-karras".into(),
+            steps: 20,
+            cfg: 7.0,
+            width: 512,
+            height: 512,
+            count: 8,
+        }
+    }
+}
+
+/// Settings that are not part of an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub output_dir: PathBuf,
+    pub preview: PreviewMode,
+    /// Preview every N steps.
+    pub preview_every: usize,
+    pub device: String,
+    pub dtype: String,
+    /// TAESD folder or hub id; empty: linear previews only.
+    pub taesd: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("outputs"),
+            preview: PreviewMode::Taesd,
+            preview_every: 1,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            taesd: crate::engine::taesd::TAESD_REPO.into(),
+        }
+    }
+}
+
+/// One finished generation: its parameters and where its images went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HistoryEntry {
+    pub params: Params,
+    pub model: String,
+    pub seeds: Vec<u64>,
+    pub images: Vec<PathBuf>,
+    /// Seconds since the Unix epoch.
+    pub time: u64,
+}
+
+/// Everything persisted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Persisted {
+    pub params: Params,
+    pub settings: Settings,
+    /// The model to load at start (folder or hub id).
+    pub model: String,
+    /// Most recent first.
+    pub recent_models: Vec<String>,
+    /// Oldest first, at most [`HISTORY_LEN`].
+    pub history: Vec<HistoryEntry>,
+}
+
+impl Persisted {
+    /// The default state file.
+    pub fn default_path() -> PathBuf {
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        base.join("sd-studio").join("state.json")
+    }
+
+    /// Reads the state; a missing file is a fresh start, an unreadable one is reported and
+    /// replaced by defaults (the bad file is left alone until the next save).
+    pub fn load(path: &Path) -> (Self, Option<String>) {
+        match std::fs::read_to_string(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Self::default(), None),
+            Err(e) => (
+                Self::default(),
+                Some(format!("cannot read {}: {e}", path.display())),
+            ),
+            Ok(text) => match serde_json::from_str(&text) {
+                Ok(s) => (s, None),
+                Err(e) => (
+                    Self::default(),
+                    Some(format!(
+                        "{} is not a valid state file ({e}); starting fresh",
+                        path.display()
+                    )),
+                ),
+            },
+        }
+    }
+
+    /// Writes the state atomically, creating the folder.
+    pub fn save(&self, path: &Path) -> Result<(), String> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+        write_atomic(path, text.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    /// Puts a model first in the recent list (at most 10).
+    pub fn remember_model(&mut self, model: &str) {
+        self.recent_models.retain(|m| m != model);
+        self.recent_models.insert(0, model.to_string());
+        self.recent_models.truncate(10);
+    }
+
+    pub fn push_history(&mut self, entry: HistoryEntry) {
+        self.history.push(entry);
+        let over = self.history.len().saturating_sub(HISTORY_LEN);
+        self.history.drain(..over);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_survives_a_round_trip_and_old_files_fill_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("state.json");
+        let mut s = Persisted::default();
+        s.params.prompt = "a fox".into();
+        s.params.seed_locked = true;
+        s.remember_model("tests/fixtures/tiny-sd15");
+        s.push_history(HistoryEntry {
+            seeds: vec![1, 2],
+            images: vec!["outputs/1.png".into()],
+            ..Default::default()
+        });
+        s.save(&path).unwrap();
+        let (back, err) = Persisted::load(&path);
+        assert!(err.is_none());
+        assert_eq!(back, s);
+        std::fs::write(&path, r#"{"params": {"prompt": "old"}}"#).unwrap();
+        let (old, err) = Persisted::load(&path);
+        assert!(err.is_none());
+        assert_eq!(old.params.prompt, "old");
+        assert_eq!(old.params.steps, 20);
+        std::fs::write(&path, "not json").unwrap();
+        let (bad, err) = Persisted::load(&path);
+        assert_eq!(bad, Persisted::default());
+        assert!(err.unwrap().contains("not a valid state file"));
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the real studio window under Xvfb on the tiny model, generates a grid and saves
+# screenshots (mid-generation, finished, large view) into screenshots/, then prints frame
+# and preview timings as one JSON line. Not run by CI.
+#
+# Needs: apt-get install xvfb mesa-vulkan-drivers libgl1-mesa-dri libegl1 libxkbcommon-x11-0
+# (wgpu runs on Mesa's lavapipe software Vulkan; pass RENDERER=glow for llvmpipe OpenGL).
+# PREVIEW=Taesd|Linear|Off and PREVIEW_EVERY=N choose the previews; OUT the folder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-screenshots}
+renderer=${RENDERER:-wgpu}
+bin=${BIN:-target/release/sd-studio}
+[ -x "$bin" ] || cargo build --release
+mkdir -p "$out"
+state=$(mktemp -d)
+# 128×128 keeps the tiny model quick on a CPU; 16 steps leave time to watch it form.
+cat > "$state/state.json" <<JSON
+{"settings": {"preview": "${PREVIEW:-Taesd}", "preview_every": ${PREVIEW_EVERY:-1}},
+ "params": {"prompt": "a lighthouse on a cliff at dawn, oil painting",
+            "negative_prompt": "blurry, low quality", "seed": 1234, "seed_locked": true,
+            "sampler": "euler-a", "steps": 16, "cfg": 7.0, "width": 128, "height": 128,
+            "count": 8}}
+JSON
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$state}
+HF_HUB_OFFLINE=1 xvfb-run -a -s "-screen 0 1280x860x24" \
+  "$bin" studio --model tests/fixtures/tiny-sd15 --renderer "$renderer" \
+  --state-file "$state/state.json" --auto-generate \
+  --taesd "${TAESD:-tests/fixtures/tiny-taesd}" --out "$state/outputs" \
+  --screenshot-dir "$out" "$@"
+rm -rf "$state"
