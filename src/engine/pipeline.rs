@@ -722,33 +722,21 @@ impl StableDiffusion {
                 format!("{} bytes, expected {w}x{h} RGB", init.rgb.len()),
             ));
         }
-        let pixels: Vec<f32> = init
+        let unit: Vec<f32> = init
             .rgb
             .iter()
             .map(|&v| v as f32 / 255.0 * 2.0 - 1.0)
             .collect();
-        let image = Tensor::from_vec(pixels, (1, h, w, 3), &self.device)
-            .and_then(|t| t.permute((0, 3, 1, 2)))
-            .and_then(|t| t.to_dtype(self.dtype))
-            .ctx("init image")?;
-        let (mean, std) = self.encoder()?.encode(&image).ctx("vae encode")?;
-        let (mean, std) = (
-            mean.to_dtype(DType::F32).ctx("vae encode")?,
-            std.to_dtype(DType::F32).ctx("vae encode")?,
-        );
-        let per_image = channels * lh * lw;
-        let c = &self.files.vae_config;
+        let dist = self.encode_pixels(unit, w, h)?;
         let mut out = Vec::with_capacity(streams.len());
         for stream in streams.iter_mut() {
-            let eps =
-                Tensor::from_vec(stream.randn(per_image), (1, channels, lh, lw), &self.device)
-                    .ctx("vae sample")?;
-            let sample = (&mean + (&std * eps).ctx("vae sample")?).ctx("vae sample")?;
-            let x0 =
-                ((sample - c.shift_factor).ctx("latents")? * c.scaling_factor).ctx("latents")?;
-            let noise =
-                Tensor::from_vec(stream.randn(per_image), (1, channels, lh, lw), &self.device)
-                    .ctx("noise")?;
+            let x0 = self.sample_latents(&dist, stream)?;
+            let noise = Tensor::from_vec(
+                stream.randn(channels * lh * lw),
+                (1, channels, lh, lw),
+                &self.device,
+            )
+            .ctx("noise")?;
             out.push(if start < scheduler.timesteps().len() {
                 scheduler.add_noise(&x0, &noise, start)?
             } else {

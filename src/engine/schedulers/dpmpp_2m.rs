@@ -15,8 +15,7 @@
 use candle_core::Tensor;
 
 use super::{
-    interp, karras_sigmas, lincomb, round_half_even, sigma_to_t, NoiseFn, PredictionType,
-    Scheduler, SchedulerConfig, StepOutput, TimestepSpacing,
+    alpha_sigma, lambda, lincomb, NoiseFn, PredictionType, Scheduler, SchedulerConfig, StepOutput,
 };
 use crate::engine::error::Result;
 
@@ -28,16 +27,6 @@ pub struct DpmPp2M {
     last_x0: Option<Tensor>,
     /// "sde-dpmsolver++": fresh noise every step (DPM++ 2M SDE).
     sde: bool,
-}
-
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
-}
-
-fn lambda(sigma: f64) -> f64 {
-    let (a, s) = alpha_sigma(sigma);
-    a.ln() - s.ln()
 }
 
 impl DpmPp2M {
@@ -54,46 +43,7 @@ impl DpmPp2M {
             return Err(raw.err("thresholding", "true is not supported"));
         }
         let karras = karras || raw.bool_or("use_karras_sigmas", false)?;
-        let n = cfg.num_train_timesteps;
-        let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
-        let ts: Vec<i64> = match spacing {
-            TimestepSpacing::Linspace => (1..=steps)
-                .rev()
-                .map(|i| round_half_even((n - 1) as f64 * i as f64 / steps as f64) as i64)
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = n / (steps + 1);
-                (1..=steps)
-                    .rev()
-                    .map(|i| (i * ratio + cfg.steps_offset) as i64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                let ratio = n as f64 / steps as f64;
-                (0..steps)
-                    .map(|i| round_half_even(n as f64 - i as f64 * ratio) as i64 - 1)
-                    .collect()
-            }
-        };
-        super::ddim::check_range(&ts, n)?;
-        let train = cfg.train_sigmas();
-        let (timesteps, mut sigmas): (Vec<f64>, Vec<f32>) = if karras {
-            let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln()).collect();
-            let sig = karras_sigmas(train[0] as f64, train[n - 1] as f64, steps);
-            let t = sig
-                .iter()
-                .map(|&s| round_half_even(sigma_to_t(s, &log_sigmas)))
-                .collect();
-            (t, sig.into_iter().map(|s| s as f32).collect())
-        } else {
-            (
-                ts.iter().map(|&t| t as f64).collect(),
-                ts.iter()
-                    .map(|&t| interp(t as f64, &train) as f32)
-                    .collect(),
-            )
-        };
-        sigmas.push(0.0);
+        let (timesteps, sigmas) = super::multistep_schedule(cfg, steps, karras)?;
         Ok(Self {
             timesteps,
             sigmas,

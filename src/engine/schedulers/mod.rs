@@ -520,3 +520,66 @@ pub(crate) fn add_noise_alpha(
         ((1.0 - alpha_cumprod).sqrt(), noise),
     ])
 }
+
+/// Integer timesteps and sigmas (plus a final 0) of diffusers' multistep solvers
+/// (DPMSolverMultistep, UniPC): steps + 1 points with the last dropped, or Karras sigmas
+/// with their timesteps rounded.
+pub(crate) fn multistep_schedule(
+    cfg: &SchedulerConfig,
+    steps: usize,
+    karras: bool,
+) -> Result<(Vec<f64>, Vec<f32>)> {
+    let n = cfg.num_train_timesteps;
+    let ts: Vec<i64> = match cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace) {
+        TimestepSpacing::Linspace => (1..=steps)
+            .rev()
+            .map(|i| round_half_even((n - 1) as f64 * i as f64 / steps as f64) as i64)
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = n / (steps + 1);
+            (1..=steps)
+                .rev()
+                .map(|i| (i * ratio + cfg.steps_offset) as i64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = n as f64 / steps as f64;
+            (0..steps)
+                .map(|i| round_half_even(n as f64 - i as f64 * ratio) as i64 - 1)
+                .collect()
+        }
+    };
+    ddim::check_range(&ts, n)?;
+    let train = cfg.train_sigmas();
+    let (timesteps, mut sigmas): (Vec<f64>, Vec<f32>) = if karras {
+        let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln()).collect();
+        let sig = karras_sigmas(train[0] as f64, train[n - 1] as f64, steps);
+        let t = sig
+            .iter()
+            .map(|&s| round_half_even(sigma_to_t(s, &log_sigmas)))
+            .collect();
+        (t, sig.into_iter().map(|s| s as f32).collect())
+    } else {
+        (
+            ts.iter().map(|&t| t as f64).collect(),
+            ts.iter()
+                .map(|&t| interp(t as f64, &train) as f32)
+                .collect(),
+        )
+    };
+    sigmas.push(0.0);
+    Ok((timesteps, sigmas))
+}
+
+/// (α_t, σ_t) of the variance-preserving process at noise level σ (diffusers'
+/// `_sigma_to_alpha_sigma_t`).
+pub(crate) fn alpha_sigma(sigma: f64) -> (f64, f64) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// Half log signal-to-noise ratio λ = ln α − ln σ.
+pub(crate) fn lambda(sigma: f64) -> f64 {
+    let (a, s) = alpha_sigma(sigma);
+    a.ln() - s.ln()
+}

@@ -11,8 +11,7 @@
 use candle_core::Tensor;
 
 use super::{
-    interp, karras_sigmas, lincomb, round_half_even, sigma_to_t, NoiseFn, PredictionType,
-    Scheduler, SchedulerConfig, StepOutput, TimestepSpacing,
+    alpha_sigma, lambda, lincomb, NoiseFn, PredictionType, Scheduler, SchedulerConfig, StepOutput,
 };
 use crate::engine::error::Result;
 
@@ -27,16 +26,6 @@ pub struct UniPc {
     last_order: usize,
 }
 
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
-    let a = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (a, sigma * a)
-}
-
-fn lambda(sigma: f64) -> f64 {
-    let (a, s) = alpha_sigma(sigma);
-    a.ln() - s.ln()
-}
-
 impl UniPc {
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
         let raw = &cfg.raw;
@@ -49,48 +38,8 @@ impl UniPc {
             return Err(raw.err("predict_x0", "false is not supported"));
         }
         let bh2 = raw.str_or("solver_type", "bh2")? == "bh2";
-        let n = cfg.num_train_timesteps;
-        let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
-        let ts: Vec<i64> = match spacing {
-            TimestepSpacing::Linspace => (1..=steps)
-                .rev()
-                .map(|i| round_half_even((n - 1) as f64 * i as f64 / steps as f64) as i64)
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = n / (steps + 1);
-                (1..=steps)
-                    .rev()
-                    .map(|i| (i * ratio + cfg.steps_offset) as i64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                let ratio = n as f64 / steps as f64;
-                (0..steps)
-                    .map(|i| round_half_even(n as f64 - i as f64 * ratio) as i64 - 1)
-                    .collect()
-            }
-        };
-        super::ddim::check_range(&ts, n)?;
-        let train = cfg.train_sigmas();
-        let (timesteps, mut sigmas): (Vec<f64>, Vec<f32>) =
-            if raw.bool_or("use_karras_sigmas", false)? {
-                let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln()).collect();
-                let sig = karras_sigmas(train[0] as f64, train[n - 1] as f64, steps);
-                (
-                    sig.iter()
-                        .map(|&s| round_half_even(sigma_to_t(s, &log_sigmas)))
-                        .collect(),
-                    sig.into_iter().map(|s| s as f32).collect(),
-                )
-            } else {
-                (
-                    ts.iter().map(|&t| t as f64).collect(),
-                    ts.iter()
-                        .map(|&t| interp(t as f64, &train) as f32)
-                        .collect(),
-                )
-            };
-        sigmas.push(0.0);
+        let karras = raw.bool_or("use_karras_sigmas", false)?;
+        let (timesteps, sigmas) = super::multistep_schedule(cfg, steps, karras)?;
         Ok(Self {
             timesteps,
             sigmas,
