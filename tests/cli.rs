@@ -491,3 +491,61 @@ fn img2img_and_inpainting_inputs() {
     );
     assert!(stderr(&o).contains("ordinary model"), "{}", stderr(&o));
 }
+
+#[test]
+fn hub_ids_resolve_from_the_python_hub_cache_offline() {
+    // The layout huggingface_hub (and so diffusers) writes: models--owner--name/refs/main
+    // holds the snapshot hash, snapshots/<hash>/ the files.
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub").join("models--someone--tiny-sd15");
+    common::copy_dir(
+        &common::model_dir("tiny-sd15"),
+        &repo.join("snapshots").join("0123abcd"),
+    );
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123abcd").unwrap();
+    let out = home.path().join("out");
+    for (var, value) in [
+        ("HF_HOME", home.path().to_path_buf()),
+        ("HF_HUB_CACHE", home.path().join("hub")),
+    ] {
+        let mut c = bin();
+        c.env_remove("HF_HOME")
+            .env_remove("HF_HUB_CACHE")
+            .env(var, &value);
+        c.args([
+            "generate",
+            "--model",
+            "someone/tiny-sd15",
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--seed",
+            "1",
+            "--out",
+        ])
+        .arg(&out);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{var}: {}", stderr(&o));
+    }
+    // Not in the cache, offline: a clear message naming the cache.
+    let mut c = bin();
+    c.env_remove("HF_HUB_CACHE").env("HF_HOME", home.path());
+    c.args([
+        "generate",
+        "--model",
+        "someone/other-model",
+        "--prompt",
+        "x",
+        "--out",
+    ])
+    .arg(&out);
+    let o = c.output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not in the cache") && stderr(&o).contains("HF_HUB_OFFLINE"),
+        "{}",
+        stderr(&o)
+    );
+}
