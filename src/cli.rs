@@ -28,6 +28,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once
 pub enum Command {
     /// Open the studio window (the default).
     Studio(StudioArgs),

@@ -1,6 +1,8 @@
 //! The `sd-studio` binary as a user runs it: outputs, metadata, and one clear line for
 //! every bad input (non-zero exit, no panic, no output file).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod common;
 
 use std::path::{Path, PathBuf};

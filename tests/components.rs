@@ -1,6 +1,8 @@
 //! Each model component against diffusers/transformers on the same tiny random weights
 //! (refs/components_*.safetensors): relative error ≤ 1e-4 in f32.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod common;
 
 use candle_core::DType;

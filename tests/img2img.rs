@@ -1,6 +1,8 @@
 //! img2img against diffusers' StableDiffusionImg2ImgPipeline on the tiny fixtures (same
 //! weights, picture, strength, torch CPU generators): every pixel within 2 of 255.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod common;
 
 use std::collections::HashMap;

@@ -2,6 +2,8 @@
 //! 9-channel inpainting model, and an ordinary model (diffusers' legacy blending). Every
 //! pixel within 2 of 255.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod common;
 
 use std::collections::HashMap;

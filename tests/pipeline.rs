@@ -2,6 +2,8 @@
 //! every sampler: with `latents=` (init latents) and with per-image torch CPU generators.
 //! Every pixel within 2 of 255.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod common;
 
 use std::collections::HashMap;

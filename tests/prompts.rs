@@ -2,6 +2,8 @@
 //! script (tests/make_fixtures.py, with transformers' CLIP): chunk token ids, per-token
 //! weights, and the final conditioning tensor (weights, BREAK, >75 tokens, clip skip).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod common;
 
 use std::collections::HashMap;

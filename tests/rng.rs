@@ -1,6 +1,8 @@
 //! Noise from `--rng torch-cpu` against values drawn by `torch.randn` with
 //! `torch.Generator("cpu").manual_seed(seed)` (refs/randn.*, made by make_fixtures.py).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod common;
 
 use sd_studio::engine::rng::TorchCpuRng;

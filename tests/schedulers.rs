@@ -2,6 +2,8 @@
 //! noise scale for every sampler, 8 and 20 steps, on both fixtures' scheduler configs — each
 //! built the way diffusers' `from_config` builds it from that file.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod common;
 
 use sd_studio::engine::config::JsonConfig;

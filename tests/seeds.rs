@@ -1,6 +1,8 @@
 //! Seeds as A1111 users expect them: variation seeds (spherical blend of two seeds' noise,
 //! main seed fixed across a batch) and the torch-cuda noise source.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod common;
 
 use sd_studio::engine::pipeline::{GenerateRequest, Variation};

@@ -1,6 +1,8 @@
 //! Single-file checkpoints in the original SD key layout (tests/fixtures/single, written from
 //! tiny-sd15 by our reference script and checked there with diffusers' converters).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod common;
 
 use std::collections::HashMap;

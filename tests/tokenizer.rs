@@ -1,6 +1,8 @@
 //! Token ids against transformers' CLIPTokenizer (what diffusers uses), for SD 1.5's
 //! tokenizer (pads with <|endoftext|>) and SD 2's (pads with "!").
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
 mod common;
 
 use sd_studio::engine::tokenizer::ClipTokenizer;

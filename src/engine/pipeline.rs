@@ -1,8 +1,8 @@
-//! Text to image, step by step as diffusers' `StableDiffusionPipeline.__call__`:
-//! 1. check inputs, 2. encode the prompt (and negative prompt for guidance),
-//! 3. set up the sampler's timesteps, 4. draw the initial latents (one generator per
-//! image: image i uses seed + i), 5. denoise with classifier-free guidance in one batched
-//! UNet call per step, 6. decode each image with the VAE.
+//! Text to image, step by step as diffusers' `StableDiffusionPipeline.__call__`: check
+//! inputs; encode the prompt (and the negative prompt for guidance); set up the sampler's
+//! timesteps; draw the initial latents (one generator per image: image i uses seed + i);
+//! denoise with classifier-free guidance in one batched UNet call per step; decode each
+//! image with the VAE. img2img and inpainting start from an encoded picture instead.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -214,7 +214,7 @@ pub struct StableDiffusion {
 }
 
 fn dims_ok(what: &'static str, v: usize, multiple: usize) -> Result<()> {
-    if v == 0 || v % multiple != 0 {
+    if v == 0 || !v.is_multiple_of(multiple) {
         return Err(Error::invalid(
             what,
             format!("{v} is not a positive multiple of {multiple}"),

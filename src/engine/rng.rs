@@ -106,7 +106,7 @@ impl TorchCpuRng {
         for start in (0..numel - 15).step_by(16) {
             box_muller_16(&mut data[start..start + 16]);
         }
-        if numel % 16 != 0 {
+        if !numel.is_multiple_of(16) {
             let start = numel - 16;
             for v in &mut data[start..] {
                 *v = self.uniform_f32();
@@ -224,6 +224,7 @@ impl RngKind {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // one per image; the MT19937 state is 2.5 KB
 enum Source {
     Cpu(TorchCpuRng),
     Cuda(TorchCudaRng),

@@ -1,6 +1,6 @@
 //! Shared helpers for the integration tests: fixture paths, loading the tiny models, and
 //! comparing against diffusers' reference outputs.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 

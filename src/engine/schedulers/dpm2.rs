@@ -47,9 +47,9 @@ impl Dpm2 {
             .map(|&x| sigma_to_t(x as f64, &log_sigmas))
             .collect();
         let mut timesteps = vec![base.timesteps[0]];
-        for k in 1..base.timesteps.len() {
-            timesteps.push(t_interpol[k]);
-            timesteps.push(base.timesteps[k]);
+        for (ti, t) in t_interpol.iter().zip(&base.timesteps).skip(1) {
+            timesteps.push(*ti);
+            timesteps.push(*t);
         }
         Ok(Self {
             timesteps,
@@ -73,7 +73,7 @@ impl Scheduler for Dpm2 {
         self.init_noise_sigma
     }
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
-        let s = if i % 2 == 0 {
+        let s = if i.is_multiple_of(2) {
             self.sigmas[i]
         } else {
             self.sigmas_interpol[i]

@@ -81,7 +81,7 @@ impl Scheduler for Dpm2Ancestral {
         self.init_noise_sigma
     }
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
-        let s = if i % 2 == 0 {
+        let s = if i.is_multiple_of(2) {
             self.sigmas[i]
         } else {
             self.sigmas_interpol[i - 1]
