@@ -213,6 +213,15 @@ pub struct StableDiffusion {
     pub last_timings: Timings,
 }
 
+/// 0..=1 inclusive (NaN is outside).
+fn in_unit_range(what: &'static str, x: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&x) {
+        Ok(())
+    } else {
+        Err(Error::invalid(what, format!("{x} is outside 0..1")))
+    }
+}
+
 fn dims_ok(what: &'static str, v: usize, multiple: usize) -> Result<()> {
     if v == 0 || !v.is_multiple_of(multiple) {
         return Err(Error::invalid(
@@ -314,36 +323,10 @@ impl StableDiffusion {
             ));
         }
         if let Some(init) = &req.init_image {
-            if !(0.0..=1.0).contains(&init.strength) {
-                return Err(Error::invalid(
-                    "strength",
-                    format!("{} is outside 0..1", init.strength),
-                ));
-            }
+            in_unit_range("strength", init.strength)?;
         }
         if let Some(v) = &req.variation {
-            if !(0.0..=1.0).contains(&v.strength) {
-                return Err(Error::invalid(
-                    "variation strength",
-                    format!("{} is outside 0..1", v.strength),
-                ));
-            }
-        }
-        if let Some(init) = &req.init_image {
-            if !(0.0..=1.0).contains(&init.strength) {
-                return Err(Error::invalid(
-                    "strength",
-                    format!("{} is outside 0..1", init.strength),
-                ));
-            }
-        }
-        if let Some(v) = &req.variation {
-            if !(0.0..=1.0).contains(&v.strength) {
-                return Err(Error::invalid(
-                    "variation strength",
-                    format!("{} is outside 0..1", v.strength),
-                ));
-            }
+            in_unit_range("variation strength", v.strength)?;
         }
         if let Some(l) = &req.init_latents {
             let want = [
