@@ -59,6 +59,34 @@ pub struct ModelSpec {
     pub dtype: String,
     /// TAESD weights: a folder or hub id (`madebyollin/taesd`); `None` → linear previews.
     pub taesd: Option<String>,
+    /// A VAE to use instead of the model's own: hub id, diffusers folder or single file.
+    #[serde(default)]
+    pub vae: Option<String>,
+}
+
+/// A single-channel image (0 = keep, 255 = repaint), row-major, `width * height` bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MaskImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for MaskImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MaskImage({}x{})", self.width, self.height)
+    }
+}
+
+/// img2img / inpainting input. The worker resizes and centre-crops the picture (and the
+/// mask) to the job's size, as the CLI does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitInput {
+    pub image: RgbImage,
+    /// 0..1: how much of the schedule runs (1 = ignore the picture's content).
+    pub strength: f64,
+    /// White = repaint. Any size; resized to the picture's.
+    pub mask: Option<MaskImage>,
 }
 
 /// One job: up to 8 images sharing prompt and settings, each with its own seed and cell.
@@ -82,6 +110,20 @@ pub struct JobRequest {
     pub preview_every: usize,
     /// Where finished images are saved (created if missing).
     pub output_dir: PathBuf,
+    /// Compare mode: the models (hub ids, folders, single files) that draw the rows; they
+    /// load with the current model's device, dtype and VAE. Empty → the loaded model draws
+    /// every image.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// With `models`: the index into `models` of each image (same length as `seeds`).
+    #[serde(default)]
+    pub model_of: Vec<usize>,
+    /// 1 = last CLIP layer, 2 = penultimate (A1111's "Clip skip"); 0 counts as 1.
+    #[serde(default)]
+    pub clip_skip: usize,
+    /// img2img / inpainting input (not persisted).
+    #[serde(skip)]
+    pub init: Option<InitInput>,
 }
 
 mod scheduler_serde {
@@ -104,8 +146,12 @@ pub enum Command {
     Generate(JobRequest),
     /// Stop a job: the running one within one denoising step, a queued one at once.
     Cancel(JobId),
-    /// Load (or switch to) a model; a running job finishes first.
+    /// Load (or switch to) a model; a running job finishes first. Recently used models stay
+    /// cached, so switching back is quick.
     LoadModel(ModelSpec),
+    /// List the checkpoints in a folder (e.g. A1111's models/Stable-diffusion); answered by
+    /// [`Event::ModelsFound`].
+    ScanModels(PathBuf),
     /// Finish: cancel everything and end the thread.
     Shutdown,
 }
@@ -126,6 +172,52 @@ impl TokenCounter {
     pub fn chunk(&self) -> usize {
         self.0.max_length.saturating_sub(2)
     }
+    /// Each 75-token chunk's tokens as text (weights syntax stripped), so the window can
+    /// show where chunks break; empty when the text cannot be tokenized.
+    pub fn chunks(&self, text: &str) -> Vec<ChunkText> {
+        let Ok(t) = crate::engine::prompt::tokenize(&self.0, text) else {
+            return Vec::new();
+        };
+        let special = [self.0.bos_id(), self.0.eos_id(), self.0.pad_id()];
+        t.chunks
+            .iter()
+            .map(|c| {
+                let ids: Vec<u32> = c
+                    .ids
+                    .iter()
+                    .copied()
+                    .filter(|i| !special.contains(i))
+                    .collect();
+                ChunkText {
+                    tokens: ids.len(),
+                    text: self.0.decode(&ids),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One prompt chunk as the text encoder sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkText {
+    /// Prompt tokens in this chunk (≤ 75).
+    pub tokens: usize,
+    /// Those tokens decoded back to text.
+    pub text: String,
+}
+
+/// A checkpoint found by a folder scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundModel {
+    /// What to load (give this to [`ModelSpec::model`]).
+    pub path: PathBuf,
+    /// Path relative to the scanned folder, for display.
+    pub name: String,
+    /// "single file", "diffusers folder", or "pickle (refused: convert to .safetensors)".
+    pub kind: String,
+    pub bytes: u64,
+    /// False for files that cannot be loaded (pickles).
+    pub loadable: bool,
 }
 
 impl std::fmt::Debug for TokenCounter {
@@ -137,8 +229,12 @@ impl std::fmt::Debug for TokenCounter {
 /// What the generation thread reports.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A model is being loaded (resolving, downloading, reading weights).
-    ModelLoading { message: String },
+    /// A model is being loaded (resolving, hashing, reading weights); `progress` 0..1 when
+    /// known.
+    ModelLoading {
+        message: String,
+        progress: Option<f32>,
+    },
     /// The model is loaded and jobs can run.
     ModelReady {
         name: String,
@@ -150,6 +246,12 @@ pub enum Event {
     },
     /// Loading a model failed; the previous one (if any) is gone.
     ModelFailed { message: String },
+    /// The answer to [`Command::ScanModels`] (or why the folder could not be read).
+    ModelsFound {
+        dir: PathBuf,
+        models: Vec<FoundModel>,
+        error: Option<String>,
+    },
     /// A job entered the queue behind `ahead` others.
     Queued { job: JobId, ahead: usize },
     /// A job left the queue and started.
@@ -175,6 +277,8 @@ pub enum Event {
         job: JobId,
         cell: usize,
         seed: u64,
+        /// The model that drew it (its label, as in the PNG metadata).
+        model: String,
         image: RgbImage,
         path: Option<PathBuf>,
     },

@@ -203,6 +203,13 @@ impl Worker {
                 }
             }
             Command::LoadModel(spec) => self.pending_load = Some(spec),
+            Command::ScanModels(dir) => {
+                let (models, error) = match crate::engine::scan::scan(&dir) {
+                    Ok(m) => (m, None),
+                    Err(e) => (Vec::new(), Some(e.to_string())),
+                };
+                self.link.send(Event::ModelsFound { dir, models, error });
+            }
             Command::Shutdown => {
                 self.shutdown = true;
                 self.cancel_running = true;
@@ -215,6 +222,7 @@ impl Worker {
         self.spec = Some(spec.clone());
         self.link.send(Event::ModelLoading {
             message: format!("loading {}", spec.model),
+            progress: None,
         });
         let loaded = (|| -> eng::Result<Loaded> {
             let dtype = eng::dtype(&spec.dtype)?;
@@ -242,6 +250,7 @@ impl Worker {
         if let Some(t) = &spec.taesd {
             self.link.send(Event::ModelLoading {
                 message: format!("loading TAESD previews ({t})"),
+                progress: None,
             });
             let dec = taesd::resolve(t)
                 .and_then(|dir| TaesdDecoder::load(&dir, loaded.sd.dtype, &loaded.sd.device));
@@ -437,6 +446,7 @@ impl Worker {
                     job: job.id,
                     cell,
                     seed: img.seed,
+                    model: m.label.clone(),
                     image: rgb(img.width, img.height, img.rgb),
                     path,
                 });

@@ -100,6 +100,7 @@ fn play_job(h: &mut Harness<'_, StudioApp>, fake: &WorkerLink, j: &JobRequest) {
             job: j.id,
             cell,
             seed,
+            model: "fake".into(),
             image: image(200),
             path: None,
         });

@@ -39,6 +39,7 @@ fn start(taesd: bool) -> Rig {
         device: "cpu".into(),
         dtype: "f32".into(),
         taesd: taesd.then(|| common::model_dir("tiny-taesd").display().to_string()),
+        vae: None,
     }));
     let ready = next(&engine, |e| {
         matches!(e, Event::ModelReady { .. } | Event::ModelFailed { .. })
@@ -78,6 +79,10 @@ fn job(rig: &Rig, id: u64, seeds: Vec<u64>, steps: usize) -> JobRequest {
         preview: PreviewMode::Taesd,
         preview_every: 1,
         output_dir: rig.out.path().to_path_buf(),
+        models: Vec::new(),
+        model_of: Vec::new(),
+        clip_skip: 0,
+        init: None,
     }
 }
 
@@ -249,6 +254,7 @@ fn queued_jobs_can_be_removed_bad_jobs_fail_clearly_and_the_worker_carries_on() 
         device: "cpu".into(),
         dtype: "f32".into(),
         taesd: None,
+        vae: None,
     }));
     match next(&rig.engine, |e| matches!(e, Event::ModelFailed { .. })) {
         Event::ModelFailed { message } => assert!(message.contains("not found"), "{message}"),

@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod presets;
 pub mod prompt;
 pub mod rng;
+pub mod scan;
 pub mod schedulers;
 pub mod single_file;
 pub mod taesd;

@@ -224,6 +224,23 @@ impl ClipTokenizer {
         self.eos
     }
 
+    /// Token ids back to text: CLIP's `</w>` word ends become spaces.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let mut out = String::new();
+        for &id in ids {
+            if let Some(t) = self.inner.id_to_token(id) {
+                match t.strip_suffix("</w>") {
+                    Some(word) => {
+                        out.push_str(word);
+                        out.push(' ');
+                    }
+                    None => out.push_str(&t),
+                }
+            }
+        }
+        out.trim_end().to_string()
+    }
+
     /// The id of a vocabulary entry (e.g. ",</w>"), if present.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

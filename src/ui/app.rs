@@ -267,6 +267,7 @@ impl StudioApp {
             device: s.device.clone(),
             dtype: s.dtype.clone(),
             taesd: (!s.taesd.trim().is_empty()).then(|| s.taesd.trim().to_string()),
+            vae: None,
         };
         self.state.model = model.clone();
         self.state.remember_model(&model);
@@ -304,6 +305,10 @@ impl StudioApp {
             preview: s.preview,
             preview_every: s.preview_every.max(1),
             output_dir: s.output_dir.clone(),
+            models: Vec::new(),
+            model_of: Vec::new(),
+            clip_skip: 0,
+            init: None,
         };
         if let Err(e) = crate::worker::check_job(&request) {
             return self.error(e);
@@ -507,7 +512,7 @@ impl StudioApp {
     /// Applies one engine event to the window's state.
     pub fn handle_event(&mut self, ctx: &egui::Context, e: Event) {
         match e {
-            Event::ModelLoading { message } => self.model.loading = Some(message),
+            Event::ModelLoading { message, .. } => self.model.loading = Some(message),
             Event::ModelReady {
                 name,
                 device,
@@ -616,6 +621,7 @@ impl StudioApp {
                 seed,
                 image,
                 path,
+                ..
             } => {
                 if let Some(c) = self.cells.get_mut(cell) {
                     Self::set_texture(ctx, c, format!("cell{cell}"), &image);
@@ -656,6 +662,8 @@ impl StudioApp {
             }
             Event::Cancelled { job } => self.finish_job(Some(job), CellStatus::Cancelled),
             Event::Warning { message } => self.warn(message),
+            // The folder scan has no panel yet.
+            Event::ModelsFound { .. } => {}
         }
     }
 
