@@ -13,7 +13,7 @@ use super::clip::ClipTextModel;
 use super::config::{ClipConfig, JsonConfig, UNetConfig, VaeConfig};
 use super::error::{Error, Result};
 use super::schedulers::SchedulerConfig;
-use super::single_file::SingleFile;
+use super::single_file::{SingleFile, VaeFile};
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
 
@@ -295,6 +295,90 @@ pub struct ModelFiles {
     pub single: Option<std::sync::Arc<SingleFile>>,
     /// A diffusers folder describing a single file's architecture (`--config`).
     pub config_root: Option<PathBuf>,
+    /// A VAE replacing the model's own (`--vae`).
+    pub vae_override: Option<VaeOverride>,
+}
+
+/// A VAE from elsewhere: a diffusers VAE folder, or a standalone single file.
+#[derive(Clone)]
+pub struct VaeOverride {
+    /// What the user named (hub id, folder or file), for messages.
+    pub spec: String,
+    /// A1111's "VAE" field: the file name of the weights (a folder's name for folders).
+    pub label: String,
+    /// Set for single files (renamed on the fly); folders load `vae_weights` directly.
+    pub file: Option<std::sync::Arc<VaeFile>>,
+}
+
+/// Turns `--vae` into a standalone VAE file or a VAE folder (`config.json` + weights; a
+/// whole model's folder means its `vae/`), downloading a hub VAE (e.g.
+/// stabilityai/sd-vae-ft-mse) if needed.
+pub fn resolve_vae(spec: &str, prefer_fp16: bool) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        if is_pickle(path) {
+            return Err(Error::Pickle {
+                path: path.to_path_buf(),
+            });
+        }
+        return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        return Ok(if path.join("config.json").is_file() {
+            path.to_path_buf()
+        } else {
+            path.join("vae")
+        });
+    }
+    if !looks_like_repo_id(spec) {
+        return Err(Error::NotFound {
+            what: "VAE".into(),
+            path: path.to_path_buf(),
+        });
+    }
+    let cache_dir = hub_cache_dir();
+    let cached = hf_hub::Cache::new(cache_dir.clone()).model(spec.to_string());
+    if let Some(config) = cached.get("config.json") {
+        let root = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        if find_weights(&root, prefer_fp16).is_ok() {
+            return Ok(root);
+        }
+    }
+    if offline() {
+        return Err(Error::Hub {
+            repo: spec.into(),
+            reason: format!(
+                "VAE not in the cache at {} and HF_HUB_OFFLINE is set",
+                cache_dir.display()
+            ),
+        });
+    }
+    let hub_err = |e: hf_hub::api::sync::ApiError| Error::Hub {
+        repo: spec.into(),
+        reason: e.to_string(),
+    };
+    let api = hf_hub::api::sync::ApiBuilder::new()
+        .with_cache_dir(cache_dir)
+        .with_progress(true)
+        .build()
+        .map_err(hub_err)?;
+    let r = api.model(spec.to_string());
+    let info = r.info().map_err(hub_err)?;
+    let names: Vec<&str> = info
+        .siblings
+        .iter()
+        .map(|s| s.rfilename.as_str())
+        .filter(|f| !f.contains('/'))
+        .collect();
+    let chosen = choose_weight_names(&names, prefer_fp16).ok_or_else(|| Error::Hub {
+        repo: spec.into(),
+        reason: "no .safetensors VAE weights at the top of the repository".into(),
+    })?;
+    let config = r.get("config.json").map_err(hub_err)?;
+    for name in chosen {
+        r.get(name).map_err(hub_err)?;
+    }
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
 impl ModelFiles {
@@ -337,6 +421,7 @@ impl ModelFiles {
             vae_weights: vec![path.to_path_buf()],
             text_encoder_weights: vec![path.to_path_buf()],
             single: Some(std::sync::Arc::new(file)),
+            vae_override: None,
         })
     }
 
@@ -398,6 +483,7 @@ impl ModelFiles {
             root: root.to_path_buf(),
             single: None,
             config_root: None,
+            vae_override: None,
             unet_config,
             vae_config,
             clip_config,
@@ -405,11 +491,56 @@ impl ModelFiles {
         })
     }
 
+    /// Replaces the model's VAE with `spec` (see [`resolve_vae`]). The replacement must make
+    /// latents of the same shape; a folder's config (scaling factor included) is used, a
+    /// single file keeps the model's scaling factor (VAE files carry none).
+    pub fn with_vae(mut self, spec: &str, prefer_fp16: bool) -> Result<Self> {
+        let path = resolve_vae(spec, prefer_fp16)?;
+        let (config, weights, file) = if path.is_file() {
+            let f = VaeFile::open(&path)?;
+            let mut c = f.config.clone();
+            c.scaling_factor = self.vae_config.scaling_factor;
+            c.shift_factor = self.vae_config.shift_factor;
+            (c, vec![path.clone()], Some(std::sync::Arc::new(f)))
+        } else {
+            let c = VaeConfig::from_json(&JsonConfig::load(&path.join("config.json"))?)?;
+            (c, find_weights(&path, prefer_fp16)?, None)
+        };
+        if config.latent_channels != self.vae_config.latent_channels {
+            return Err(Error::invalid(
+                "vae",
+                format!(
+                    "{spec} makes {} latent channels, the model needs {}",
+                    config.latent_channels, self.vae_config.latent_channels
+                ),
+            ));
+        }
+        let label = weights[0]
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| spec.to_string());
+        let label = if file.is_some() {
+            label
+        } else {
+            // diffusion_pytorch_model.safetensors says nothing: name the folder or hub id.
+            spec.trim_end_matches('/').to_string()
+        };
+        self.vae_config = config;
+        self.vae_weights = weights;
+        self.vae_override = Some(VaeOverride {
+            spec: spec.to_string(),
+            label,
+            file,
+        });
+        Ok(self)
+    }
+
     /// The VAE's weights (diffusers names), from either layout.
     pub fn vae_vb(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        match &self.single {
-            Some(f) => Ok(f.vae_vb(dtype, device)),
-            None => var_builder(&self.vae_weights, dtype, device, "vae"),
+        match (&self.vae_override, &self.single) {
+            (Some(VaeOverride { file: Some(f), .. }), _) => Ok(f.vb(dtype, device)),
+            (Some(_), _) | (None, None) => var_builder(&self.vae_weights, dtype, device, "vae"),
+            (None, Some(f)) => Ok(f.vae_vb(dtype, device)),
         }
     }
 

@@ -16,7 +16,7 @@ use super::error::{Context, Error, Result};
 use super::model::ModelFiles;
 use super::prompt;
 use super::rng::{NoiseStream, RngKind};
-use super::schedulers::SchedulerKind;
+use super::schedulers::{Scheduler, SchedulerKind};
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
 use super::vae_encoder::VaeEncoder;
@@ -168,6 +168,60 @@ enum Conditioning {
     Batched(Tensor),
     /// Different lengths: one UNet call each.
     Separate { uncond: Tensor, cond: Tensor },
+}
+
+/// A generation between steps (see [`StableDiffusion::begin`]).
+pub struct Run {
+    req: GenerateRequest,
+    context: Conditioning,
+    scheduler: Box<dyn Scheduler>,
+    latents: Tensor,
+    streams: Vec<NoiseStream>,
+    inpaint: Option<Inpaint>,
+    /// The first timestep index (img2img starts part-way).
+    start: usize,
+    /// The next timestep index.
+    next: usize,
+    nine_channels: bool,
+    pub timings: Timings,
+}
+
+impl Run {
+    /// True when every step has run: call [`StableDiffusion::finish`].
+    pub fn is_done(&self) -> bool {
+        self.next >= self.scheduler.timesteps().len()
+    }
+    /// The number of denoising steps (UNet rounds) this run makes.
+    pub fn total(&self) -> usize {
+        self.scheduler.timesteps().len() - self.start
+    }
+    /// The request it runs.
+    pub fn request(&self) -> &GenerateRequest {
+        &self.req
+    }
+}
+
+/// What one [`StableDiffusion::step`] reports.
+pub struct RunStep {
+    /// 1-based.
+    pub step: usize,
+    pub total: usize,
+    /// The sampler's estimate of the clean latents [batch, 4, h/8, w/8] (for previews).
+    pub pred_original: Option<Tensor>,
+}
+
+/// Standard-normal noise for every image, each from its own stream.
+fn draw_noise(
+    streams: &mut [NoiseStream],
+    shape: (usize, usize, usize, usize),
+    dev: &Device,
+) -> Result<Tensor> {
+    let per_image = shape.1 * shape.2 * shape.3;
+    let data: Vec<f32> = streams
+        .iter_mut()
+        .flat_map(|s| s.randn(per_image))
+        .collect();
+    Tensor::from_vec(data, shape, dev).ctx("noise")
 }
 
 /// One finished image.
@@ -359,6 +413,24 @@ impl StableDiffusion {
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(StepInfo) -> Result<()>,
     ) -> Result<Vec<GeneratedImage>> {
+        let mut run = self.begin(req)?;
+        while !run.is_done() {
+            let out = self.step(&mut run)?;
+            on_step(StepInfo {
+                step: out.step,
+                total: out.total,
+                pred_original: out.pred_original.as_ref(),
+            })?;
+        }
+        let (images, timings) = self.finish(run)?;
+        self.last_timings = timings;
+        Ok(images)
+    }
+
+    /// Steps 1–4: checks the request, encodes the prompt, sets up the sampler and the
+    /// initial latents. The returned [`Run`] is advanced by [`Self::step`] and ended by
+    /// [`Self::finish`], so a caller can interleave the steps of several runs (compare mode).
+    pub fn begin(&self, req: &GenerateRequest) -> Result<Run> {
         // 1. Check inputs.
         self.check(req)?;
         let f = self.scale_factor();
@@ -393,28 +465,20 @@ impl StableDiffusion {
         timings.encode = t0.elapsed().as_secs_f64();
 
         // 3. Timesteps.
-        let mut scheduler = req
+        let scheduler = req
             .scheduler
             .build(&self.files.scheduler_config, req.steps)?;
-        let timesteps = scheduler.timesteps().to_vec();
+        let steps_total = scheduler.timesteps().len();
 
         // 4. Initial latents: each image's own generator, so the batch never changes an image.
         let mut streams: Vec<NoiseStream> = (0..n)
             .map(|i| NoiseStream::new(req.rng, req.seeds_of(i).0))
             .collect();
+        let shape = (n, channels, lh, lw);
         let per_image = channels * lh * lw;
-        let draw = |streams: &mut Vec<NoiseStream>| -> Result<Tensor> {
-            let data: Vec<f32> = streams
-                .iter_mut()
-                .flat_map(|s| s.randn(per_image))
-                .collect();
-            Tensor::from_vec(data, (n, channels, lh, lw), &dev).ctx("noise")
-        };
         let latents = match (&req.init_latents, req.variation) {
             // img2img draws its noise later, after the VAE sample (step 4b).
-            _ if req.init_image.is_some() => {
-                Tensor::zeros((n, channels, lh, lw), DType::F32, &dev).ctx("latents")?
-            }
+            _ if req.init_image.is_some() => Tensor::zeros(shape, DType::F32, &dev).ctx("latents")?,
             (Some(l), _) => l
                 .to_dtype(DType::F32)
                 .and_then(|l| l.to_device(&dev))
@@ -427,9 +491,9 @@ impl StableDiffusion {
                     let sub = NoiseStream::new(req.rng, sub_seed).randn(per_image);
                     data.extend(slerp_a1111(v.strength, &main, &sub, channels, lh, lw));
                 }
-                Tensor::from_vec(data, (n, channels, lh, lw), &dev).ctx("noise")?
+                Tensor::from_vec(data, shape, &dev).ctx("noise")?
             }
-            (None, _) => draw(&mut streams)?,
+            (None, _) => draw_noise(&mut streams, shape, &dev)?,
         };
         let mut latents = (latents * scheduler.init_noise_sigma()).ctx("latents")?;
 
@@ -440,7 +504,7 @@ impl StableDiffusion {
         if let Some(init) = &req.init_image {
             let skipped =
                 req.steps - ((req.steps as f64 * init.strength).floor() as usize).min(req.steps);
-            start = (skipped * scheduler.order()).min(timesteps.len());
+            start = (skipped * scheduler.order()).min(steps_total);
             if init.mask.is_some() {
                 let (l, ip) = self.inpaint_latents(
                     init,
@@ -474,73 +538,101 @@ impl StableDiffusion {
                 "this is an inpainting model (9 input channels): give an init image and a mask",
             ));
         }
+        Ok(Run {
+            req: req.clone(),
+            context,
+            scheduler,
+            latents,
+            streams,
+            inpaint,
+            start,
+            next: start,
+            nine_channels,
+            timings,
+        })
+    }
 
-        // 5. Denoise.
-        let total = timesteps.len() - start;
-        for (i, &t) in timesteps.iter().enumerate().skip(start) {
-            let ts = Instant::now();
-            let unet = |x: &Tensor, ctx: &Tensor| -> Result<Tensor> {
-                let mut x = scheduler.scale_model_input(x, i)?;
-                if let (true, Some(ip)) = (nine_channels, &inpaint) {
-                    // The inpainting UNet also sees the mask and the masked picture.
-                    let rows = x.dim(0).ctx("unet input")?;
-                    let reps = rows / n;
-                    let m = ip.mask.repeat((rows, 1, 1, 1)).ctx("mask")?;
-                    let mi = ip.masked_latents.repeat((reps, 1, 1, 1)).ctx("mask")?;
-                    x = Tensor::cat(&[&x, &m, &mi], 1).ctx("inpaint input")?;
-                }
-                self.unet
-                    .forward(&x.to_dtype(self.dtype).ctx("unet input")?, t, ctx)
-                    .and_then(|p| p.to_dtype(DType::F32))
-                    .ctx("unet")
-            };
-            let cfg = |uncond: Tensor, cond: Tensor| -> Result<Tensor> {
-                (&uncond + ((cond - &uncond).ctx("cfg")? * req.guidance).ctx("cfg")?).ctx("cfg")
-            };
-            let pred = match &context {
-                Conditioning::Single(ctx) => unet(&latents, ctx)?,
-                Conditioning::Batched(ctx) => {
-                    let both = unet(
-                        &Tensor::cat(&[&latents, &latents], 0).ctx("cfg batch")?,
-                        ctx,
-                    )?;
-                    cfg(
-                        both.narrow(0, 0, n).ctx("cfg")?,
-                        both.narrow(0, n, n).ctx("cfg")?,
-                    )?
-                }
-                Conditioning::Separate { uncond, cond } => {
-                    cfg(unet(&latents, uncond)?, unet(&latents, cond)?)?
-                }
-            };
-            let mut noise = || draw(&mut streams);
-            let out = scheduler.step(&pred, i, &latents, &mut noise)?;
-            latents = out.prev_sample;
-            if let (false, Some(ip)) = (nine_channels, &inpaint) {
-                // Ordinary model (legacy inpainting): put the known region back, noised to
-                // the next step's level.
-                let known = if i + 1 < timesteps.len() {
-                    scheduler.add_noise(&ip.image_latents, &ip.noise, i + 1)?
-                } else {
-                    ip.image_latents.clone()
-                };
-                let keep = (1.0 - &ip.mask).ctx("mask")?;
-                latents = (known.broadcast_mul(&keep).ctx("blend")?
-                    + latents.broadcast_mul(&ip.mask).ctx("blend")?)
-                .ctx("blend")?;
+    /// Step 5, once: one denoising step of `run` (call until [`Run::is_done`]).
+    pub fn step(&self, run: &mut Run) -> Result<RunStep> {
+        let timesteps = run.scheduler.timesteps();
+        let Some(&t) = timesteps.get(run.next) else {
+            return Err(Error::invalid("step", "the run has no steps left"));
+        };
+        let (i, n, len) = (run.next, run.req.batch, timesteps.len());
+        let ts = Instant::now();
+        let scheduler = &mut run.scheduler;
+        let unet = |x: &Tensor, ctx: &Tensor| -> Result<Tensor> {
+            let mut x = scheduler.scale_model_input(x, i)?;
+            if let (true, Some(ip)) = (run.nine_channels, &run.inpaint) {
+                // The inpainting UNet also sees the mask and the masked picture.
+                let rows = x.dim(0).ctx("unet input")?;
+                let reps = rows / n;
+                let m = ip.mask.repeat((rows, 1, 1, 1)).ctx("mask")?;
+                let mi = ip.masked_latents.repeat((reps, 1, 1, 1)).ctx("mask")?;
+                x = Tensor::cat(&[&x, &m, &mi], 1).ctx("inpaint input")?;
             }
-            timings.steps.push(ts.elapsed().as_secs_f64());
-            on_step(StepInfo {
-                step: i + 1 - start,
-                total,
-                pred_original: out.pred_original.as_ref(),
-            })?;
+            self.unet
+                .forward(&x.to_dtype(self.dtype).ctx("unet input")?, t, ctx)
+                .and_then(|p| p.to_dtype(DType::F32))
+                .ctx("unet")
+        };
+        let guidance = run.req.guidance;
+        let cfg = |uncond: Tensor, cond: Tensor| -> Result<Tensor> {
+            (&uncond + ((cond - &uncond).ctx("cfg")? * guidance).ctx("cfg")?).ctx("cfg")
+        };
+        let latents = &run.latents;
+        let pred = match &run.context {
+            Conditioning::Single(ctx) => unet(latents, ctx)?,
+            Conditioning::Batched(ctx) => {
+                let both = unet(&Tensor::cat(&[latents, latents], 0).ctx("cfg batch")?, ctx)?;
+                cfg(
+                    both.narrow(0, 0, n).ctx("cfg")?,
+                    both.narrow(0, n, n).ctx("cfg")?,
+                )?
+            }
+            Conditioning::Separate { uncond, cond } => {
+                cfg(unet(latents, uncond)?, unet(latents, cond)?)?
+            }
+        };
+        let shape = latents.dims4().ctx("latents")?;
+        let (streams, dev) = (&mut run.streams, &self.device);
+        let mut noise = || draw_noise(streams, shape, dev);
+        let out = run.scheduler.step(&pred, i, &run.latents, &mut noise)?;
+        let mut latents = out.prev_sample;
+        if let (false, Some(ip)) = (run.nine_channels, &run.inpaint) {
+            // Ordinary model (legacy inpainting): put the known region back, noised to
+            // the next step's level.
+            let known = if i + 1 < len {
+                run.scheduler.add_noise(&ip.image_latents, &ip.noise, i + 1)?
+            } else {
+                ip.image_latents.clone()
+            };
+            let keep = (1.0 - &ip.mask).ctx("mask")?;
+            latents = (known.broadcast_mul(&keep).ctx("blend")?
+                + latents.broadcast_mul(&ip.mask).ctx("blend")?)
+            .ctx("blend")?;
         }
+        run.latents = latents;
+        run.next += 1;
+        run.timings.steps.push(ts.elapsed().as_secs_f64());
+        Ok(RunStep {
+            step: i + 1 - run.start,
+            total: len - run.start,
+            pred_original: out.pred_original,
+        })
+    }
 
-        // 6. Decode one image at a time (same result, a fraction of the memory).
+    /// Step 6: decodes one image at a time (same result, a fraction of the memory).
+    pub fn finish(&self, run: Run) -> Result<(Vec<GeneratedImage>, Timings)> {
+        let Run {
+            req,
+            latents,
+            mut timings,
+            ..
+        } = run;
         let t0 = Instant::now();
-        let mut images = Vec::with_capacity(n);
-        for i in 0..n {
+        let mut images = Vec::with_capacity(req.batch);
+        for i in 0..req.batch {
             let l = latents.narrow(0, i, 1).ctx("decode")?;
             let rgb = self.decode(&l)?;
             let (seed, variation_seed) = req.seeds_of(i);
@@ -553,8 +645,7 @@ impl StableDiffusion {
             });
         }
         timings.decode = t0.elapsed().as_secs_f64();
-        self.last_timings = timings;
-        Ok(images)
+        Ok((images, timings))
     }
 
     /// One VAE sample (mean + std·ε, ε from `stream`) of the picture's latent distribution,

@@ -34,6 +34,142 @@ enum Src {
     Third(String, usize),
 }
 
+/// The VAE architecture from an original-layout VAE's tensor shapes (`prefix` is
+/// `first_stage_model.` inside a checkpoint, empty in a standalone VAE file), and its number
+/// of resolution levels.
+fn vae_config_from(
+    shapes: &HashMap<String, Vec<usize>>,
+    prefix: &str,
+    path: &Path,
+) -> Result<(VaeConfig, usize)> {
+    let shape = |k: &str| -> Result<&Vec<usize>> {
+        shapes.get(k).ok_or_else(|| Error::Weights {
+            component: "vae",
+            path: path.to_path_buf(),
+            reason: format!("missing tensor {k}"),
+        })
+    };
+    let levels = (0..8)
+        .take_while(|i| shapes.contains_key(&format!("{prefix}encoder.down.{i}.block.0.conv1.weight")))
+        .count();
+    if levels == 0 {
+        return Err(Error::Weights {
+            component: "vae",
+            path: path.to_path_buf(),
+            reason: format!("missing tensor {prefix}encoder.down.0.block.0.conv1.weight"),
+        });
+    }
+    let blocks: Vec<usize> = (0..levels)
+        .map(|i| shape(&format!("{prefix}encoder.down.{i}.block.0.conv1.weight")).map(|s| s[0]))
+        .collect::<Result<_>>()?;
+    let lpb = (0..8)
+        .take_while(|j| shapes.contains_key(&format!("{prefix}encoder.down.0.block.{j}.conv1.weight")))
+        .count();
+    let config = VaeConfig {
+        in_channels: shape(&format!("{prefix}encoder.conv_in.weight"))?[1],
+        out_channels: shape(&format!("{prefix}decoder.conv_out.weight"))?[0],
+        block_out_channels: blocks,
+        layers_per_block: lpb,
+        latent_channels: shape(&format!("{prefix}decoder.conv_in.weight"))?[1],
+        norm_num_groups: 32,
+        scaling_factor: 0.18215,
+        shift_factor: 0.0,
+        use_quant_conv: shapes.contains_key(&format!("{prefix}quant_conv.weight")),
+        use_post_quant_conv: shapes.contains_key(&format!("{prefix}post_quant_conv.weight")),
+    };
+    Ok((config, levels))
+}
+
+/// A standalone VAE file (what A1111 reads from models/VAE/): the original layout
+/// (`encoder.down.0.block…`, with or without `first_stage_model.`) or diffusers' own names.
+pub struct VaeFile {
+    pub path: PathBuf,
+    st: Arc<MmapedSafetensors>,
+    map: HashMap<String, Src>,
+    pub config: VaeConfig,
+}
+
+impl VaeFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        // SAFETY: read-only map; see model::var_builder.
+        #[allow(unsafe_code)]
+        let st = unsafe { MmapedSafetensors::new(path) }
+            .map_err(|e| Error::read(path, super::model::candle_msg(&e)))?;
+        let shapes: HashMap<String, Vec<usize>> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.shape().to_vec()))
+            .collect();
+        if shapes.keys().any(|k| k.starts_with(UNET)) {
+            return Err(Error::invalid(
+                "vae",
+                format!(
+                    "{} is a whole checkpoint, not a VAE (give it as the model instead)",
+                    path.display()
+                ),
+            ));
+        }
+        let mut map = HashMap::new();
+        let config = if shapes.contains_key("encoder.down_blocks.0.resnets.0.conv1.weight") {
+            // Diffusers names already: the architecture still comes from the shapes.
+            for k in shapes.keys() {
+                map.insert(k.clone(), Src::Same(k.clone()));
+            }
+            let mut c = vae_config_from(&diffusers_as_original(&shapes), "", path)?.0;
+            c.use_quant_conv = shapes.contains_key("quant_conv.weight");
+            c.use_post_quant_conv = shapes.contains_key("post_quant_conv.weight");
+            c
+        } else {
+            let prefix = if shapes.keys().any(|k| k.starts_with(VAE)) {
+                VAE
+            } else {
+                ""
+            };
+            let (config, levels) = vae_config_from(&shapes, prefix, path)?;
+            for k in shapes.keys() {
+                if let Some(r) = k.strip_prefix(prefix) {
+                    if let Some(n) = vae_name(r, levels) {
+                        map.insert(n, Src::Same(k.clone()));
+                    }
+                }
+            }
+            config
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            st: Arc::new(st),
+            map,
+            config,
+        })
+    }
+
+    pub fn vb(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let backend = Renamed {
+            st: self.st.clone(),
+            map: self.map.clone(),
+            path: self.path.clone(),
+        };
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+    }
+}
+
+/// The few diffusers VAE shapes `vae_config_from` reads, under their original names.
+fn diffusers_as_original(shapes: &HashMap<String, Vec<usize>>) -> HashMap<String, Vec<usize>> {
+    let mut out = HashMap::new();
+    for (k, v) in shapes {
+        let renamed = if let Some(r) = k.strip_prefix("encoder.down_blocks.") {
+            r.split_once(".resnets.")
+                .map(|(i, rest)| format!("encoder.down.{i}.block.{rest}"))
+        } else {
+            Some(k.clone())
+        };
+        if let Some(n) = renamed {
+            out.insert(n, v.clone());
+        }
+    }
+    out
+}
+
 /// An opened checkpoint.
 pub struct SingleFile {
     pub path: PathBuf,
@@ -346,38 +482,7 @@ impl SingleFile {
         }
 
         // VAE.
-        let vae_levels = (0..8)
-            .take_while(|i| {
-                shapes.contains_key(&format!("{VAE}encoder.down.{i}.block.0.conv1.weight"))
-            })
-            .count();
-        let vae_blocks: Vec<usize> = (0..vae_levels)
-            .map(|i| shape(&format!("{VAE}encoder.down.{i}.block.0.conv1.weight")).map(|s| s[0]))
-            .collect::<Result<_>>()?;
-        let vae_lpb = (0..8)
-            .take_while(|j| {
-                shapes.contains_key(&format!("{VAE}encoder.down.0.block.{j}.conv1.weight"))
-            })
-            .count();
-        let vae_config = VaeConfig {
-            in_channels: shape(&format!("{VAE}encoder.conv_in.weight"))?[1],
-            out_channels: shape(&format!("{VAE}decoder.conv_out.weight"))?[0],
-            block_out_channels: vae_blocks,
-            layers_per_block: vae_lpb,
-            latent_channels: shape(&format!("{VAE}decoder.conv_in.weight"))?[1],
-            norm_num_groups: 32,
-            scaling_factor: 0.18215,
-            shift_factor: 0.0,
-            use_quant_conv: shapes.contains_key(&format!("{VAE}quant_conv.weight")),
-            use_post_quant_conv: shapes.contains_key(&format!("{VAE}post_quant_conv.weight")),
-        };
-        if vae_levels == 0 {
-            return Err(Error::Weights {
-                component: "vae",
-                path: path.to_path_buf(),
-                reason: format!("missing tensor {VAE}encoder.down.0.block.0.conv1.weight"),
-            });
-        }
+        let (vae_config, vae_levels) = vae_config_from(&shapes, VAE, path)?;
 
         // Renaming maps.
         let mut unet = HashMap::new();
