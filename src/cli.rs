@@ -8,6 +8,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::cache::{LoadOptions, ModelCache};
+use crate::engine::grid::{self, Picture};
+use crate::engine::image_ops::{cover_crop, cover_crop_mask};
 use crate::engine::metadata::{encode_png, output_path, write_atomic, Parameters};
 use crate::engine::model::{self, ModelFiles, DEFAULT_MODEL};
 use crate::engine::pipeline::{GenerateRequest, StableDiffusion, Variation};
@@ -44,9 +47,11 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Diffusers folder or Hugging Face hub id (owner/name), resolved in the hub cache.
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    pub model: String,
+    /// Diffusers folder, Hugging Face hub id (owner/name, resolved in the hub cache) or
+    /// single .safetensors checkpoint. `generate` takes it more than once to compare models
+    /// at the same seeds (settings come from the first model's preset).
+    #[arg(long, default_value = DEFAULT_MODEL, action = clap::ArgAction::Append)]
+    pub model: Vec<String>,
     /// Compute device: cpu or cuda (needs a build with --features cuda).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -61,6 +66,34 @@ pub struct ModelArgs {
     /// `.yaml` beside the file, as A1111 does.
     #[arg(long)]
     pub v_prediction: bool,
+    /// A VAE to use instead of the model's own: hub id (stabilityai/sd-vae-ft-mse), diffusers
+    /// folder, or single .safetensors file (A1111's models/VAE). Recorded as "VAE"/"VAE hash".
+    #[arg(long)]
+    pub vae: Option<String>,
+}
+
+impl ModelArgs {
+    /// The one model of commands that take one.
+    fn single(&self) -> Result<&str> {
+        match self.model.as_slice() {
+            [m] => Ok(m),
+            _ => Err(Error::invalid(
+                "model",
+                "this command takes one --model (only `generate` compares several)",
+            )),
+        }
+    }
+
+    fn load_options(&self, model: &str) -> LoadOptions {
+        LoadOptions {
+            model: model.to_string(),
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            vae: self.vae.clone(),
+            config: self.config.clone(),
+            v_prediction: self.v_prediction,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -136,6 +169,10 @@ pub struct GenerateArgs {
     /// Output folder (created if missing).
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
+    /// Also write a labelled comparison grid here (.png): one row per --model, one column
+    /// per seed, as A1111's X/Y plot.
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -270,6 +307,7 @@ fn random_seed() -> u64 {
 
 /// Settings after model presets filled what the user left out.
 struct Settings {
+    spacing: Option<TimestepSpacing>,
     scheduler: SchedulerKind,
     steps: usize,
     guidance: f64,
@@ -285,7 +323,7 @@ struct Prepared {
     settings: Settings,
 }
 
-fn prepare(m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
+fn prepare(model: &str, m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
     let scheduler = s
         .scheduler
         .as_deref()
@@ -326,29 +364,20 @@ fn prepare(m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
     }
     let dtype = engine::dtype(&m.dtype)?;
     let device = engine::device(&m.device)?;
-    let root = model::resolve(&m.model, dtype != DType::F32)?;
-    let mut files = if root.is_file() {
-        let config = m
-            .config
-            .as_deref()
-            .map(|c| model::resolve(c, false))
-            .transpose()?;
-        ModelFiles::from_single_file(&root, m.v_prediction.then_some(true), config.as_deref())?
-    } else {
-        if m.config.is_some() || m.v_prediction {
-            return Err(Error::invalid(
-                "model",
-                "--config and --v-prediction apply to single-file checkpoints only",
-            ));
-        }
-        ModelFiles::from_dir(&root, dtype != DType::F32)?
-    };
-    let d = presets::defaults_for(&m.model, &files);
+    let mut files = ModelFiles::open(
+        model,
+        dtype != DType::F32,
+        m.config.as_deref(),
+        m.v_prediction,
+        m.vae.as_deref(),
+    )?;
+    let d = presets::defaults_for(model, &files);
     files.scheduler_config = files
         .scheduler_config
         .clone()
         .with_spacing(spacing.or(d.spacing));
     let settings = Settings {
+        spacing: spacing.or(d.spacing),
         scheduler: scheduler.unwrap_or(d.scheduler),
         steps: s.steps.unwrap_or(d.steps),
         guidance: s.guidance.unwrap_or(d.guidance),
@@ -412,25 +441,6 @@ fn open_image(path: &Path) -> Result<image::RgbImage> {
     Ok(img.to_rgb8())
 }
 
-/// Scales the picture to cover `w`×`h` (Lanczos), then crops the middle: A1111's "crop and
-/// resize". A picture already at that size is used as it is.
-fn cover_crop(img: image::RgbImage, w: usize, h: usize) -> Vec<u8> {
-    let (iw, ih) = (img.width() as f64, img.height() as f64);
-    if (iw as usize, ih as usize) == (w, h) {
-        return img.into_raw();
-    }
-    let scale = (w as f64 / iw).max(h as f64 / ih);
-    let (rw, rh) = (
-        ((iw * scale).round() as u32).max(w as u32),
-        ((ih * scale).round() as u32).max(h as u32),
-    );
-    let resized = image::imageops::resize(&img, rw, rh, image::imageops::FilterType::Lanczos3);
-    let (x, y) = ((rw - w as u32) / 2, (rh - h as u32) / 2);
-    image::imageops::crop_imm(&resized, x, y, w as u32, h as u32)
-        .to_image()
-        .into_raw()
-}
-
 /// A grayscale mask at `w`×`h` (nearest-neighbour resize, said on stderr, if it differs).
 fn load_mask(path: &Path, w: usize, h: usize) -> Result<Vec<u8>> {
     let rgb = open_image(path)?;
@@ -441,22 +451,14 @@ fn load_mask(path: &Path, w: usize, h: usize) -> Result<Vec<u8>> {
         ));
     }
     let gray = image::DynamicImage::ImageRgb8(rgb).to_luma8();
-    let gray = if (gray.width() as usize, gray.height() as usize) != (w, h) {
+    if (gray.width() as usize, gray.height() as usize) != (w, h) {
         eprintln!(
-            "note: mask {}x{} resized to {w}x{h}",
+            "note: mask {}x{} fitted to {w}x{h} like the picture (scaled to cover, centre cropped)",
             gray.width(),
             gray.height()
         );
-        image::imageops::resize(
-            &gray,
-            w as u32,
-            h as u32,
-            image::imageops::FilterType::Nearest,
-        )
-    } else {
-        gray
-    };
-    Ok(gray.into_raw())
+    }
+    Ok(cover_crop_mask(gray, w, h))
 }
 
 fn ensure_writable_dir(dir: &Path) -> Result<()> {
@@ -471,18 +473,6 @@ fn ensure_writable_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn model_label(spec: &str) -> String {
-    let p = Path::new(spec);
-    if p.exists() {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or(spec)
-            .to_string()
-    } else {
-        spec.to_string()
-    }
-}
-
 fn generate(a: &GenerateArgs) -> Result<()> {
     let rng = RngKind::parse(&a.rng)
         .ok_or_else(|| Error::invalid("rng", format!("{:?} is not torch-cpu", a.rng)))?;
@@ -491,8 +481,19 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         .as_deref()
         .map(load_init_latents)
         .transpose()?;
-    let mut p = prepare(&a.model, &a.sampling)?;
+    let mut p = prepare(&a.model.model[0], &a.model, &a.sampling)?;
     ensure_writable_dir(&a.out)?;
+    if let Some(g) = &a.grid {
+        if !g.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+            return Err(Error::invalid(
+                "grid",
+                format!("{} must be a .png file", g.display()),
+            ));
+        }
+        if let Some(dir) = g.parent().filter(|d| !d.as_os_str().is_empty()) {
+            ensure_writable_dir(dir)?;
+        }
+    }
     let seed = match a.seed {
         Some(s) => s,
         None => {
@@ -589,74 +590,120 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         init_image,
         variation,
         clip_skip: a.clip_skip,
+        spacing: st.spacing,
     };
-    let label = model_label(&a.model.model);
-    let start = Instant::now();
-    eprintln!(
-        "loading {} ({:?}, {:?})",
-        p.files.root.display(),
-        p.device,
-        p.dtype
-    );
-    let mut sd = StableDiffusion::load(p.files, p.device, p.dtype)?;
-    sd.check(&req)?;
-    if req.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
-        eprintln!(
-            "inpainting: {}",
-            if sd.is_inpainting_model() {
-                "inpainting model (9-channel UNet sees the mask)"
-            } else {
-                "ordinary model: the known region is blended back after every step"
-            }
-        );
-    }
-    let images = sd.generate(&req, &mut |info| {
-        eprintln!("step {}/{}", info.step, info.total);
-        Ok(())
-    })?;
-    let elapsed = start.elapsed().as_secs_f64();
+    let mut cache = ModelCache::new(ModelCache::default_budget(&a.model.device));
     let (sampler, schedule_type) = st.scheduler.a1111_name();
+    let compare = a.model.model.len() > 1;
+    let mut rows: Vec<(String, Vec<Picture>)> = Vec::new();
+    let mut first_params: Option<Parameters> = None;
     let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    for img in images {
-        let params = Parameters {
-            prompt: req.prompt.clone(),
-            negative_prompt: req.negative_prompt.clone(),
-            steps: req.steps,
-            sampler: sampler.into(),
-            schedule_type: schedule_type.map(str::to_string),
-            cfg_scale: req.guidance,
-            seed: img.seed,
-            width: img.width,
-            height: img.height,
-            model: label.clone(),
-            variation: img.variation_seed.zip(req.variation.map(|v| v.strength)),
-            denoising_strength: req.init_image.as_ref().map(|i| i.strength),
-            clip_skip: (req.clip_skip > 1).then_some(req.clip_skip),
-            rng: rng.a1111_name().map(str::to_string),
-        };
-        let png = encode_png(&img.rgb, img.width, img.height, &params.to_a1111())?;
-        let stem = match img.variation_seed {
-            Some(v) => format!("{}-{v}", img.seed),
-            None => img.seed.to_string(),
-        };
-        let path = output_path(&a.out, &stem);
-        write_atomic(&path, &png)?;
-        let line = serde_json::json!({
-            "seed": img.seed,
-            "variation_seed": img.variation_seed,
-            "path": path,
-            "model": label,
-            "scheduler": st.scheduler.cli_name(),
-            "steps": req.steps,
-            "guidance": req.guidance,
-            "width": img.width,
-            "height": img.height,
-            "elapsed": (elapsed * 1000.0).round() / 1000.0,
-        });
-        let _ = writeln!(out, "{line}");
+    for model in &a.model.model {
+        let start = Instant::now();
+        eprintln!("loading {model} ({:?}, {:?})", p.device, p.dtype);
+        let mut last = String::new();
+        let m = cache.get(&a.model.load_options(model), &mut |msg, _| {
+            if msg != last {
+                eprintln!("  {msg}");
+                last = msg.to_string();
+            }
+        })?;
+        let sd = &m.sd;
+        sd.check(&req)?;
+        if req.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
+            eprintln!(
+                "inpainting: {}",
+                if sd.is_inpainting_model() {
+                    "inpainting model (9-channel UNet sees the mask)"
+                } else {
+                    "ordinary model: the known region is blended back after every step"
+                }
+            );
+        }
+        let mut run = sd.begin(&req)?;
+        while !run.is_done() {
+            let s = sd.step(&mut run)?;
+            eprintln!("step {}/{}", s.step, s.total);
+        }
+        let (images, _) = sd.finish(run)?;
+        let elapsed = start.elapsed().as_secs_f64();
+        let mut pictures = Vec::new();
+        for img in images {
+            let params = Parameters {
+                prompt: req.prompt.clone(),
+                negative_prompt: req.negative_prompt.clone(),
+                steps: req.steps,
+                sampler: sampler.into(),
+                schedule_type: schedule_type.map(str::to_string),
+                cfg_scale: req.guidance,
+                seed: img.seed,
+                width: img.width,
+                height: img.height,
+                model: m.label.clone(),
+                model_hash: m.hash.clone(),
+                vae: m.vae.as_ref().map(|v| v.0.clone()),
+                vae_hash: m.vae.as_ref().map(|v| v.1.clone()),
+                variation: img.variation_seed.zip(req.variation.map(|v| v.strength)),
+                denoising_strength: req.init_image.as_ref().map(|i| i.strength),
+                clip_skip: (req.clip_skip > 1).then_some(req.clip_skip),
+                rng: rng.a1111_name().map(str::to_string),
+            };
+            let png = encode_png(&img.rgb, img.width, img.height, &params.to_a1111())?;
+            let mut stem = match img.variation_seed {
+                Some(v) => format!("{}-{v}", img.seed),
+                None => img.seed.to_string(),
+            };
+            if compare {
+                stem = format!("{}-{stem}", file_safe(&m.label));
+            }
+            let path = output_path(&a.out, &stem);
+            write_atomic(&path, &png)?;
+            let line = serde_json::json!({
+                "seed": img.seed,
+                "variation_seed": img.variation_seed,
+                "path": path,
+                "model": m.label,
+                "model_hash": m.hash,
+                "vae": m.vae.as_ref().map(|v| &v.0),
+                "scheduler": st.scheduler.cli_name(),
+                "steps": req.steps,
+                "guidance": req.guidance,
+                "width": img.width,
+                "height": img.height,
+                "elapsed": (elapsed * 1000.0).round() / 1000.0,
+            });
+            let _ = writeln!(stdout.lock(), "{line}");
+            first_params.get_or_insert(params);
+            pictures.push(Picture {
+                width: img.width,
+                height: img.height,
+                rgb: img.rgb,
+            });
+        }
+        rows.push((m.label.clone(), pictures));
+    }
+    if let Some(path) = &a.grid {
+        let cols: Vec<String> = (0..req.batch)
+            .map(|i| format!("Seed: {}", req.seeds_of(i).0))
+            .collect();
+        let labels: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+        let cells: Vec<Vec<Picture>> = rows.into_iter().map(|r| r.1).collect();
+        let g = grid::compose(&cells, &labels, &cols)?;
+        let text = first_params.map(|p| p.to_a1111()).unwrap_or_default();
+        write_atomic(path, &encode_png(&g.rgb, g.width, g.height, &text)?)?;
+        let line = serde_json::json!({ "grid": path, "rows": labels, "columns": cols,
+            "width": g.width, "height": g.height });
+        let _ = writeln!(stdout.lock(), "{line}");
     }
     Ok(())
+}
+
+/// A model label as part of a file name.
+fn file_safe(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .collect()
 }
 
 fn tokenize(a: &TokenizeArgs) -> Result<()> {
@@ -688,7 +735,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         // candle's CPU kernels size their pools from RAYON_NUM_THREADS when first used.
         std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     }
-    let p = prepare(&a.model, &a.sampling)?;
+    let p = prepare(a.model.single()?, &a.model, &a.sampling)?;
     let s = &p.settings;
     let t0 = Instant::now();
     let mut sd = StableDiffusion::load(p.files, p.device, p.dtype)?;
@@ -708,6 +755,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         init_image: None,
         variation: None,
         clip_skip: 1,
+        spacing: s.spacing,
     };
     let (mut enc, mut step, mut dec) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..=a.runs {
@@ -722,7 +770,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
     }
     let (e, st, d) = (median(&mut enc), median(&mut step), median(&mut dec));
     let line = serde_json::json!({
-        "model": a.model.model, "device": a.model.device, "dtype": a.model.dtype,
+        "model": a.model.single()?, "device": a.model.device, "dtype": a.model.dtype,
         "width": s.width, "height": s.height, "batch": a.sampling.batch, "guidance": s.guidance,
         "scheduler": s.scheduler.cli_name(), "steps": s.steps, "runs": a.runs,
         "threads": if a.threads > 0 { a.threads } else { candle_core::utils::get_num_threads() },

@@ -7,36 +7,43 @@
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::engine::cache::{CachedModel, LoadOptions, ModelCache};
+use crate::engine::image_ops::{cover_crop, cover_crop_mask};
 use crate::engine::metadata::{encode_png, output_path, write_atomic, Parameters};
-use crate::engine::model::{self, ModelFiles};
-use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
+use crate::engine::pipeline::{GenerateRequest, InitImage, Run};
 use crate::engine::rng::RngKind;
 use crate::engine::taesd::{self, Previewer, TaesdDecoder};
 use crate::engine::{self as eng, Error};
 use crate::protocol::{
-    Command, Event, JobId, JobRequest, ModelSpec, PreviewMode, RgbImage, TokenCounter, WorkerLink,
-    GRID_CELLS,
+    Command, Event, InitInput, JobId, JobRequest, ModelSpec, PreviewMode, RgbImage, TokenCounter,
+    WorkerLink, GRID_CELLS,
 };
-
-/// A loaded model and its preview decoders.
-struct Loaded {
-    sd: StableDiffusion,
-    taesd: Option<TaesdDecoder>,
-    label: String,
-}
 
 /// The thread's state between commands.
 pub struct Worker {
     link: WorkerLink,
-    model: Option<Loaded>,
+    /// Recently used models (compare mode loads several).
+    cache: ModelCache,
+    /// The model jobs without their own `models` use.
+    model: Option<Arc<CachedModel>>,
+    /// TAESD for the current device and dtype.
+    taesd: Option<TaesdDecoder>,
     spec: Option<ModelSpec>,
     queue: VecDeque<JobRequest>,
     pending_load: Option<ModelSpec>,
     running: Option<JobId>,
     cancel_running: bool,
     shutdown: bool,
+}
+
+/// One batched run inside a job: a model, its seeds' cells, and the run between steps.
+struct Lane {
+    model: Arc<CachedModel>,
+    cells: Vec<usize>,
+    run: Run,
 }
 
 /// Starts the generation thread (supervised: a panic restarts it). Ends on
@@ -52,6 +59,7 @@ pub fn spawn(link: WorkerLink) -> std::io::Result<std::thread::JoinHandle<()>> {
                 |w, msg| {
                     let job = w.running.take();
                     w.model = None;
+                    w.cache.clear();
                     w.cancel_running = false;
                     w.pending_load = w.spec.clone();
                     w.link.send(Event::Failed {
@@ -98,18 +106,6 @@ pub fn seed_runs(seeds: &[u64]) -> Vec<(usize, usize)> {
     runs
 }
 
-fn model_label(spec: &str) -> String {
-    let p = Path::new(spec);
-    if p.exists() {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or(spec)
-            .to_string()
-    } else {
-        spec.to_string()
-    }
-}
-
 /// Checks a job before it runs: every problem as one sentence.
 pub fn check_job(job: &JobRequest) -> Result<(), String> {
     if job.seeds.is_empty() || job.seeds.len() > GRID_CELLS {
@@ -120,6 +116,28 @@ pub fn check_job(job: &JobRequest) -> Result<(), String> {
     }
     if job.cells.len() != job.seeds.len() || job.cells.iter().any(|&c| c >= GRID_CELLS) {
         return Err("each image needs a grid cell 0–7".into());
+    }
+    if !job.models.is_empty() {
+        if job.model_of.len() != job.seeds.len() || job.model_of.iter().any(|&m| m >= job.models.len()) {
+            return Err("compare mode: each image needs one of the job's models".into());
+        }
+        if job.models.iter().any(|m| m.trim().is_empty()) {
+            return Err("compare mode: a model field is empty".into());
+        }
+    }
+    if let Some(init) = &job.init {
+        if !(0.0..=1.0).contains(&init.strength) {
+            return Err(format!("denoising strength must be 0–1, not {}", init.strength));
+        }
+        let i = &init.image;
+        if i.width == 0 || i.height == 0 || i.rgb.len() != i.width * i.height * 3 {
+            return Err("the init image is empty or damaged".into());
+        }
+        if let Some(m) = &init.mask {
+            if m.width == 0 || m.height == 0 || m.data.len() != m.width * m.height {
+                return Err("the mask is empty or damaged".into());
+            }
+        }
     }
     if job.steps == 0 || job.steps > 1000 {
         return Err(format!("steps must be 1–1000, not {}", job.steps));
@@ -141,7 +159,9 @@ impl Worker {
     pub fn new(link: WorkerLink) -> Self {
         Self {
             link,
+            cache: ModelCache::new(ModelCache::default_budget("cpu")),
             model: None,
+            taesd: None,
             spec: None,
             queue: VecDeque::new(),
             pending_load: None,
@@ -217,28 +237,45 @@ impl Worker {
         }
     }
 
+    fn load_options(spec: &ModelSpec, model: &str) -> LoadOptions {
+        LoadOptions {
+            vae: spec.vae.clone().filter(|v| !v.trim().is_empty()),
+            ..LoadOptions::new(model, &spec.device, &spec.dtype)
+        }
+    }
+
+    /// A model from the cache (loading it if needed), reporting progress.
+    fn get_model(&mut self, opts: &LoadOptions) -> eng::Result<Arc<CachedModel>> {
+        let link = &self.link;
+        let name = opts.model.clone();
+        let mut last = (String::new(), -1.0f32);
+        self.cache.get(opts, &mut |msg, progress| {
+            // Hashing reports every MB: pass on whole percents only.
+            let p = progress.unwrap_or(-1.0);
+            if msg != last.0 || (p - last.1).abs() >= 0.01 {
+                last = (msg.to_string(), p);
+                link.send(Event::ModelLoading {
+                    message: format!("{name}: {msg}"),
+                    progress,
+                });
+            }
+        })
+    }
+
     fn load(&mut self, spec: ModelSpec) {
-        self.model = None; // free the old weights first
+        if self.spec.as_ref().is_some_and(|s| s.device != spec.device || s.dtype != spec.dtype) {
+            // Another device or precision: nothing cached is reusable; free it first.
+            self.cache.clear();
+            self.taesd = None;
+        }
+        self.model = None;
         self.spec = Some(spec.clone());
         self.link.send(Event::ModelLoading {
             message: format!("loading {}", spec.model),
             progress: None,
         });
-        let loaded = (|| -> eng::Result<Loaded> {
-            let dtype = eng::dtype(&spec.dtype)?;
-            let device = eng::device(&spec.device)?;
-            let fp16 = dtype != candle_core::DType::F32;
-            let root = model::resolve(&spec.model, fp16)?;
-            let files = ModelFiles::from_dir(&root, fp16)?;
-            let sd = StableDiffusion::load(files, device.clone(), dtype)?;
-            Ok(Loaded {
-                sd,
-                taesd: None,
-                label: model_label(&spec.model),
-            })
-        })();
-        let mut loaded = match loaded {
-            Ok(l) => l,
+        let m = match self.get_model(&Self::load_options(&spec, &spec.model)) {
+            Ok(m) => m,
             Err(e) => {
                 self.spec = None;
                 self.link.send(Event::ModelFailed {
@@ -247,51 +284,50 @@ impl Worker {
                 return;
             }
         };
-        if let Some(t) = &spec.taesd {
-            self.link.send(Event::ModelLoading {
-                message: format!("loading TAESD previews ({t})"),
-                progress: None,
-            });
-            let dec = taesd::resolve(t)
-                .and_then(|dir| TaesdDecoder::load(&dir, loaded.sd.dtype, &loaded.sd.device));
-            match dec {
-                Ok(d) => loaded.taesd = Some(d),
-                Err(e) => self.link.send(Event::Warning {
-                    message: format!(
-                        "TAESD unavailable ({e}); previews use the linear approximation"
-                    ),
-                }),
+        match (&spec.taesd, &self.taesd) {
+            (Some(t), None) => {
+                self.link.send(Event::ModelLoading {
+                    message: format!("loading TAESD previews ({t})"),
+                    progress: None,
+                });
+                let dec = taesd::resolve(t)
+                    .and_then(|dir| TaesdDecoder::load(&dir, m.sd.dtype, &m.sd.device));
+                match dec {
+                    Ok(d) => self.taesd = Some(d),
+                    Err(e) => self.link.send(Event::Warning {
+                        message: format!(
+                            "TAESD unavailable ({e}); previews use the linear approximation"
+                        ),
+                    }),
+                }
             }
+            (None, Some(_)) => self.taesd = None,
+            _ => {}
         }
-        let tokens = loaded
+        let tokens = m
             .sd
             .files
             .load_tokenizer()
             .ok()
-            .map(|t| TokenCounter(std::sync::Arc::new(t)));
+            .map(|t| TokenCounter(Arc::new(t)));
         self.link.send(Event::ModelReady {
-            name: loaded.label.clone(),
-            device: if loaded.sd.device.is_cuda() {
+            name: m.label.clone(),
+            device: if m.sd.device.is_cuda() {
                 "cuda".into()
-            } else if loaded.sd.device.is_metal() {
+            } else if m.sd.device.is_metal() {
                 "metal".into()
             } else {
                 "cpu".into()
             },
-            dtype: format!("{:?}", loaded.sd.dtype).to_lowercase(),
-            previewer: if loaded.taesd.is_some() {
-                "TAESD"
-            } else {
-                "linear"
-            }
-            .into(),
+            dtype: format!("{:?}", m.sd.dtype).to_lowercase(),
+            previewer: if self.taesd.is_some() { "TAESD" } else { "linear" }.into(),
             tokens,
         });
-        self.model = Some(loaded);
+        self.model = Some(m);
     }
 
     fn run_job(&mut self, job: JobRequest) {
-        let Some(mut m) = self.model.take() else {
+        let Some(current) = self.model.clone() else {
             self.queue.push_front(job);
             return;
         };
@@ -299,8 +335,18 @@ impl Worker {
         self.cancel_running = false;
         self.link.send(Event::Started { job: job.id });
         let start = Instant::now();
-        let result = self.run_runs(&mut m, &job, start);
-        self.model = Some(m);
+        let previewer = match (job.preview, self.taesd.take()) {
+            (PreviewMode::Off, t) => (None, t),
+            (PreviewMode::Linear, t) => (Some(Previewer::Linear), t),
+            (PreviewMode::Taesd, Some(t)) => (Some(Previewer::Taesd(t)), None),
+            (PreviewMode::Taesd, None) => (Some(Previewer::Linear), None),
+        };
+        let (previewer, kept) = previewer;
+        let result = self.run_lanes(current, &job, start, previewer.as_ref());
+        self.taesd = match previewer {
+            Some(Previewer::Taesd(t)) => Some(t),
+            _ => kept,
+        };
         self.running = None;
         match result {
             Ok(()) => self.link.send(Event::JobDone {
@@ -316,85 +362,100 @@ impl Worker {
         self.cancel_running = false;
     }
 
-    fn run_runs(&mut self, m: &mut Loaded, job: &JobRequest, start: Instant) -> eng::Result<()> {
-        let runs = seed_runs(&job.seeds);
-        // UNet calls per run: the sampler's timesteps (PNDM adds one, Heun/DPM2 double).
-        let per_run = job
-            .scheduler
-            .build(&m.sd.files.scheduler_config, job.steps)
-            .map(|s| s.timesteps().len())
-            .unwrap_or(job.steps);
-        let total = runs.len() * per_run;
-        let previewer = match (job.preview, m.taesd.take()) {
-            (PreviewMode::Off, t) => (None, t),
-            (PreviewMode::Linear, t) => (Some(Previewer::Linear), t),
-            (PreviewMode::Taesd, Some(t)) => (Some(Previewer::Taesd(t)), None),
-            (PreviewMode::Taesd, None) => (Some(Previewer::Linear), None),
-        };
-        let (previewer, kept) = previewer;
-        let result = self.run_with(m, job, start, &runs, (per_run, total), previewer.as_ref());
-        m.taesd = match previewer {
-            Some(Previewer::Taesd(t)) => Some(t),
-            _ => kept,
-        };
-        result
+    /// Commands that arrived meanwhile (Stop, new jobs, ...); `Err(Cancelled)` on Stop.
+    fn poll(&mut self) -> eng::Result<()> {
+        while let Ok(c) = self.link.commands.try_recv() {
+            self.handle(c);
+        }
+        if self.cancel_running {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
     }
 
-    fn run_with(
+    /// Runs a job as lanes (one per model and run of consecutive seeds), stepping them in
+    /// turn so every cell's preview advances together; each lane is decoded and saved as
+    /// soon as its last step is done.
+    fn run_lanes(
         &mut self,
-        m: &mut Loaded,
+        current: Arc<CachedModel>,
         job: &JobRequest,
         start: Instant,
-        runs: &[(usize, usize)],
-        (per_run, total): (usize, usize),
         previewer: Option<&Previewer>,
     ) -> eng::Result<()> {
-        let (sampler, schedule_type) = job.scheduler.a1111_name();
+        let init = prepare_init(job)?;
+        // Which model draws each image.
+        let mut models: Vec<Arc<CachedModel>> = Vec::new();
+        if job.models.is_empty() {
+            models.push(current);
+        } else {
+            let spec = self.spec.clone().ok_or_else(|| {
+                Error::invalid("model", "load a model first (compare mode uses its device)")
+            })?;
+            for m in &job.models {
+                let cached = self.get_model(&Self::load_options(&spec, m))?;
+                models.push(cached);
+                self.poll()?;
+            }
+        }
+        let model_of = |i: usize| if job.models.is_empty() { 0 } else { job.model_of[i] };
+        let mut lanes: Vec<Lane> = Vec::new();
+        for (mi, model) in models.iter().enumerate() {
+            let idx: Vec<usize> = (0..job.seeds.len()).filter(|&i| model_of(i) == mi).collect();
+            let seeds: Vec<u64> = idx.iter().map(|&i| job.seeds[i]).collect();
+            for (first, len) in seed_runs(&seeds) {
+                let req = GenerateRequest {
+                    prompt: job.prompt.clone(),
+                    negative_prompt: job.negative_prompt.clone(),
+                    seed: seeds[first],
+                    batch: len,
+                    steps: job.steps,
+                    guidance: job.guidance,
+                    scheduler: job.scheduler,
+                    width: job.width,
+                    height: job.height,
+                    // A1111's default "GPU" noise, so seeds match images made there.
+                    rng: RngKind::TorchCuda,
+                    clip_skip: job.clip_skip.max(1),
+                    init_image: init.clone(),
+                    ..Default::default()
+                };
+                let run = model.sd.begin(&req)?;
+                lanes.push(Lane {
+                    model: model.clone(),
+                    cells: idx[first..first + len].iter().map(|&i| job.cells[i]).collect(),
+                    run,
+                });
+                self.poll()?;
+            }
+        }
+        let total: usize = lanes.iter().map(|l| l.run.total()).sum();
         let every = job.preview_every.max(1);
         let mut preview_warned = false;
-        for (r, &(first, len)) in runs.iter().enumerate() {
-            let cells = &job.cells[first..first + len];
-            let req = GenerateRequest {
-                prompt: job.prompt.clone(),
-                negative_prompt: job.negative_prompt.clone(),
-                seed: job.seeds[first],
-                batch: len,
-                steps: job.steps,
-                guidance: job.guidance,
-                scheduler: job.scheduler,
-                width: job.width,
-                height: job.height,
-                // A1111's default "GPU" noise, so seeds match images made there.
-                rng: RngKind::TorchCuda,
-                ..Default::default()
-            };
-            let offset = r * per_run;
-            let images = m.sd.generate(&req, &mut |info| {
-                // Commands that arrived during the step: Stop, new jobs, ...
-                while let Ok(c) = self.link.commands.try_recv() {
-                    self.handle(c);
-                }
-                if self.cancel_running {
-                    return Err(Error::Cancelled);
-                }
-                let step = offset + info.step;
+        let mut done = 0;
+        while lanes.iter().any(|l| !l.run.is_done()) {
+            for lane in lanes.iter_mut().filter(|l| !l.run.is_done()) {
+                let out = lane.model.sd.step(&mut lane.run)?;
+                done += 1;
+                self.poll()?;
                 self.link.send(Event::Step {
                     job: job.id,
-                    step,
+                    step: done,
                     total,
                     elapsed: start.elapsed(),
                 });
-                let due = info.step % every == 0 && info.step < info.total;
-                if let (Some(p), Some(x0), true) = (previewer, info.pred_original, due) {
+                let due = out.step % every == 0 && out.step < out.total;
+                if let (Some(p), Some(x0), true) = (previewer, &out.pred_original, due) {
                     let t0 = Instant::now();
                     match p.previews(x0) {
                         Ok(imgs) => {
                             let decode_time = t0.elapsed();
-                            for (img, &cell) in imgs.into_iter().zip(cells) {
+                            for (img, &cell) in imgs.into_iter().zip(&lane.cells) {
                                 self.link.send(Event::Preview {
                                     job: job.id,
                                     cell,
-                                    step,
+                                    step: done,
                                     image: rgb(img.width, img.height, img.rgb),
                                     decode_time,
                                 });
@@ -410,50 +471,110 @@ impl Worker {
                     }
                 }
                 // Stop asked while this step ran: stop now rather than after the next one.
-                if self.cancel_running {
-                    return Err(Error::Cancelled);
-                }
-                Ok(())
-            })?;
-            for (img, &cell) in images.into_iter().zip(cells) {
-                self.link.previews.clear(cell);
-                let params = Parameters {
-                    prompt: job.prompt.clone(),
-                    negative_prompt: job.negative_prompt.clone(),
-                    steps: job.steps,
-                    sampler: sampler.into(),
-                    schedule_type: schedule_type.map(str::to_string),
-                    cfg_scale: job.guidance,
-                    seed: img.seed,
-                    width: img.width,
-                    height: img.height,
-                    model: m.label.clone(),
-                    variation: None,
-                    denoising_strength: None,
-                    clip_skip: None,
-                    rng: RngKind::TorchCuda.a1111_name().map(str::to_string),
-                };
-                let path = match save(&job.output_dir, &params, &img.rgb) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        self.link.send(Event::Warning {
-                            message: format!("image not saved: {e}"),
-                        });
-                        None
-                    }
-                };
-                self.link.send(Event::CellDone {
-                    job: job.id,
-                    cell,
-                    seed: img.seed,
-                    model: m.label.clone(),
-                    image: rgb(img.width, img.height, img.rgb),
-                    path,
-                });
+                self.poll()?;
             }
+            // Lanes that just finished: decode and save now.
+            let mut i = 0;
+            while i < lanes.len() {
+                if lanes[i].run.is_done() {
+                    let lane = lanes.remove(i);
+                    self.finish_lane(job, lane)?;
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        for lane in lanes {
+            self.finish_lane(job, lane)?; // zero-step runs (strength 0)
         }
         Ok(())
     }
+
+    fn finish_lane(&mut self, job: &JobRequest, lane: Lane) -> eng::Result<()> {
+        let Lane { model, cells, run } = lane;
+        let (images, _) = model.sd.finish(run)?;
+        let (sampler, schedule_type) = job.scheduler.a1111_name();
+        for (img, &cell) in images.into_iter().zip(&cells) {
+            self.link.previews.clear(cell);
+            let params = Parameters {
+                prompt: job.prompt.clone(),
+                negative_prompt: job.negative_prompt.clone(),
+                steps: job.steps,
+                sampler: sampler.into(),
+                schedule_type: schedule_type.map(str::to_string),
+                cfg_scale: job.guidance,
+                seed: img.seed,
+                width: img.width,
+                height: img.height,
+                model: model.label.clone(),
+                model_hash: model.hash.clone(),
+                vae: model.vae.as_ref().map(|v| v.0.clone()),
+                vae_hash: model.vae.as_ref().map(|v| v.1.clone()),
+                denoising_strength: job.init.as_ref().map(|i| i.strength),
+                clip_skip: (job.clip_skip > 1).then_some(job.clip_skip),
+                rng: RngKind::TorchCuda.a1111_name().map(str::to_string),
+                ..Default::default()
+            };
+            let path = match save(&job.output_dir, &params, &img.rgb) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.link.send(Event::Warning {
+                        message: format!("image not saved: {e}"),
+                    });
+                    None
+                }
+            };
+            self.link.send(Event::CellDone {
+                job: job.id,
+                cell,
+                seed: img.seed,
+                model: model.label.clone(),
+                image: rgb(img.width, img.height, img.rgb),
+                path,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The studio's init image and mask, fitted to the job's size (A1111's crop and resize).
+fn prepare_init(job: &JobRequest) -> eng::Result<Option<InitImage>> {
+    let Some(InitInput {
+        image,
+        strength,
+        mask,
+    }) = &job.init
+    else {
+        return Ok(None);
+    };
+    let damaged = || Error::invalid("init image", "its pixels do not match its size");
+    let rgb = image::RgbImage::from_raw(image.width as u32, image.height as u32, image.rgb.clone())
+        .ok_or_else(damaged)?;
+    let mask = match mask {
+        None => None,
+        Some(m) => {
+            let g = image::GrayImage::from_raw(m.width as u32, m.height as u32, m.data.clone())
+                .ok_or_else(|| Error::invalid("mask", "its pixels do not match its size"))?;
+            // A mask painted at another size than its picture: bring it to the picture's
+            // size first, so both get the same fit.
+            let g = if (m.width, m.height) != (image.width, image.height) {
+                image::imageops::resize(
+                    &g,
+                    image.width as u32,
+                    image.height as u32,
+                    image::imageops::FilterType::Nearest,
+                )
+            } else {
+                g
+            };
+            Some(cover_crop_mask(g, job.width, job.height))
+        }
+    };
+    Ok(Some(InitImage {
+        rgb: cover_crop(rgb, job.width, job.height),
+        strength: *strength,
+        mask,
+    }))
 }
 
 /// Writes one image with its A1111 parameters into `dir` (atomically), named by its seed.

@@ -487,7 +487,7 @@ fn img2img_and_inpainting_inputs() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("mask 16x16 resized to 64x64"),
+        stderr(&o).contains("mask 16x16 fitted to 64x64"),
         "{}",
         stderr(&o)
     );

@@ -41,6 +41,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         variation: None,
         clip_skip: 1,
         init_image: None,
+        spacing: None,
     }
 }
 
@@ -120,6 +121,7 @@ fn batch_size_never_changes_an_image() {
         variation: None,
         clip_skip: 1,
         init_image: None,
+        spacing: None,
     };
     let batch = sd.generate(&base, &mut |_| Ok(())).unwrap();
     let single = sd
@@ -161,6 +163,7 @@ fn steps_are_reported_and_cancel_stops_the_job() {
         variation: None,
         clip_skip: 1,
         init_image: None,
+        spacing: None,
     };
     let mut seen = Vec::new();
     sd.generate(&req, &mut |s| {

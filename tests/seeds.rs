@@ -25,6 +25,7 @@ fn req(seed: u64, variation: Option<Variation>) -> GenerateRequest {
         variation,
         clip_skip: 1,
         init_image: None,
+        spacing: None,
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use super::error::{Error, Result};
 
 /// The values behind one image's `parameters` chunk.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Parameters {
     pub prompt: String,
     pub negative_prompt: String,
@@ -23,6 +23,11 @@ pub struct Parameters {
     pub width: usize,
     pub height: usize,
     pub model: String,
+    /// "Model hash": the first 10 hex digits of the checkpoint file's sha256.
+    pub model_hash: Option<String>,
+    /// "VAE" (file name) and "VAE hash" when a replacement VAE was used.
+    pub vae: Option<String>,
+    pub vae_hash: Option<String>,
     /// "Variation seed" and "Variation seed strength".
     pub variation: Option<(u64, f64)>,
     /// "Denoising strength" (img2img).
@@ -63,7 +68,16 @@ impl Parameters {
         pairs.push(("CFG scale", py_float(self.cfg_scale)));
         pairs.push(("Seed", self.seed.to_string()));
         pairs.push(("Size", format!("{}x{}", self.width, self.height)));
+        if let Some(h) = &self.model_hash {
+            pairs.push(("Model hash", h.clone()));
+        }
         pairs.push(("Model", self.model.clone()));
+        if let Some(h) = &self.vae_hash {
+            pairs.push(("VAE hash", h.clone()));
+        }
+        if let Some(v) = &self.vae {
+            pairs.push(("VAE", v.clone()));
+        }
         if let Some((seed, strength)) = self.variation {
             pairs.push(("Variation seed", seed.to_string()));
             pairs.push(("Variation seed strength", py_float(strength)));
@@ -202,6 +216,7 @@ mod format_tests {
             denoising_strength: None,
             clip_skip: None,
             rng: None,
+            ..Default::default()
         }
     }
 
@@ -444,6 +459,7 @@ Lora hashes: \"add_detail: 7c6bad76eb54, more: \\\"x\\\"\", Version: v1.9.4";
             denoising_strength: None,
             clip_skip: Some(2),
             rng: Some("CPU".into()),
+            ..Default::default()
         };
         let p = parse_a1111(&params.to_a1111()).unwrap();
         assert_eq!(p.prompt, params.prompt);

@@ -4,7 +4,11 @@
 pub mod clip;
 pub mod config;
 pub mod error;
+pub mod grid;
+pub mod hash;
+pub mod image_ops;
 pub mod metadata;
+pub mod cache;
 pub mod model;
 pub mod pipeline;
 pub mod presets;

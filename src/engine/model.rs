@@ -382,6 +382,35 @@ pub fn resolve_vae(spec: &str, prefer_fp16: bool) -> Result<PathBuf> {
 }
 
 impl ModelFiles {
+    /// `--model` (folder, hub id or single file) with its options: `config` (a diffusers
+    /// folder or hub id describing a single file's architecture), `v_prediction` (single
+    /// files) and `vae` (a replacement VAE).
+    pub fn open(
+        model: &str,
+        prefer_fp16: bool,
+        config: Option<&str>,
+        v_prediction: bool,
+        vae: Option<&str>,
+    ) -> Result<Self> {
+        let root = resolve(model, prefer_fp16)?;
+        let files = if root.is_file() {
+            let config = config.map(|c| resolve(c, false)).transpose()?;
+            Self::from_single_file(&root, v_prediction.then_some(true), config.as_deref())?
+        } else {
+            if config.is_some() || v_prediction {
+                return Err(Error::invalid(
+                    "model",
+                    "--config and --v-prediction apply to single-file checkpoints only",
+                ));
+            }
+            Self::from_dir(&root, prefer_fp16)?
+        };
+        match vae {
+            Some(v) => files.with_vae(v, prefer_fp16),
+            None => Ok(files),
+        }
+    }
+
     /// A single-file checkpoint (original SD key layout). `v_prediction`: None reads an
     /// A1111-style `.yaml` beside the file.
     /// `config`: a diffusers folder whose config files (and tokenizer) describe the

@@ -5,7 +5,7 @@
 //! image with the VAE. img2img and inpainting start from an encoded picture instead.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -16,7 +16,7 @@ use super::error::{Context, Error, Result};
 use super::model::ModelFiles;
 use super::prompt;
 use super::rng::{NoiseStream, RngKind};
-use super::schedulers::{Scheduler, SchedulerKind};
+use super::schedulers::{Scheduler, SchedulerKind, TimestepSpacing};
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
 use super::vae_encoder::VaeEncoder;
@@ -42,6 +42,8 @@ pub struct GenerateRequest {
     pub clip_skip: usize,
     /// img2img: start from this picture instead of pure noise.
     pub init_image: Option<InitImage>,
+    /// Overrides the scheduler config's timestep spacing (flags, model presets).
+    pub spacing: Option<TimestepSpacing>,
 }
 
 /// img2img's starting picture, already at the request's size.
@@ -74,6 +76,7 @@ impl Default for GenerateRequest {
             variation: None,
             clip_skip: 1,
             init_image: None,
+            spacing: None,
         }
     }
 }
@@ -259,9 +262,9 @@ pub struct StableDiffusion {
     pub device: Device,
     pub dtype: DType,
     tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    unet: UNet,
-    vae: AutoEncoderKL,
+    text_encoder: Arc<ClipTextModel>,
+    unet: Arc<UNet>,
+    vae: Arc<AutoEncoderKL>,
     vae_f32: OnceLock<Result<AutoEncoderKL, String>>,
     vae_encoder: OnceLock<Result<VaeEncoder, String>>,
     pub last_timings: Timings,
@@ -288,10 +291,22 @@ fn dims_ok(what: &'static str, v: usize, multiple: usize) -> Result<()> {
 
 impl StableDiffusion {
     pub fn load(files: ModelFiles, device: Device, dtype: DType) -> Result<Self> {
+        let text_encoder = Arc::new(files.load_text_encoder(dtype, &device)?);
+        let unet = Arc::new(files.load_unet(dtype, &device)?);
+        let vae = Arc::new(files.load_vae(dtype, &device)?);
+        Self::from_parts(files, device, dtype, text_encoder, unet, vae)
+    }
+
+    /// A model from components loaded elsewhere (the model cache shares identical ones).
+    pub fn from_parts(
+        files: ModelFiles,
+        device: Device,
+        dtype: DType,
+        text_encoder: Arc<ClipTextModel>,
+        unet: Arc<UNet>,
+        vae: Arc<AutoEncoderKL>,
+    ) -> Result<Self> {
         let tokenizer = files.load_tokenizer()?;
-        let text_encoder = files.load_text_encoder(dtype, &device)?;
-        let unet = files.load_unet(dtype, &device)?;
-        let vae = files.load_vae(dtype, &device)?;
         Ok(Self {
             files,
             device,
@@ -465,9 +480,8 @@ impl StableDiffusion {
         timings.encode = t0.elapsed().as_secs_f64();
 
         // 3. Timesteps.
-        let scheduler = req
-            .scheduler
-            .build(&self.files.scheduler_config, req.steps)?;
+        let config = self.files.scheduler_config.clone().with_spacing(req.spacing);
+        let scheduler = req.scheduler.build(&config, req.steps)?;
         let steps_total = scheduler.timesteps().len();
 
         // 4. Initial latents: each image's own generator, so the batch never changes an image.

@@ -26,8 +26,8 @@ pub enum FileKind {
     Other,
 }
 
-/// The tensor names in a `.safetensors` header.
-pub fn tensor_names(path: &Path) -> Result<Vec<String>> {
+/// The tensors (name, shape) in a `.safetensors` header; the data is not read.
+pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     let mut f = File::open(path).map_err(|e| Error::read(path, e))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
@@ -46,9 +46,21 @@ pub fn tensor_names(path: &Path) -> Result<Vec<String>> {
         .map_err(|e| Error::read(path, format!("bad safetensors header: {e}")))?;
     Ok(map
         .into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| k != "__metadata__")
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| {
+            let shape = v
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .map(|a| a.iter().filter_map(|d| d.as_u64()).map(|d| d as usize).collect())
+                .unwrap_or_default();
+            (k, shape)
+        })
         .collect())
+}
+
+/// The tensor names in a `.safetensors` header.
+pub fn tensor_names(path: &Path) -> Result<Vec<String>> {
+    Ok(tensor_shapes(path)?.into_iter().map(|(k, _)| k).collect())
 }
 
 /// Classifies a `.safetensors` file by its tensor names.

@@ -431,6 +431,7 @@ impl StudioApp {
             denoising_strength: None,
             clip_skip: None,
             rng: None,
+            ..Default::default()
         })
     }
 
