@@ -530,6 +530,11 @@ impl ModelFiles {
             let mut c = f.config.clone();
             c.scaling_factor = self.vae_config.scaling_factor;
             c.shift_factor = self.vae_config.shift_factor;
+            // Group counts are not in the shapes: same layout as the model's own VAE → its
+            // value (32 for every released SD VAE).
+            if c.block_out_channels == self.vae_config.block_out_channels {
+                c.norm_num_groups = self.vae_config.norm_num_groups;
+            }
             (c, vec![path.clone()], Some(std::sync::Arc::new(f)))
         } else {
             let c = VaeConfig::from_json(&JsonConfig::load(&path.join("config.json"))?)?;
