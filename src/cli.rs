@@ -702,7 +702,13 @@ fn generate(a: &GenerateArgs) -> Result<()> {
 fn file_safe(label: &str) -> String {
     label
         .chars()
-        .map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 

@@ -118,7 +118,9 @@ pub fn check_job(job: &JobRequest) -> Result<(), String> {
         return Err("each image needs a grid cell 0–7".into());
     }
     if !job.models.is_empty() {
-        if job.model_of.len() != job.seeds.len() || job.model_of.iter().any(|&m| m >= job.models.len()) {
+        if job.model_of.len() != job.seeds.len()
+            || job.model_of.iter().any(|&m| m >= job.models.len())
+        {
             return Err("compare mode: each image needs one of the job's models".into());
         }
         if job.models.iter().any(|m| m.trim().is_empty()) {
@@ -127,7 +129,10 @@ pub fn check_job(job: &JobRequest) -> Result<(), String> {
     }
     if let Some(init) = &job.init {
         if !(0.0..=1.0).contains(&init.strength) {
-            return Err(format!("denoising strength must be 0–1, not {}", init.strength));
+            return Err(format!(
+                "denoising strength must be 0–1, not {}",
+                init.strength
+            ));
         }
         let i = &init.image;
         if i.width == 0 || i.height == 0 || i.rgb.len() != i.width * i.height * 3 {
@@ -263,7 +268,11 @@ impl Worker {
     }
 
     fn load(&mut self, spec: ModelSpec) {
-        if self.spec.as_ref().is_some_and(|s| s.device != spec.device || s.dtype != spec.dtype) {
+        if self
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.device != spec.device || s.dtype != spec.dtype)
+        {
             // Another device or precision: nothing cached is reusable; free it first.
             self.cache.clear();
             self.taesd = None;
@@ -304,12 +313,11 @@ impl Worker {
             (None, Some(_)) => self.taesd = None,
             _ => {}
         }
-        let tokens = m
-            .sd
-            .files
-            .load_tokenizer()
-            .ok()
-            .map(|t| TokenCounter(Arc::new(t)));
+        let tokens =
+            m.sd.files
+                .load_tokenizer()
+                .ok()
+                .map(|t| TokenCounter(Arc::new(t)));
         self.link.send(Event::ModelReady {
             name: m.label.clone(),
             device: if m.sd.device.is_cuda() {
@@ -320,7 +328,12 @@ impl Worker {
                 "cpu".into()
             },
             dtype: format!("{:?}", m.sd.dtype).to_lowercase(),
-            previewer: if self.taesd.is_some() { "TAESD" } else { "linear" }.into(),
+            previewer: if self.taesd.is_some() {
+                "TAESD"
+            } else {
+                "linear"
+            }
+            .into(),
             tokens,
         });
         self.model = Some(m);
@@ -399,10 +412,18 @@ impl Worker {
                 self.poll()?;
             }
         }
-        let model_of = |i: usize| if job.models.is_empty() { 0 } else { job.model_of[i] };
+        let model_of = |i: usize| {
+            if job.models.is_empty() {
+                0
+            } else {
+                job.model_of[i]
+            }
+        };
         let mut lanes: Vec<Lane> = Vec::new();
         for (mi, model) in models.iter().enumerate() {
-            let idx: Vec<usize> = (0..job.seeds.len()).filter(|&i| model_of(i) == mi).collect();
+            let idx: Vec<usize> = (0..job.seeds.len())
+                .filter(|&i| model_of(i) == mi)
+                .collect();
             let seeds: Vec<u64> = idx.iter().map(|&i| job.seeds[i]).collect();
             for (first, len) in seed_runs(&seeds) {
                 let req = GenerateRequest {
@@ -424,7 +445,10 @@ impl Worker {
                 let run = model.sd.begin(&req)?;
                 lanes.push(Lane {
                     model: model.clone(),
-                    cells: idx[first..first + len].iter().map(|&i| job.cells[i]).collect(),
+                    cells: idx[first..first + len]
+                        .iter()
+                        .map(|&i| job.cells[i])
+                        .collect(),
                     run,
                 });
                 self.poll()?;

@@ -23,7 +23,9 @@ fn opts(model: &Path) -> LoadOptions {
 }
 
 fn single() -> PathBuf {
-    common::fixtures().join("single").join("tiny-sd15.safetensors")
+    common::fixtures()
+        .join("single")
+        .join("tiny-sd15.safetensors")
 }
 
 /// The tiny single file with `--config` (its group-norm size is not in the shapes).
@@ -83,7 +85,11 @@ fn identical_components_load_once_and_the_least_recently_used_model_goes_first()
     cache
         .get(&inpaint, &mut |m, p| messages.push((m.to_string(), p)))
         .unwrap();
-    assert_eq!(cache.stats.loaded, [1, 2, 1], "text, unet, vae read from disk");
+    assert_eq!(
+        cache.stats.loaded,
+        [1, 2, 1],
+        "text, unet, vae read from disk"
+    );
     assert_eq!(cache.stats.shared, 2);
     assert!(messages.iter().any(|(m, _)| m.contains("UNet")));
     assert_eq!(messages.last().unwrap().1, Some(1.0));
@@ -91,10 +97,14 @@ fn identical_components_load_once_and_the_least_recently_used_model_goes_first()
     assert_eq!(cache.stats.hits, 1);
 
     // Three models that share nothing; room for any two.
-    let sizes: Vec<u64> = [&sd15, &opts(&common::model_dir("tiny-sd2v")), &single_opts()]
-        .iter()
-        .map(|o| cache.get(o, &mut |_, _| {}).unwrap().bytes)
-        .collect();
+    let sizes: Vec<u64> = [
+        &sd15,
+        &opts(&common::model_dir("tiny-sd2v")),
+        &single_opts(),
+    ]
+    .iter()
+    .map(|o| cache.get(o, &mut |_, _| {}).unwrap().bytes)
+    .collect();
     let mut small = ModelCache::new(sizes.iter().sum::<u64>() - 1);
     let (a, b, c) = (
         sd15.clone(),
@@ -213,8 +223,16 @@ fn a_models_folder_scan_lists_checkpoints_and_says_what_the_rest_is() {
         vec![
             ("anime/Tiny-1.5.safetensors", "single file", true),
             ("diffusers-model", "diffusers folder", true),
-            ("old.ckpt", "pickle (refused: convert to .safetensors)", false),
-            ("style-lora.safetensors", "not a checkpoint (LoRA or other)", false),
+            (
+                "old.ckpt",
+                "pickle (refused: convert to .safetensors)",
+                false
+            ),
+            (
+                "style-lora.safetensors",
+                "not a checkpoint (LoRA or other)",
+                false
+            ),
         ]
     );
     let e = scan::scan(&root.join("missing")).unwrap_err().to_string();
@@ -230,7 +248,9 @@ fn headless_compare_writes_every_image_and_a_labelled_grid() {
         .env("HF_HUB_OFFLINE", "1")
         .env("SD_STUDIO_CACHE_DIR", tmp.path().join("cache"))
         .args(["generate", "--prompt", "a red barn", "--steps", "2"])
-        .args(["--width", "64", "--height", "64", "--seed", "40", "--batch", "2"])
+        .args([
+            "--width", "64", "--height", "64", "--seed", "40", "--batch", "2",
+        ])
         .arg("--model")
         .arg(common::model_dir("tiny-sd15"))
         .arg("--model")
@@ -253,7 +273,9 @@ fn headless_compare_writes_every_image_and_a_labelled_grid() {
         .env("HF_HUB_OFFLINE", "1")
         .env("SD_STUDIO_CACHE_DIR", tmp.path().join("cache"))
         .args(["generate", "--prompt", "a red barn", "--steps", "2"])
-        .args(["--width", "64", "--height", "64", "--seed", "40", "--batch", "2"])
+        .args([
+            "--width", "64", "--height", "64", "--seed", "40", "--batch", "2",
+        ])
         .arg("--model")
         .arg(common::model_dir("tiny-sd15"))
         .arg("--model")
@@ -264,11 +286,7 @@ fn headless_compare_writes_every_image_and_a_labelled_grid() {
         .arg(&grid)
         .output()
         .unwrap();
-    assert!(
-        o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -280,7 +298,12 @@ fn headless_compare_writes_every_image_and_a_labelled_grid() {
         .collect();
     assert_eq!(
         models,
-        vec![("tiny-sd15", 40), ("tiny-sd15", 41), ("other", 40), ("other", 41)]
+        vec![
+            ("tiny-sd15", 40),
+            ("tiny-sd15", 41),
+            ("other", 40),
+            ("other", 41)
+        ]
     );
     let g = &lines[4];
     assert_eq!(g["rows"], serde_json::json!(["tiny-sd15", "other"]));

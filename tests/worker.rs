@@ -8,9 +8,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sd_studio::engine::metadata::{parse_a1111, read_png_parameters};
+use sd_studio::engine::pipeline::{GenerateRequest, InitImage};
 use sd_studio::engine::schedulers::SchedulerKind;
 use sd_studio::protocol::{
-    link, Command, EngineLink, Event, JobRequest, ModelSpec, PreviewMode, PreviewSlots,
+    link, Command, EngineLink, Event, InitInput, JobRequest, ModelSpec, PreviewMode, PreviewSlots,
+    RgbImage,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -261,4 +263,176 @@ fn queued_jobs_can_be_removed_bad_jobs_fail_clearly_and_the_worker_carries_on() 
         _ => unreachable!(),
     }
     rig.engine.send(Command::Shutdown);
+}
+
+fn cell_images(events: &[Event]) -> Vec<(usize, String, Vec<u8>, Option<std::path::PathBuf>)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::CellDone {
+                cell,
+                model,
+                image,
+                path,
+                ..
+            } => Some((*cell, model.clone(), image.rgb.clone(), path.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn pipeline_image(model: &str, req: &GenerateRequest) -> Vec<Vec<u8>> {
+    let mut sd = common::load_model(model);
+    sd.generate(req, &mut |_| Ok(()))
+        .unwrap()
+        .into_iter()
+        .map(|i| i.rgb)
+        .collect()
+}
+
+#[test]
+fn compare_jobs_step_the_models_in_turn_and_label_every_cell() {
+    let rig = start(false);
+    let mut j = job(&rig, 30, vec![5, 6, 5, 6], 3);
+    j.cells = vec![0, 1, 4, 5];
+    j.models = vec![
+        common::model_dir("tiny-sd15").display().to_string(),
+        common::model_dir("tiny-sd2v").display().to_string(),
+    ];
+    j.model_of = vec![0, 0, 1, 1];
+    j.preview = PreviewMode::Linear;
+    rig.engine.send(Command::Generate(j.clone()));
+    let events = collect(&rig.engine, 30);
+    assert!(
+        matches!(events.last(), Some(Event::JobDone { .. })),
+        "{events:?}"
+    );
+    // Two lanes of 3 steps, stepped in turn: 6 steps before the first cell is decoded (run
+    // one after the other, the first row would finish after step 3).
+    let order: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step { step, total, .. } => Some(format!("step {step}/{total}")),
+            Event::CellDone { cell, .. } => Some(format!("cell {cell}")),
+            _ => None,
+        })
+        .collect();
+    let first_done = order.iter().position(|s| s.starts_with("cell")).unwrap();
+    assert_eq!(
+        &order[..first_done],
+        ["step 1/6", "step 2/6", "step 3/6", "step 4/6", "step 5/6", "step 6/6"]
+    );
+    let cells = cell_images(&events);
+    let labels: Vec<(usize, &str)> = cells.iter().map(|c| (c.0, c.1.as_str())).collect();
+    assert_eq!(
+        labels,
+        vec![
+            (0, "tiny-sd15"),
+            (1, "tiny-sd15"),
+            (4, "tiny-sd2v"),
+            (5, "tiny-sd2v")
+        ]
+    );
+    // Each row is exactly what its model makes alone at those seeds.
+    let req = GenerateRequest {
+        prompt: j.prompt.clone(),
+        negative_prompt: j.negative_prompt.clone(),
+        seed: 5,
+        batch: 2,
+        steps: 3,
+        guidance: j.guidance,
+        scheduler: j.scheduler,
+        width: 64,
+        height: 64,
+        ..Default::default()
+    };
+    for (model, row) in [("tiny-sd15", &cells[..2]), ("tiny-sd2v", &cells[2..])] {
+        let want = pipeline_image(model, &req);
+        assert_eq!(row[0].2, want[0], "{model} seed 5");
+        assert_eq!(row[1].2, want[1], "{model} seed 6");
+        let text = read_png_parameters(row[0].3.as_ref().unwrap())
+            .unwrap()
+            .unwrap();
+        assert!(text.contains(&format!("Model: {model}")), "{text}");
+    }
+    // Previews came for both rows.
+    let previewed: std::collections::BTreeSet<usize> = rig
+        .previews
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Preview { job: 30, cell, .. } => Some(*cell),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(previewed.into_iter().collect::<Vec<_>>(), vec![0, 1, 4, 5]);
+    // A compare model that is not there fails the job with its name; the worker carries on.
+    let mut bad = job(&rig, 31, vec![1], 1);
+    bad.models = vec!["/no/such/model-b".into()];
+    bad.model_of = vec![0];
+    rig.engine.send(Command::Generate(bad));
+    let events = collect(&rig.engine, 31);
+    assert!(
+        matches!(events.last(), Some(Event::Failed { message, .. }) if message.contains("/no/such/model-b")),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn init_image_jobs_fit_the_picture_to_the_size_and_record_the_strength() {
+    let rig = start(false);
+    // 48x32 picture for a 64x64 job: scaled to cover, centre cropped.
+    let (w, h) = (48usize, 32usize);
+    let rgb: Vec<u8> = (0..w * h)
+        .flat_map(|i| {
+            let (x, y) = (i % w, i / w);
+            [(x * 5) as u8, (y * 7) as u8, 128]
+        })
+        .collect();
+    let mut j = job(&rig, 40, vec![9], 4);
+    j.init = Some(InitInput {
+        image: RgbImage {
+            width: w,
+            height: h,
+            rgb: rgb.clone(),
+        },
+        strength: 0.5,
+        mask: None,
+    });
+    rig.engine.send(Command::Generate(j.clone()));
+    let events = collect(&rig.engine, 40);
+    let cells = cell_images(&events);
+    assert_eq!(cells.len(), 1, "{events:?}");
+    let picture = image::RgbImage::from_raw(w as u32, h as u32, rgb).unwrap();
+    let req = GenerateRequest {
+        prompt: j.prompt.clone(),
+        negative_prompt: j.negative_prompt.clone(),
+        seed: 9,
+        steps: 4,
+        guidance: j.guidance,
+        scheduler: j.scheduler,
+        width: 64,
+        height: 64,
+        init_image: Some(InitImage {
+            rgb: sd_studio::engine::image_ops::cover_crop(picture, 64, 64),
+            strength: 0.5,
+            mask: None,
+        }),
+        ..Default::default()
+    };
+    assert_eq!(cells[0].2, pipeline_image("tiny-sd15", &req)[0]);
+    let text = read_png_parameters(cells[0].3.as_ref().unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("Denoising strength: 0.5"), "{text}");
+    // Strength outside 0..1 is refused before anything runs.
+    let mut bad = j.clone();
+    bad.id = 41;
+    bad.init.as_mut().unwrap().strength = 1.5;
+    rig.engine.send(Command::Generate(bad));
+    let e = next(&rig.engine, |e| {
+        matches!(e, Event::Failed { job: Some(41), .. })
+    });
+    assert!(matches!(e, Event::Failed { message, .. } if message.contains("strength")));
 }

@@ -197,7 +197,11 @@ impl ModelCache {
                     out.push(h.clone());
                     continue;
                 }
-                let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+                let name = p
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .to_string();
                 let msg = format!("hashing {name} (first time only)");
                 let h = hash::sha256(p, &mut |f| progress(&msg, Some(f * 0.3)))?;
                 ids.insert(p.clone(), h.clone());
@@ -227,7 +231,10 @@ impl ModelCache {
             format!("{:?}", files.vae_config),
         );
         let hash = match &files.single {
-            Some(f) => Some(hash::short(&content(std::slice::from_ref(&f.path), progress)?)),
+            Some(f) => Some(hash::short(&content(
+                std::slice::from_ref(&f.path),
+                progress,
+            )?)),
             None => None,
         };
         let vae = match &files.vae_override {

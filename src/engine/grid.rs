@@ -46,8 +46,15 @@ pub fn compose(
         .next()
         .ok_or_else(|| Error::invalid("grid", "no images to put in a grid"))?;
     let (cw, ch) = (first.width, first.height);
-    if cells.iter().flatten().any(|c| c.width != cw || c.height != ch) {
-        return Err(Error::invalid("grid", "all images of a grid must have one size"));
+    if cells
+        .iter()
+        .flatten()
+        .any(|c| c.width != cw || c.height != ch)
+    {
+        return Err(Error::invalid(
+            "grid",
+            "all images of a grid must have one size",
+        ));
     }
     let font = FontRef::try_from_slice(epaint_default_fonts::UBUNTU_LIGHT)
         .map_err(|e| Error::invalid("grid font", e.to_string()))?;
@@ -61,12 +68,28 @@ pub fn compose(
         .max()
         .unwrap_or(0)
         .min(cw * 2);
-    let left = if row_labels.is_empty() { 0 } else { label_w + 2 * pad };
-    let top = if col_labels.is_empty() { 0 } else { size as usize + 2 * pad };
+    let left = if row_labels.is_empty() {
+        0
+    } else {
+        label_w + 2 * pad
+    };
+    let top = if col_labels.is_empty() {
+        0
+    } else {
+        size as usize + 2 * pad
+    };
     let mut out = Picture::white(left + cols * cw, top + cells.len() * ch);
     for (c, label) in col_labels.iter().enumerate().take(cols) {
         let w = text_width(&font, size, label).min(cw);
-        draw_text(&mut out, &font, size, label, left + c * cw + (cw - w) / 2, pad, cw);
+        draw_text(
+            &mut out,
+            &font,
+            size,
+            label,
+            left + c * cw + (cw - w) / 2,
+            pad,
+            cw,
+        );
     }
     for (r, row) in cells.iter().enumerate() {
         let y = top + r * ch;

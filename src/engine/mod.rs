@@ -1,6 +1,7 @@
 //! The generation engine: models, samplers, noise and the txt2img pipeline. Never imports
 //! egui; talks to the outside through plain data.
 
+pub mod cache;
 pub mod clip;
 pub mod config;
 pub mod error;
@@ -8,7 +9,6 @@ pub mod grid;
 pub mod hash;
 pub mod image_ops;
 pub mod metadata;
-pub mod cache;
 pub mod model;
 pub mod pipeline;
 pub mod presets;

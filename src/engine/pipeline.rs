@@ -480,7 +480,11 @@ impl StableDiffusion {
         timings.encode = t0.elapsed().as_secs_f64();
 
         // 3. Timesteps.
-        let config = self.files.scheduler_config.clone().with_spacing(req.spacing);
+        let config = self
+            .files
+            .scheduler_config
+            .clone()
+            .with_spacing(req.spacing);
         let scheduler = req.scheduler.build(&config, req.steps)?;
         let steps_total = scheduler.timesteps().len();
 
@@ -492,7 +496,9 @@ impl StableDiffusion {
         let per_image = channels * lh * lw;
         let latents = match (&req.init_latents, req.variation) {
             // img2img draws its noise later, after the VAE sample (step 4b).
-            _ if req.init_image.is_some() => Tensor::zeros(shape, DType::F32, &dev).ctx("latents")?,
+            _ if req.init_image.is_some() => {
+                Tensor::zeros(shape, DType::F32, &dev).ctx("latents")?
+            }
             (Some(l), _) => l
                 .to_dtype(DType::F32)
                 .and_then(|l| l.to_device(&dev))
@@ -617,7 +623,8 @@ impl StableDiffusion {
             // Ordinary model (legacy inpainting): put the known region back, noised to
             // the next step's level.
             let known = if i + 1 < len {
-                run.scheduler.add_noise(&ip.image_latents, &ip.noise, i + 1)?
+                run.scheduler
+                    .add_noise(&ip.image_latents, &ip.noise, i + 1)?
             } else {
                 ip.image_latents.clone()
             };

@@ -51,7 +51,12 @@ pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
             let shape = v
                 .get("shape")
                 .and_then(|s| s.as_array())
-                .map(|a| a.iter().filter_map(|d| d.as_u64()).map(|d| d as usize).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|d| d.as_u64())
+                        .map(|d| d as usize)
+                        .collect()
+                })
                 .unwrap_or_default();
             (k, shape)
         })

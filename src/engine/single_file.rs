@@ -50,7 +50,9 @@ fn vae_config_from(
         })
     };
     let levels = (0..8)
-        .take_while(|i| shapes.contains_key(&format!("{prefix}encoder.down.{i}.block.0.conv1.weight")))
+        .take_while(|i| {
+            shapes.contains_key(&format!("{prefix}encoder.down.{i}.block.0.conv1.weight"))
+        })
         .count();
     if levels == 0 {
         return Err(Error::Weights {
@@ -63,7 +65,9 @@ fn vae_config_from(
         .map(|i| shape(&format!("{prefix}encoder.down.{i}.block.0.conv1.weight")).map(|s| s[0]))
         .collect::<Result<_>>()?;
     let lpb = (0..8)
-        .take_while(|j| shapes.contains_key(&format!("{prefix}encoder.down.0.block.{j}.conv1.weight")))
+        .take_while(|j| {
+            shapes.contains_key(&format!("{prefix}encoder.down.0.block.{j}.conv1.weight"))
+        })
         .count();
     let config = VaeConfig {
         in_channels: shape(&format!("{prefix}encoder.conv_in.weight"))?[1],
