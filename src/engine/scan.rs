@@ -98,7 +98,7 @@ pub fn scan(dir: &Path) -> Result<Vec<FoundModel>> {
     }
     let mut out = Vec::new();
     walk(dir, dir, 0, &mut out)?;
-    out.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+    out.sort_by_key(|m| m.name.to_lowercase());
     Ok(out)
 }
 
