@@ -185,7 +185,7 @@ pub fn compare_ui(ui: &mut egui::Ui, c: &mut CompareSettings, count: usize) -> V
                         });
                     }
                     if rows > MIN_MODELS {
-                        let r = ui.small_button("✕").on_hover_text("Remove this row");
+                        let r = ui.small_button("Remove").on_hover_text("Remove this row");
                         let name = format!("Remove model {}", i + 1);
                         r.widget_info(|| {
                             egui::WidgetInfo::labeled(egui::Role::Button, true, &name)

@@ -46,7 +46,7 @@ pub fn status_bar_ui(
             ui.add(
                 egui::ProgressBar::new(p.clamp(0.0, 1.0))
                     .desired_width(140.0)
-                    .show_percentage(),
+                    .text(format!("{:.0}%", p.clamp(0.0, 1.0) * 100.0)),
             );
         }
         ui.label(status_text(model, running, jobs));
