@@ -358,13 +358,24 @@ fn a_dropped_png_restores_its_parameters() {
     assert_eq!(p.clip_skip, 2, "Clip skip restored");
     ctrl_enter(&mut h);
     assert_eq!(generate_cmd(&fake).clip_skip, 2, "and sent with the job");
-    // A PNG without parameters: a clear message, nothing changed.
+    assert!(
+        h.state().init.is_none(),
+        "a PNG with parameters is not an init image"
+    );
+    // A PNG without parameters: said so, the editor unchanged, and it becomes the init image.
     let plain = dir.path().join("plain.png");
     image::RgbImage::new(4, 4).save(&plain).unwrap();
     h.input_mut().dropped_files.push(Arc::new(Dropped(plain)));
     h.run_steps(2);
-    h.get_by_label_contains("has no generation parameters");
+    h.get_by_label_contains("has no generation parameters; it is now the img2img init image");
     assert_eq!(h.state().state.params, p);
+    assert_eq!(h.state().init.as_ref().map(|i| i.image.width), Some(4));
+    // A file that is no image at all: a message naming it.
+    let junk = dir.path().join("junk.webp");
+    std::fs::write(&junk, b"junk").unwrap();
+    h.input_mut().dropped_files.push(Arc::new(Dropped(junk)));
+    h.run_steps(2);
+    h.get_by_label_contains("junk.webp is not an image sd-studio can read");
 }
 
 /// Clicks a widget found by its label (collapsing headers, buttons, checkboxes).
@@ -465,6 +476,15 @@ fn compare_mode_sends_one_job_with_a_row_per_model() {
     assert!(h
         .query_by_label("Row 1: runwayml/stable-diffusion-v1-5")
         .is_none());
+    // Restoring the first compare job from the history brings its models back.
+    // (Below the fold of the controls panel: clicked through accessibility.)
+    h.get_by_label("History (3)").click_accesskit();
+    h.run_steps(2);
+    h.get_by_label("Restore 1").click_accesskit();
+    h.run_steps(2);
+    let c = &h.state().state.compare;
+    assert!(c.enabled);
+    assert_eq!(c.models, j.models);
 }
 
 fn found(name: &str, kind: &str, bytes: u64, loadable: bool) -> FoundModel {

@@ -513,16 +513,33 @@ impl StudioApp {
                 Some(p) => ctx.copy_text(p.to_a1111()),
                 None => self.error(format!("cell {} has no finished image", i + 1)),
             },
-            UiCommand::RestoreFromPng(path) => {
-                if let Err(e) = self.restore_from_png(&path) {
-                    self.error(format!("{}: {e}", path.display()));
+            UiCommand::RestoreFromPng(path) => match read_png_parameters(&path) {
+                Ok(Some(_)) => {
+                    if let Err(e) = self.restore_from_png(&path) {
+                        self.error(format!("{}: {e}", path.display()));
+                    }
                 }
-            }
+                // Any other image becomes the init image (it has nothing to restore).
+                _ => {
+                    self.set_init_from_file(ctx, &path);
+                    if self.init.is_some() {
+                        self.warn(format!(
+                            "{} has no generation parameters; it is now the img2img init \
+                             image (Clear under Image input goes back to txt2img)",
+                            path.display()
+                        ));
+                    }
+                }
+            },
             UiCommand::RestoreHistory(i) => {
                 if let Some(h) = self.state.history.get(i) {
                     let seed = h.seeds.first().copied().unwrap_or(h.params.seed);
                     self.state.params = h.params.clone();
                     self.state.params.seed = seed;
+                    if !h.compare_models.is_empty() {
+                        self.state.compare.models = h.compare_models.clone();
+                        self.state.compare.enabled = true;
+                    }
                     self.state.params.seed_locked = true;
                 }
             }
@@ -643,10 +660,7 @@ impl StudioApp {
     pub fn restore_from_png(&mut self, path: &std::path::Path) -> Result<(), String> {
         let text = read_png_parameters(path)
             .map_err(|e| e.to_string())?
-            .ok_or(
-                "this PNG has no generation parameters (no `parameters` text chunk); to use it \
-                 as the init image, drop it on Image input (img2img)",
-            )?;
+            .ok_or("this PNG has no generation parameters (no `parameters` text chunk)")?;
         let parsed = parse_a1111(&text).map_err(|e| e.to_string())?;
         let p = &mut self.state.params;
         p.prompt = parsed.prompt.clone();
@@ -884,6 +898,7 @@ impl StudioApp {
                     self.state.push_history(HistoryEntry {
                         params: j.params,
                         model,
+                        compare_models: j.request.models,
                         seeds: j.request.seeds,
                         images: j.paths,
                         time: now_secs(),

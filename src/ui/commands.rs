@@ -54,7 +54,8 @@ pub enum UiCommand {
     SaveAs(usize),
     /// Copy a cell's A1111 parameters to the clipboard.
     CopyParameters(usize),
-    /// Restore the editor from a PNG's parameters.
+    /// Restore the editor from a dropped PNG's parameters; an image without any becomes the
+    /// init image.
     RestoreFromPng(PathBuf),
     /// Put a past generation's parameters (and first seed, locked) back in the editor.
     RestoreHistory(usize),

@@ -127,6 +127,15 @@ pub fn load_image_file(path: &Path) -> Result<RgbImage, String> {
     })
 }
 
+/// The job size for a picture: its own, scaled so the long side is at most 1024, in
+/// multiples of 8 (at least 64).
+pub fn size_from_image(w: usize, h: usize) -> (usize, usize) {
+    let long = w.max(h).max(1) as f64;
+    let s = (1024.0 / long).min(1.0);
+    let fit = |v: usize| (((v as f64 * s) / 8.0).round() as usize * 8).clamp(64, 2048);
+    (fit(w), fit(h))
+}
+
 /// Stamps discs of `radius` (image pixels) along the segment a→b with `value`.
 pub fn paint_line(mask: &mut MaskImage, a: egui::Pos2, b: egui::Pos2, radius: f32, value: u8) {
     let radius = radius.max(0.5);
@@ -213,6 +222,15 @@ fn body_ui(
             .clicked()
         {
             out.push(UiCommand::ClearInit);
+        }
+        if let Some(i) = init {
+            if ui
+                .button("Size from image")
+                .on_hover_text("Set width and height to the picture's (multiples of 8)")
+                .clicked()
+            {
+                (p.width, p.height) = size_from_image(i.image.width, i.image.height);
+            }
         }
         match init {
             Some(i) => ui.label(format!("{} · {}×{}", i.name, i.image.width, i.image.height)),
@@ -326,5 +344,12 @@ mod tests {
         );
         assert_eq!(m.data[10 * 40 + 20], 0, "erase");
         assert_eq!(m.data[10 * 40 + 30], 255);
+    }
+
+    #[test]
+    fn size_from_image_keeps_the_aspect_in_multiples_of_8() {
+        assert_eq!(size_from_image(640, 427), (640, 424));
+        assert_eq!(size_from_image(4000, 3000), (1024, 768));
+        assert_eq!(size_from_image(10, 10), (64, 64));
     }
 }

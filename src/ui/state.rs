@@ -125,6 +125,8 @@ impl Default for CompareSettings {
 pub struct HistoryEntry {
     pub params: Params,
     pub model: String,
+    /// Compare mode: the models of the rows (restored into Compare models).
+    pub compare_models: Vec<String>,
     pub seeds: Vec<u64>,
     pub images: Vec<PathBuf>,
     /// Seconds since the Unix epoch.
