@@ -70,11 +70,15 @@ impl GridLayout {
 pub fn model_label(spec: &str) -> String {
     let spec = spec.trim().trim_end_matches(['/', '\\']);
     let path = std::path::Path::new(spec);
+    // Hub ids are `owner/name`; anything else with a separator is a path (no disk access:
+    // this runs every frame).
     let looks_like_path = spec.starts_with(['/', '.', '~'])
         || spec.contains('\\')
         || spec.contains(':')
-        || path.exists()
-        || spec.matches('/').count() > 1;
+        || spec.matches('/').count() > 1
+        || [".safetensors", ".ckpt", ".pt", ".bin"]
+            .iter()
+            .any(|e| spec.to_ascii_lowercase().ends_with(e));
     if looks_like_path {
         if let Some(name) = path.file_name() {
             return name.to_string_lossy().into_owned();
@@ -222,4 +226,55 @@ pub fn compare_ui(ui: &mut egui::Ui, c: &mut CompareSettings, count: usize) -> V
             });
         });
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_file_names_for_paths_and_hub_ids_as_they_are() {
+        assert_eq!(
+            model_label("runwayml/stable-diffusion-v1-5"),
+            "runwayml/stable-diffusion-v1-5"
+        );
+        assert_eq!(
+            model_label("/sd/models/dreamshaper_8.safetensors"),
+            "dreamshaper_8.safetensors"
+        );
+        assert_eq!(model_label("models/sd15.safetensors"), "sd15.safetensors");
+        assert_eq!(model_label("./tiny-sd15/"), "tiny-sd15");
+    }
+
+    #[test]
+    fn plans_fill_one_row_per_model_within_the_grid() {
+        let s = |m: &[&str]| CompareSettings {
+            enabled: true,
+            models: m.iter().map(|x| x.to_string()).collect(),
+        };
+        let p = plan(
+            &s(&["a/b", "", "c/d", "e/f", "g/h"]),
+            8,
+            7,
+            SeedMode::Increment,
+        );
+        assert_eq!(p.unwrap().models.len(), 4, "blank rows are skipped");
+        let five = plan(
+            &s(&["a/b", "c/d", "e/f", "g/h", "i/j"]),
+            8,
+            7,
+            SeedMode::Same,
+        );
+        assert!(five.unwrap_err().contains("2 to 4 models"));
+        let p = plan(&s(&["a/b", "c/d", "e/f", "g/h"]), 8, 7, SeedMode::Same).unwrap();
+        assert_eq!(p.cells, (0..8).collect::<Vec<_>>());
+        assert_eq!(p.model_of, vec![0, 0, 1, 1, 2, 2, 3, 3]);
+        assert!(p.seeds.iter().all(|&s| s == 7));
+        let p = plan(&s(&["a/b", "c/d"]), 3, 7, SeedMode::Increment).unwrap();
+        assert_eq!(p.seeds, vec![7, 8, 9, 7, 8, 9]);
+        assert_eq!(p.cells, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(p.layout.cell(1, 0), Some(3));
+        assert!(plan(&s(&["a/b", " "]), 8, 7, SeedMode::Increment).is_err());
+    }
 }

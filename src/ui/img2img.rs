@@ -290,7 +290,12 @@ fn canvas_ui(ui: &mut egui::Ui, i: &mut InitState, brush: f32) {
     if resp.dragged() || resp.drag_started() {
         if let Some(pos) = resp.interact_pointer_pos() {
             let here = to_image(pos);
-            let from = i.last.unwrap_or(here);
+            // A new stroke starts where the button went down.
+            let origin = ui
+                .input(|inp| inp.pointer.press_origin())
+                .filter(|o| rect.contains(*o))
+                .map(to_image);
+            let from = i.last.or(origin).unwrap_or(here);
             let value = if i.erase { 0 } else { 255 };
             paint_line(&mut i.mask, from, here, radius, value);
             i.last = Some(here);
