@@ -291,14 +291,24 @@ fn compare_body_ui(
             );
         }
     };
+    // White text on a dark band, readable over any image.
     let caption = |p: &egui::Painter, pos: egui::Pos2, align: egui::Align2, text: &str| {
-        p.text(
-            pos,
-            align,
-            text,
+        let galley = p.layout_no_wrap(
+            text.to_string(),
             egui::FontId::proportional(13.0),
             egui::Color32::WHITE,
         );
+        let r = align.anchor_size(pos, galley.size()).expand(3.0);
+        let r = r.translate(egui::vec2(
+            if align.x() == egui::Align::Max {
+                -3.0
+            } else {
+                3.0
+            },
+            3.0,
+        ));
+        p.rect_filled(r, 3.0, egui::Color32::from_black_alpha(170));
+        p.galley(r.shrink(3.0).min, galley, egui::Color32::WHITE);
     };
     match v.compare.mode {
         CompareMode::SideBySide => {
