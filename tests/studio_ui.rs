@@ -437,6 +437,10 @@ fn compare_mode_sends_one_job_with_a_row_per_model() {
     h.get_by_label_contains(
         "Side by side: Row 1: runwayml/stable-diffusion-v1-5 | Row 2: dreamshaper_8.safetensors",
     );
+    click(&mut h, "Wipe");
+    h.get_by_label_contains("Wipe: Row 1: runwayml/stable-diffusion-v1-5 | Row 2:");
+    click(&mut h, "Flicker");
+    h.get_by_label_contains("Flicker: Row 1:");
     click(&mut h, "Difference");
     h.get_by_label("difference: max 50 · mean 50.0");
     click(&mut h, "Swap");
