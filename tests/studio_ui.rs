@@ -11,7 +11,10 @@ use egui::accesskit::Role;
 use egui::{Key, Modifiers};
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
-use sd_studio::protocol::{link, Command, Event, JobRequest, RgbImage, WorkerLink};
+use sd_studio::engine::tokenizer::ClipTokenizer;
+use sd_studio::protocol::{
+    link, Command, Event, FoundModel, JobRequest, ModelSpec, RgbImage, TokenCounter, WorkerLink,
+};
 use sd_studio::ui::app::CellStatus;
 use sd_studio::ui::{StudioApp, StudioOptions};
 
@@ -95,13 +98,15 @@ fn play_job(h: &mut Harness<'_, StudioApp>, fake: &WorkerLink, j: &JobRequest) {
         });
     }
     h.run_steps(2);
-    for (&cell, &seed) in j.cells.iter().zip(&j.seeds) {
+    for (k, (&cell, &seed)) in j.cells.iter().zip(&j.seeds).enumerate() {
+        // In compare mode each model's row gets its own shade: 200, 150, 100, 50.
+        let row = j.model_of.get(k).copied().unwrap_or(0);
         fake.send(Event::CellDone {
             job: j.id,
             cell,
             seed,
-            model: "fake".into(),
-            image: image(200),
+            model: j.models.get(row).cloned().unwrap_or_else(|| "fake".into()),
+            image: image(200 - 50 * row as u8),
             path: None,
         });
     }
@@ -126,6 +131,8 @@ fn typing_a_prompt_and_ctrl_enter_sends_the_right_generate() {
     }
     let p = &h.state().state.params;
     assert_eq!((j.steps, j.guidance), (p.steps, p.cfg));
+    assert_eq!(j.clip_skip, 1, "Clip skip defaults to 1 (last layer)");
+    assert!(j.models.is_empty() && j.model_of.is_empty() && j.init.is_none());
     assert_eq!((j.width, j.height), (p.width, p.height));
     // The Generate button does the same.
     h.get_by_label("Generate").click();
@@ -331,10 +338,10 @@ impl egui::DroppedFile for Dropped {
 
 #[test]
 fn a_dropped_png_restores_its_parameters() {
-    let (mut h, _fake) = studio();
+    let (mut h, fake) = studio();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a1111.png");
-    let text = "a knight, (detailed armor:1.2)\nNegative prompt: blurry\nSteps: 33, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 4242, Size: 640x384, Model: sd15";
+    let text = "a knight, (detailed armor:1.2)\nNegative prompt: blurry\nSteps: 33, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 4242, Size: 640x384, Model: sd15, Clip skip: 2";
     let png = sd_studio::engine::metadata::encode_png(&[0; 8 * 8 * 3], 8, 8, text).unwrap();
     std::fs::write(&path, png).unwrap();
     h.input_mut()
@@ -348,11 +355,398 @@ fn a_dropped_png_restores_its_parameters() {
     assert_eq!((p.width, p.height), (640, 384));
     assert_eq!(p.sampler, "dpm++2m-karras");
     assert!(p.seed_locked);
-    // A PNG without parameters: a clear message, nothing changed.
+    assert_eq!(p.clip_skip, 2, "Clip skip restored");
+    ctrl_enter(&mut h);
+    assert_eq!(generate_cmd(&fake).clip_skip, 2, "and sent with the job");
+    assert!(
+        h.state().init.is_none(),
+        "a PNG with parameters is not an init image"
+    );
+    // A PNG without parameters: said so, the editor unchanged, and it becomes the init image.
     let plain = dir.path().join("plain.png");
     image::RgbImage::new(4, 4).save(&plain).unwrap();
     h.input_mut().dropped_files.push(Arc::new(Dropped(plain)));
     h.run_steps(2);
-    h.get_by_label_contains("has no generation parameters");
+    h.get_by_label_contains("has no generation parameters; it is now the img2img init image");
     assert_eq!(h.state().state.params, p);
+    assert_eq!(h.state().init.as_ref().map(|i| i.image.width), Some(4));
+    // A file that is no image at all: a message naming it.
+    let junk = dir.path().join("junk.webp");
+    std::fs::write(&junk, b"junk").unwrap();
+    h.input_mut().dropped_files.push(Arc::new(Dropped(junk)));
+    h.run_steps(2);
+    h.get_by_label_contains("junk.webp is not an image sd-studio can read");
+}
+
+/// Clicks a widget found by its label (collapsing headers, buttons, checkboxes).
+fn click(h: &mut Harness<'_, StudioApp>, label: &str) {
+    h.get_by_label(label).click();
+    h.run_steps(2);
+}
+
+fn type_into(h: &mut Harness<'_, StudioApp>, label: &str, text: &str) {
+    h.get_by_role_and_label(Role::TextInput, label).click();
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::TextInput, label)
+        .type_text(text);
+    h.run_steps(2);
+}
+
+#[test]
+fn compare_mode_sends_one_job_with_a_row_per_model() {
+    let (mut h, fake) = studio();
+    type_prompt(&mut h, "a lighthouse at dusk");
+    click(&mut h, "Compare models");
+    click(&mut h, "Compare mode");
+    type_into(&mut h, "Model 1", "runwayml/stable-diffusion-v1-5");
+    // One model is not a comparison: a clear message, nothing sent.
+    ctrl_enter(&mut h);
+    assert!(sent(&fake).is_empty());
+    h.get_by_label_contains("compare mode needs 2 to 4 models");
+    type_into(&mut h, "Model 2", "/models/dreamshaper_8.safetensors");
+    {
+        let p = &mut h.state_mut().state.params;
+        p.seed = 100;
+        p.seed_locked = true;
+    }
+    ctrl_enter(&mut h);
+    let j = generate_cmd(&fake);
+    assert_eq!(
+        j.models,
+        vec![
+            "runwayml/stable-diffusion-v1-5".to_string(),
+            "/models/dreamshaper_8.safetensors".to_string()
+        ]
+    );
+    assert_eq!(j.model_of, vec![0, 0, 0, 0, 1, 1, 1, 1]);
+    assert_eq!(j.cells, (0..8).collect::<Vec<_>>());
+    assert_eq!(j.seeds, vec![100, 101, 102, 103, 100, 101, 102, 103]);
+    assert_eq!(j.prompt, "a lighthouse at dusk");
+    play_job(&mut h, &fake, &j);
+    h.get_by_label("Row 1: runwayml/stable-diffusion-v1-5");
+    h.get_by_label("Row 2: dreamshaper_8.safetensors");
+    h.get_by_role_and_label(Role::Button, "Cell 5: seed 100, done");
+    h.get_by_role_and_label(Role::Button, "Cell 8: seed 103, done");
+    assert_eq!(h.state().cells[4].image.as_ref().unwrap().rgb[0], 150);
+
+    // Large view: the same seed from both models, and their difference.
+    h.get_by_role_and_label(Role::Button, "Cell 2: seed 101, done")
+        .click();
+    h.run_steps(4);
+    h.get_by_label_contains("Seed 101 · column 2");
+    h.get_by_label_contains(
+        "Side by side: Row 1: runwayml/stable-diffusion-v1-5 | Row 2: dreamshaper_8.safetensors",
+    );
+    click(&mut h, "Wipe");
+    h.get_by_label_contains("Wipe: Row 1: runwayml/stable-diffusion-v1-5 | Row 2:");
+    click(&mut h, "Flicker");
+    h.get_by_label_contains("Flicker: Row 1:");
+    click(&mut h, "Difference");
+    h.get_by_label("difference: max 50 · mean 50.0");
+    click(&mut h, "Swap");
+    h.get_by_label_contains("Difference: Row 2: dreamshaper_8.safetensors | Row 1:");
+    // Regenerate acts on the left image: row 2's cell, drawn by row 2's model.
+    click(&mut h, "Regenerate this cell");
+    let r = generate_cmd(&fake);
+    assert_eq!(
+        r.models,
+        vec!["/models/dreamshaper_8.safetensors".to_string()]
+    );
+    assert_eq!(
+        (r.model_of, r.cells, r.seeds),
+        (vec![0], vec![5], vec![101])
+    );
+    h.key_press(Key::Escape);
+    h.run_steps(2);
+
+    // A third model: 3 rows × 2 seeds.
+    click(&mut h, "Add model");
+    type_into(&mut h, "Model 3", "/models/anything-v5");
+    ctrl_enter(&mut h);
+    let k = generate_cmd(&fake);
+    assert_eq!(k.models.len(), 3);
+    assert_eq!(k.model_of, vec![0, 0, 1, 1, 2, 2]);
+    assert_eq!(k.cells, vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(k.seeds, vec![100, 101, 100, 101, 100, 101]);
+    play_job(&mut h, &fake, &k);
+    h.get_by_label("Row 3: anything-v5");
+    assert_eq!(h.state().layout.cols, 2);
+    // Compare mode off: back to the plain 2×4 grid.
+    click(&mut h, "Compare mode");
+    ctrl_enter(&mut h);
+    let plain = generate_cmd(&fake);
+    assert!(plain.models.is_empty() && plain.model_of.is_empty());
+    play_job(&mut h, &fake, &plain);
+    assert!(h
+        .query_by_label("Row 1: runwayml/stable-diffusion-v1-5")
+        .is_none());
+    // Restoring the first compare job from the history brings its models back.
+    // (Below the fold of the controls panel: clicked through accessibility.)
+    h.get_by_label("History (3)").click_accesskit();
+    h.run_steps(2);
+    h.get_by_label("Restore 1").click_accesskit();
+    h.run_steps(2);
+    let c = &h.state().state.compare;
+    assert!(c.enabled);
+    assert_eq!(c.models, j.models);
+}
+
+fn found(name: &str, kind: &str, bytes: u64, loadable: bool) -> FoundModel {
+    FoundModel {
+        path: format!("/sd/models/{name}").into(),
+        name: name.into(),
+        kind: kind.into(),
+        bytes,
+        loadable,
+    }
+}
+
+fn load_cmd(fake: &WorkerLink) -> ModelSpec {
+    match sent(fake).as_slice() {
+        [Command::LoadModel(s)] => s.clone(),
+        other => panic!("expected one LoadModel, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_models_folder_scan_lists_checkpoints_and_loads_or_compares_them() {
+    let (mut h, fake) = studio();
+    click(&mut h, "Models folder");
+    // Scanning without a folder says what to do.
+    click(&mut h, "Scan");
+    assert!(sent(&fake).is_empty());
+    h.get_by_label_contains("choose a models folder to scan");
+    type_into(&mut h, "Folder", "/sd/models");
+    click(&mut h, "Scan");
+    match sent(&fake).as_slice() {
+        [Command::ScanModels(d)] => assert_eq!(d, &std::path::PathBuf::from("/sd/models")),
+        other => panic!("expected ScanModels, got {other:?}"),
+    }
+    fake.send(Event::ModelsFound {
+        dir: "/sd/models".into(),
+        models: vec![
+            found("sd15.safetensors", "single file", 2_132_000_000, true),
+            found("anything-v5", "diffusers folder", 2_500_000_000, true),
+            found(
+                "old.ckpt",
+                "pickle (refused: convert to .safetensors)",
+                4_200_000_000,
+                false,
+            ),
+            found("vae-ft-mse.safetensors", "VAE", 335_000_000, true),
+        ],
+        error: None,
+    });
+    h.run_steps(2);
+    h.get_by_label("sd15.safetensors · single file · 2.1 GB");
+    h.get_by_label("old.ckpt · pickle (refused: convert to .safetensors) · 4.2 GB");
+    assert!(
+        h.query_by_label("Load old.ckpt").is_none(),
+        "pickles cannot be loaded"
+    );
+    click(&mut h, "Load sd15.safetensors");
+    let spec = load_cmd(&fake);
+    assert_eq!(spec.model, "/sd/models/sd15.safetensors");
+    assert_eq!(spec.vae, None);
+    click(&mut h, "Compare anything-v5");
+    let c = &h.state().state.compare;
+    assert!(c.enabled);
+    assert_eq!(c.models[0], "/sd/models/anything-v5");
+    // The VAE found by the scan is offered in the VAE dropdown.
+    h.get_by_role_and_label(Role::ComboBox, "VAE").click();
+    h.run_steps(2);
+    h.get_by_label("vae-ft-mse.safetensors").click();
+    h.run_steps(2);
+    let spec = load_cmd(&fake);
+    assert_eq!(spec.model, "/sd/models/sd15.safetensors");
+    assert_eq!(
+        spec.vae.as_deref(),
+        Some("/sd/models/vae-ft-mse.safetensors")
+    );
+    // A failed scan says why.
+    fake.send(Event::ModelsFound {
+        dir: "/nope".into(),
+        models: vec![],
+        error: Some("folder not found".into()),
+    });
+    h.run_steps(2);
+    h.get_by_label_contains("cannot scan /nope: folder not found");
+}
+
+#[test]
+fn choosing_a_vae_reloads_the_model_with_it_and_automatic_goes_back() {
+    let (mut h, fake) = studio();
+    type_into(&mut h, "Model", "runwayml/stable-diffusion-v1-5");
+    click(&mut h, "Load");
+    assert_eq!(load_cmd(&fake).vae, None);
+    type_into(
+        &mut h,
+        "VAE hub id, folder or file",
+        "stabilityai/sd-vae-ft-mse",
+    );
+    click(&mut h, "Use VAE");
+    let spec = load_cmd(&fake);
+    assert_eq!(spec.model, "runwayml/stable-diffusion-v1-5");
+    assert_eq!(spec.vae.as_deref(), Some("stabilityai/sd-vae-ft-mse"));
+    assert_eq!(h.state().state.settings.vae, "stabilityai/sd-vae-ft-mse");
+    h.get_by_role_and_label(Role::ComboBox, "VAE").click();
+    h.run_steps(2);
+    h.get_by_label("Automatic").click();
+    h.run_steps(2);
+    assert_eq!(load_cmd(&fake).vae, None);
+    assert_eq!(h.state().state.settings.vae, "");
+}
+
+#[test]
+fn send_to_img2img_puts_the_cell_into_the_next_job() {
+    let (mut h, fake) = studio();
+    ctrl_enter(&mut h);
+    let j = generate_cmd(&fake);
+    play_job(&mut h, &fake, &j);
+    h.get_by_role_and_label(Role::Button, &format!("Cell 3: seed {}, done", j.seeds[2]))
+        .click_secondary();
+    h.run_steps(2);
+    click(&mut h, "Send to img2img");
+    h.get_by_label_contains(&format!("cell 3 (seed {}) · 8×8", j.seeds[2]));
+    assert_eq!(h.state().state.params.denoising_strength, 0.75);
+    h.state_mut().state.params.denoising_strength = 0.4;
+    ctrl_enter(&mut h);
+    let g = generate_cmd(&fake);
+    let init = g.init.expect("the next job is img2img");
+    assert_eq!(init.image, image(200));
+    assert_eq!(init.strength, 0.4);
+    assert!(init.mask.is_none(), "no mask painted: plain img2img");
+    // From the large view as well; Clear goes back to txt2img.
+    h.get_by_role_and_label(Role::Button, &format!("Cell 1: seed {}, done", j.seeds[0]))
+        .click();
+    h.run_steps(3);
+    click(&mut h, "Send to img2img");
+    h.key_press(Key::Escape);
+    h.run_steps(2);
+    h.get_by_label_contains(&format!("cell 1 (seed {}) · 8×8", j.seeds[0]));
+    click(&mut h, "Clear");
+    ctrl_enter(&mut h);
+    assert!(generate_cmd(&fake).init.is_none());
+}
+
+fn drag(h: &mut Harness<'_, StudioApp>, points: &[egui::Pos2]) {
+    let button = |pos, pressed| egui::Event::PointerButton {
+        pos,
+        button: egui::PointerButton::Primary,
+        pressed,
+        modifiers: Modifiers::NONE,
+    };
+    h.event(egui::Event::PointerMoved(points[0]));
+    h.event(button(points[0], true));
+    h.run_steps(1);
+    for &p in &points[1..] {
+        h.event(egui::Event::PointerMoved(p));
+        h.run_steps(1);
+    }
+    h.event(button(points[points.len() - 1], false));
+    h.run_steps(2);
+}
+
+#[test]
+fn an_image_dropped_on_image_input_is_painted_over_and_the_mask_goes_into_the_job() {
+    let (mut h, fake) = studio();
+    let dir = tempfile::tempdir().unwrap();
+    // A bad file dropped on the panel: a message naming it, no init image.
+    let bad = dir.path().join("notes.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    h.get_by_label("Image input (img2img)").hover();
+    h.run_steps(1);
+    h.input_mut().dropped_files.push(Arc::new(Dropped(bad)));
+    h.run_steps(2);
+    h.get_by_label_contains("notes.png is not an image sd-studio can read");
+    assert!(h.state().init.is_none());
+    // A 64×32 picture dropped on the panel becomes the init image.
+    let path = dir.path().join("photo.png");
+    image::RgbImage::from_fn(64, 32, |x, _| image::Rgb([x as u8 * 4, 0, 0]))
+        .save(&path)
+        .unwrap();
+    h.get_by_label("Image input (img2img)").hover();
+    h.run_steps(1);
+    h.input_mut().dropped_files.push(Arc::new(Dropped(path)));
+    h.run_steps(3);
+    h.get_by_label_contains("photo.png · 64×32");
+    // Paint a horizontal stroke across the middle, from x = 1/4 to x = 3/4 of the picture.
+    let r = h.get_by_label("Mask canvas").rect();
+    let at = |fx: f32, fy: f32| egui::pos2(r.left() + r.width() * fx, r.top() + r.height() * fy);
+    drag(
+        &mut h,
+        &[at(0.25, 0.5), at(0.4, 0.5), at(0.6, 0.5), at(0.75, 0.5)],
+    );
+    h.get_by_label("Image input (inpainting)");
+    ctrl_enter(&mut h);
+    let j = generate_cmd(&fake);
+    let init = j.init.expect("img2img input");
+    assert_eq!((init.image.width, init.image.height), (64, 32));
+    assert_eq!(init.strength, 0.75);
+    let mask = init.mask.expect("a painted mask");
+    assert_eq!((mask.width, mask.height), (64, 32));
+    let px = |x: usize, y: usize| mask.data[y * 64 + x];
+    for x in 17..47 {
+        assert_eq!(px(x, 16), 255, "painted at ({x}, 16)");
+    }
+    assert_eq!(px(2, 2), 0, "top-left corner untouched");
+    assert_eq!(px(60, 30), 0, "bottom-right corner untouched");
+    assert_eq!(px(32, 1), 0, "far above the stroke untouched");
+    // Erase the middle of the stroke.
+    click(&mut h, "Erase");
+    drag(&mut h, &[at(0.45, 0.5), at(0.5, 0.5), at(0.55, 0.5)]);
+    ctrl_enter(&mut h);
+    let mask = generate_cmd(&fake).init.unwrap().mask.unwrap();
+    assert_eq!(mask.data[16 * 64 + 32], 0, "erased");
+    assert_eq!(mask.data[16 * 64 + 20], 255, "the rest stays");
+    // Clear mask: back to plain img2img.
+    click(&mut h, "Clear mask");
+    ctrl_enter(&mut h);
+    let j = generate_cmd(&fake);
+    assert!(j.init.unwrap().mask.is_none());
+}
+
+#[test]
+fn a_long_prompt_shows_where_its_chunks_break() {
+    let (mut h, _fake) = studio();
+    let tok = ClipTokenizer::builtin("<|endoftext|>").unwrap();
+    fake_ready_with_tokens(&mut h, &_fake, tok);
+    type_prompt(&mut h, "a red fox in the snow");
+    h.get_by_label("6/75 tokens");
+    assert!(
+        h.query_by_label_contains("chunk 1 ·").is_none(),
+        "one chunk: no breaks shown"
+    );
+    h.get_by_role_and_label(Role::MultilineTextInput, "Prompt")
+        .type_text(" BREAK golden hour lighting, soft shadows");
+    h.run_steps(2);
+    h.get_by_label("chunk 1 · 6 tokens · starts 'a red fox in the snow'");
+    h.get_by_label_contains("chunk 2 · 6 tokens · starts 'golden hour lighting");
+    // A prompt past 75 tokens breaks on its own.
+    h.state_mut().state.params.prompt = "a cat, ".repeat(30);
+    h.run_steps(2);
+    h.get_by_label_contains("chunk 2 · ");
+}
+
+fn fake_ready_with_tokens(h: &mut Harness<'_, StudioApp>, fake: &WorkerLink, tok: ClipTokenizer) {
+    fake.send(Event::ModelReady {
+        name: "tiny-sd15".into(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        previewer: "TAESD".into(),
+        tokens: Some(TokenCounter(Arc::new(tok))),
+    });
+    h.run_steps(2);
+}
+
+#[test]
+fn model_loading_progress_is_shown() {
+    let (mut h, fake) = studio();
+    fake.send(Event::ModelLoading {
+        message: "reading unet weights".into(),
+        progress: Some(0.4),
+    });
+    h.run_steps(2);
+    h.get_by_label_contains("reading unet weights");
+    h.get_by_label_contains("40%");
 }

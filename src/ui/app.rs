@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use egui::{Key, Modifiers};
 
 use super::commands::UiCommand;
+use super::compare::{self, GridLayout};
 use super::errors::{Message, Severity};
+use super::img2img::{self, InitState};
+use super::models_folder::{self, ScanState};
 use super::screenshot::ScreenshotPlan;
 use super::state::{HistoryEntry, Params, Persisted, SeedMode};
 use super::{
@@ -74,6 +77,10 @@ pub struct Cell {
     pub path: Option<PathBuf>,
     /// The parameters that made it (for Copy parameters / Regenerate).
     pub params: Option<Params>,
+    /// The model that drew it (compare mode: the row's model).
+    pub model: Option<String>,
+    /// img2img: the denoising strength it was drawn with.
+    pub denoise: Option<f64>,
 }
 
 impl Default for Cell {
@@ -86,6 +93,8 @@ impl Default for Cell {
             image: None,
             path: None,
             params: None,
+            model: None,
+            denoise: None,
         }
     }
 }
@@ -100,6 +109,8 @@ pub struct JobView {
     pub total: usize,
     pub elapsed: Duration,
     pub paths: Vec<PathBuf>,
+    /// The grid layout the job brings when it starts (`None`: keep the current one).
+    pub layout: Option<GridLayout>,
 }
 
 /// The loaded model, as the status bar shows it.
@@ -111,6 +122,8 @@ pub struct ModelStatus {
     pub previewer: String,
     /// `Some(message)` while loading.
     pub loading: Option<String>,
+    /// Loading progress 0..1, when the worker knows it.
+    pub progress: Option<f32>,
     pub ready: bool,
 }
 
@@ -145,6 +158,18 @@ pub struct StudioApp {
     pub model_input: String,
     /// The cell open in the large view, with its zoom and pan.
     pub viewer: Option<viewer::ViewerState>,
+    /// How the grid is laid out (plain, or one row per compared model).
+    pub layout: GridLayout,
+    /// The models folder's last scan.
+    pub scan: ScanState,
+    /// The img2img init image and its mask.
+    pub init: Option<InitState>,
+    /// The VAE free-text field.
+    pub vae_input: String,
+    /// Open the Image input panel on the next frame.
+    img2img_open: bool,
+    /// Where the Image input panel was last drawn (files dropped there become the init image).
+    init_drop_rect: Option<egui::Rect>,
     pub next_job: JobId,
     pub timings: Timings,
     pub options: StudioOptions,
@@ -163,6 +188,14 @@ fn random_seed() -> u64 {
             .unwrap_or(0),
     );
     h.finish() & 0xffff_ffff
+}
+
+/// The system dialog for a `.safetensors` file.
+fn pick_safetensors(title: &str) -> Option<PathBuf> {
+    rfd::FileDialog::new()
+        .set_title(title)
+        .add_filter("safetensors", &["safetensors"])
+        .pick_file()
 }
 
 fn now_secs() -> u64 {
@@ -215,6 +248,12 @@ impl StudioApp {
             model: ModelStatus::default(),
             tokens: None,
             viewer: None,
+            layout: GridLayout::plain(),
+            scan: ScanState::default(),
+            init: None,
+            vae_input: String::new(),
+            img2img_open: false,
+            init_drop_rect: None,
             next_job: 1,
             timings: Timings::default(),
             screenshots: options.screenshot_dir.clone().map(ScreenshotPlan::new),
@@ -267,7 +306,7 @@ impl StudioApp {
             device: s.device.clone(),
             dtype: s.dtype.clone(),
             taesd: (!s.taesd.trim().is_empty()).then(|| s.taesd.trim().to_string()),
-            vae: None,
+            vae: (!s.vae.trim().is_empty()).then(|| s.vae.trim().to_string()),
         };
         self.state.model = model.clone();
         self.state.remember_model(&model);
@@ -283,8 +322,16 @@ impl StudioApp {
         SchedulerKind::parse(&self.state.params.sampler).map_err(|e| e.to_string())
     }
 
-    /// Builds a job from the editor for the given (seed, cell) pairs and queues it.
-    fn queue_job(&mut self, seeds: Vec<u64>, cells: Vec<usize>) {
+    /// Builds a job from the editor for the given (seed, cell) pairs and queues it; with
+    /// `models`, image i is drawn by `models[model_of[i]]` (compare mode).
+    fn queue_job(
+        &mut self,
+        seeds: Vec<u64>,
+        cells: Vec<usize>,
+        models: Vec<String>,
+        model_of: Vec<usize>,
+        layout: Option<GridLayout>,
+    ) {
         let scheduler = match self.scheduler() {
             Ok(s) => s,
             Err(e) => return self.error(e),
@@ -305,10 +352,13 @@ impl StudioApp {
             preview: s.preview,
             preview_every: s.preview_every.max(1),
             output_dir: s.output_dir.clone(),
-            models: Vec::new(),
-            model_of: Vec::new(),
-            clip_skip: 0,
-            init: None,
+            models,
+            model_of,
+            clip_skip: p.clip_skip.max(1),
+            init: self
+                .init
+                .as_ref()
+                .map(|i| i.input(p.denoising_strength.clamp(0.0, 1.0))),
         };
         if let Err(e) = crate::worker::check_job(&request) {
             return self.error(e);
@@ -322,6 +372,7 @@ impl StudioApp {
             total: 0,
             elapsed: Duration::ZERO,
             paths: Vec::new(),
+            layout,
         });
         self.send(Command::Generate(request));
     }
@@ -334,6 +385,15 @@ impl StudioApp {
                     self.state.params.seed = random_seed();
                 }
                 let p = &self.state.params;
+                if self.state.compare.enabled {
+                    match compare::plan(&self.state.compare, p.count, p.seed, p.seed_mode) {
+                        Ok(c) => {
+                            self.queue_job(c.seeds, c.cells, c.models, c.model_of, Some(c.layout))
+                        }
+                        Err(e) => self.error(e),
+                    }
+                    return;
+                }
                 let n = p.count.clamp(1, GRID_CELLS);
                 let seeds = (0..n as u64)
                     .map(|i| match p.seed_mode {
@@ -341,10 +401,18 @@ impl StudioApp {
                         SeedMode::Same => p.seed,
                     })
                     .collect();
-                self.queue_job(seeds, (0..n).collect());
+                let layout = Some(GridLayout::plain());
+                self.queue_job(seeds, (0..n).collect(), Vec::new(), Vec::new(), layout);
             }
             UiCommand::RegenerateCell(i) => match self.cells.get(i).and_then(|c| c.seed) {
-                Some(seed) => self.queue_job(vec![seed], vec![i]),
+                Some(seed) => {
+                    // In compare mode the cell's row keeps its model.
+                    let (row, _) = self.layout.row_col(i);
+                    match self.layout.models.get(row).cloned() {
+                        Some(m) => self.queue_job(vec![seed], vec![i], vec![m], vec![0], None),
+                        None => self.queue_job(vec![seed], vec![i], Vec::new(), Vec::new(), None),
+                    }
+                }
                 None => self.error(format!("cell {} has no seed yet", i + 1)),
             },
             UiCommand::Stop => {
@@ -365,6 +433,62 @@ impl StudioApp {
                     self.load_model(dir.display().to_string());
                 }
             }
+            UiCommand::BrowseModelFile => {
+                if let Some(file) = pick_safetensors("Choose a checkpoint") {
+                    self.load_model(file.display().to_string());
+                }
+            }
+            UiCommand::SetVae(v) => self.set_vae(v),
+            UiCommand::BrowseVae => {
+                if let Some(file) = pick_safetensors("Choose a VAE") {
+                    self.set_vae(Some(file.display().to_string()));
+                }
+            }
+            UiCommand::ScanModels => self.scan_models(),
+            UiCommand::BrowseModelsDir => {
+                if let Some(dir) = rfd::FileDialog::new()
+                    .set_title("Choose the folder with your checkpoints")
+                    .pick_folder()
+                {
+                    self.state.settings.models_dir = dir;
+                    self.scan_models();
+                }
+            }
+            UiCommand::AddToCompare(m) => self.add_to_compare(m),
+            UiCommand::BrowseCompareModel { row, folder } => {
+                let picked = if folder {
+                    rfd::FileDialog::new()
+                        .set_title("Choose a diffusers model folder")
+                        .pick_folder()
+                } else {
+                    pick_safetensors("Choose a checkpoint")
+                };
+                if let (Some(p), Some(slot)) = (picked, self.state.compare.models.get_mut(row)) {
+                    *slot = p.display().to_string();
+                }
+            }
+            UiCommand::PickInitImage => {
+                if let Some(file) = rfd::FileDialog::new()
+                    .set_title("Choose the init image")
+                    .add_filter("Images", &["png", "jpg", "jpeg", "webp"])
+                    .pick_file()
+                {
+                    self.set_init_from_file(ctx, &file);
+                }
+            }
+            UiCommand::SetInitImage(path) => self.set_init_from_file(ctx, &path),
+            UiCommand::SendToImg2img(i) => match self.cells.get(i).and_then(|c| c.image.clone()) {
+                Some(img) => {
+                    let name = match self.cells.get(i).and_then(|c| c.seed) {
+                        Some(s) => format!("cell {} (seed {s})", i + 1),
+                        None => format!("cell {}", i + 1),
+                    };
+                    self.init = Some(InitState::new(ctx, name, img));
+                    self.img2img_open = true;
+                }
+                None => self.error(format!("cell {} has no finished image", i + 1)),
+            },
+            UiCommand::ClearInit => self.init = None,
             UiCommand::BrowseOutput => {
                 if let Some(dir) = rfd::FileDialog::new()
                     .set_title("Choose where images are saved")
@@ -381,22 +505,41 @@ impl StudioApp {
                     self.send(Command::Cancel(id));
                 }
             }
-            UiCommand::View(i) => self.viewer = i.map(viewer::ViewerState::new),
+            UiCommand::View(i) => {
+                self.viewer = i.map(|i| viewer::ViewerState::new(i, &self.layout));
+            }
             UiCommand::SaveAs(i) => self.save_as(i),
             UiCommand::CopyParameters(i) => match self.cell_parameters(i) {
                 Some(p) => ctx.copy_text(p.to_a1111()),
                 None => self.error(format!("cell {} has no finished image", i + 1)),
             },
-            UiCommand::RestoreFromPng(path) => {
-                if let Err(e) = self.restore_from_png(&path) {
-                    self.error(format!("{}: {e}", path.display()));
+            UiCommand::RestoreFromPng(path) => match read_png_parameters(&path) {
+                Ok(Some(_)) => {
+                    if let Err(e) = self.restore_from_png(&path) {
+                        self.error(format!("{}: {e}", path.display()));
+                    }
                 }
-            }
+                // Any other image becomes the init image (it has nothing to restore).
+                _ => {
+                    self.set_init_from_file(ctx, &path);
+                    if self.init.is_some() {
+                        self.warn(format!(
+                            "{} has no generation parameters; it is now the img2img init \
+                             image (Clear under Image input goes back to txt2img)",
+                            path.display()
+                        ));
+                    }
+                }
+            },
             UiCommand::RestoreHistory(i) => {
                 if let Some(h) = self.state.history.get(i) {
                     let seed = h.seeds.first().copied().unwrap_or(h.params.seed);
                     self.state.params = h.params.clone();
                     self.state.params.seed = seed;
+                    if !h.compare_models.is_empty() {
+                        self.state.compare.models = h.compare_models.clone();
+                        self.state.compare.enabled = true;
+                    }
                     self.state.params.seed_locked = true;
                 }
             }
@@ -426,13 +569,71 @@ impl StudioApp {
             seed,
             width: p.width,
             height: p.height,
-            model: self.model.name.clone(),
+            model: c.model.clone().unwrap_or_else(|| self.model.name.clone()),
             variation: None,
-            denoising_strength: None,
-            clip_skip: None,
+            denoising_strength: c.denoise,
+            clip_skip: (p.clip_skip > 1).then_some(p.clip_skip),
             rng: None,
             ..Default::default()
         })
+    }
+
+    /// Sets the VAE (`None`: the model's own) and reloads the model with it.
+    fn set_vae(&mut self, vae: Option<String>) {
+        let vae = vae.map(|v| v.trim().to_string()).unwrap_or_default();
+        self.state.settings.vae = vae;
+        let model = self.state.model.clone();
+        if model.trim().is_empty() {
+            self.save_state();
+        } else {
+            self.load_model(model);
+        }
+    }
+
+    fn scan_models(&mut self) {
+        let dir = self.state.settings.models_dir.clone();
+        if dir.as_os_str().is_empty() {
+            return self.error(
+                "choose a models folder to scan (e.g. stable-diffusion-webui/models/Stable-diffusion)",
+            );
+        }
+        self.scan.scanning = true;
+        self.save_state();
+        self.send(Command::ScanModels(dir));
+    }
+
+    /// Puts a model in the first empty compare row (or a new one) and turns compare mode on.
+    fn add_to_compare(&mut self, model: String) {
+        let c = &mut self.state.compare;
+        if c.models.iter().any(|m| m.trim() == model) {
+            c.enabled = true;
+            return;
+        }
+        if let Some(slot) = c.models.iter_mut().find(|m| m.trim().is_empty()) {
+            *slot = model;
+        } else if c.models.len() < compare::MAX_MODELS {
+            c.models.push(model);
+        } else {
+            return self.error(format!(
+                "compare mode takes at most {} models; remove one first",
+                compare::MAX_MODELS
+            ));
+        }
+        c.enabled = true;
+    }
+
+    fn set_init_from_file(&mut self, ctx: &egui::Context, path: &std::path::Path) {
+        match img2img::load_image_file(path) {
+            Ok(img) => {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| path.display().to_string());
+                self.init = Some(InitState::new(ctx, name, img));
+                self.img2img_open = true;
+            }
+            Err(e) => self.error(e),
+        }
     }
 
     fn save_as(&mut self, i: usize) {
@@ -479,6 +680,27 @@ impl StudioApp {
             p.width = w;
             p.height = h;
         }
+        let other = |key: &str| {
+            parsed
+                .other
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.trim().to_string())
+        };
+        // A1111 writes "Clip skip" only above 1.
+        p.clip_skip = 1;
+        if let Some(v) = other("Clip skip") {
+            match v.parse::<usize>() {
+                Ok(n) if (1..=12).contains(&n) => p.clip_skip = n,
+                _ => self.warn(format!("Clip skip {v:?} is not 1–12; kept 1")),
+            }
+        }
+        let p = &mut self.state.params;
+        if let Some(v) = other("Denoising strength").and_then(|v| v.parse::<f64>().ok()) {
+            if (0.0..=1.0).contains(&v) {
+                p.denoising_strength = v;
+            }
+        }
         match parsed.scheduler() {
             Some(k) => p.sampler = k.cli_name().into(),
             None => {
@@ -513,7 +735,10 @@ impl StudioApp {
     /// Applies one engine event to the window's state.
     pub fn handle_event(&mut self, ctx: &egui::Context, e: Event) {
         match e {
-            Event::ModelLoading { message, .. } => self.model.loading = Some(message),
+            Event::ModelLoading { message, progress } => {
+                self.model.loading = Some(message);
+                self.model.progress = progress;
+            }
             Event::ModelReady {
                 name,
                 device,
@@ -527,6 +752,7 @@ impl StudioApp {
                     dtype,
                     previewer,
                     loading: None,
+                    progress: None,
                     ready: true,
                 };
                 self.tokens = tokens;
@@ -541,6 +767,7 @@ impl StudioApp {
             }
             Event::ModelFailed { message } => {
                 self.model.loading = None;
+                self.model.progress = None;
                 self.model.ready = false;
                 self.error(format!("could not load the model: {message}"));
             }
@@ -548,12 +775,21 @@ impl StudioApp {
             Event::Started { job } => {
                 if let Some(j) = self.jobs.iter_mut().find(|j| j.request.id == job) {
                     j.running = true;
-                    let (seeds, cells, params) = (
-                        j.request.seeds.clone(),
-                        j.request.cells.clone(),
-                        j.params.clone(),
-                    );
-                    for (seed, cell) in seeds.into_iter().zip(cells) {
+                    let r = &j.request;
+                    let params = j.params.clone();
+                    let denoise = r.init.as_ref().map(|i| i.strength);
+                    if let Some(l) = &j.layout {
+                        if *l != self.layout {
+                            self.viewer = None;
+                        }
+                        self.layout = l.clone();
+                    }
+                    for (k, (&seed, &cell)) in r.seeds.iter().zip(&r.cells).enumerate() {
+                        let model = r
+                            .model_of
+                            .get(k)
+                            .and_then(|&m| r.models.get(m))
+                            .map(|m| compare::model_label(m));
                         if let Some(c) = self.cells.get_mut(cell) {
                             *c = Cell {
                                 job: Some(job),
@@ -563,6 +799,8 @@ impl StudioApp {
                                 image: None,
                                 path: None,
                                 params: Some(params.clone()),
+                                model,
+                                denoise,
                             };
                         }
                     }
@@ -620,14 +858,17 @@ impl StudioApp {
                 job,
                 cell,
                 seed,
+                model,
                 image,
                 path,
-                ..
             } => {
                 if let Some(c) = self.cells.get_mut(cell) {
                     Self::set_texture(ctx, c, format!("cell{cell}"), &image);
                     c.job = Some(job);
                     c.seed = Some(seed);
+                    if !model.is_empty() {
+                        c.model = Some(model);
+                    }
                     c.status = CellStatus::Done;
                     c.image = Some(image);
                     c.path = path.clone();
@@ -644,9 +885,21 @@ impl StudioApp {
             Event::JobDone { job, .. } => {
                 if let Some(pos) = self.jobs.iter().position(|j| j.request.id == job) {
                     let j = self.jobs.remove(pos);
+                    let model = if j.request.models.is_empty() {
+                        self.model.name.clone()
+                    } else {
+                        let names: Vec<String> = j
+                            .request
+                            .models
+                            .iter()
+                            .map(|m| compare::model_label(m))
+                            .collect();
+                        format!("compare: {}", names.join(", "))
+                    };
                     self.state.push_history(HistoryEntry {
                         params: j.params,
-                        model: self.model.name.clone(),
+                        model,
+                        compare_models: j.request.models,
                         seeds: j.request.seeds,
                         images: j.paths,
                         time: now_secs(),
@@ -663,8 +916,17 @@ impl StudioApp {
             }
             Event::Cancelled { job } => self.finish_job(Some(job), CellStatus::Cancelled),
             Event::Warning { message } => self.warn(message),
-            // The folder scan has no panel yet.
-            Event::ModelsFound { .. } => {}
+            Event::ModelsFound { dir, models, error } => {
+                if let Some(e) = &error {
+                    self.error(format!("cannot scan {}: {e}", dir.display()));
+                }
+                self.scan = ScanState {
+                    scanning: false,
+                    dir: Some(dir),
+                    models,
+                    error,
+                };
+            }
         }
     }
 
@@ -700,8 +962,19 @@ impl StudioApp {
                     UiCommand::Stop
                 });
             }
+            // A file dropped on Image input becomes the init image; elsewhere a PNG's
+            // parameters are restored.
+            let on_init = match (self.init_drop_rect, i.pointer.latest_pos()) {
+                (Some(r), Some(p)) => r.contains(p),
+                _ => false,
+            };
             for f in &i.raw.dropped_files {
-                out.push(UiCommand::RestoreFromPng(f.path().to_path_buf()));
+                let path = f.path().to_path_buf();
+                out.push(if on_init {
+                    UiCommand::SetInitImage(path)
+                } else {
+                    UiCommand::RestoreFromPng(path)
+                });
             }
         });
         out
@@ -720,8 +993,10 @@ impl StudioApp {
             cmds.extend(model_picker::model_picker_ui(
                 ui,
                 &mut self.model_input,
+                &mut self.vae_input,
                 &mut self.state,
                 &self.model,
+                &self.scan,
             ));
         });
         egui::Panel::bottom("status").show(ui, |ui| {
@@ -742,6 +1017,29 @@ impl StudioApp {
                     ui.separator();
                     sampling::sampling_ui(ui, &mut self.state.params);
                     ui.separator();
+                    let hovering = ui.input(|i| !i.raw.hovered_files.is_empty());
+                    cmds.extend(img2img::img2img_ui(
+                        ui,
+                        &mut self.init,
+                        &mut self.state.params,
+                        &mut self.state.settings,
+                        &mut self.img2img_open,
+                        hovering,
+                        &mut self.init_drop_rect,
+                    ));
+                    ui.separator();
+                    cmds.extend(compare::compare_ui(
+                        ui,
+                        &mut self.state.compare,
+                        self.state.params.count,
+                    ));
+                    ui.separator();
+                    cmds.extend(models_folder::models_folder_ui(
+                        ui,
+                        &mut self.state.settings,
+                        &self.scan,
+                    ));
+                    ui.separator();
                     cmds.extend(sampling::preview_settings_ui(ui, &mut self.state.settings));
                     ui.separator();
                     cmds.extend(queue::queue_ui(ui, &self.jobs));
@@ -751,10 +1049,10 @@ impl StudioApp {
             });
         egui::CentralPanel::default_margins().show(ui, |ui| {
             cmds.extend(errors::messages_ui(ui, &self.messages));
-            cmds.extend(grid::grid_ui(ui, &self.cells, self.running().is_some()));
+            cmds.extend(grid::grid_ui(ui, &self.cells, &self.layout));
         });
         if let Some(v) = &mut self.viewer {
-            cmds.extend(viewer::viewer_ui(&ctx, v, &self.cells));
+            cmds.extend(viewer::viewer_ui(&ctx, v, &self.cells, &self.layout));
         }
         for c in cmds {
             self.apply(&ctx, c);

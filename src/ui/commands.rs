@@ -20,6 +20,28 @@ pub enum UiCommand {
     LoadModel(String),
     /// Pick a model folder with the system dialog.
     BrowseModel,
+    /// Pick a single-file checkpoint (.safetensors) with the system dialog.
+    BrowseModelFile,
+    /// Use this VAE instead of the model's own (`None`: Automatic) and reload the model.
+    SetVae(Option<String>),
+    /// Pick a VAE file with the system dialog.
+    BrowseVae,
+    /// Scan the models folder setting for checkpoints.
+    ScanModels,
+    /// Pick the models folder with the system dialog, then scan it.
+    BrowseModelsDir,
+    /// Put a model into the first free compare row and turn compare mode on.
+    AddToCompare(String),
+    /// Pick the model of a compare row with the system dialog (a folder when `folder`).
+    BrowseCompareModel { row: usize, folder: bool },
+    /// Pick the img2img init image with the system dialog.
+    PickInitImage,
+    /// Read an image file as the img2img init image.
+    SetInitImage(PathBuf),
+    /// Use a finished cell's image as the img2img init image.
+    SendToImg2img(usize),
+    /// Drop the init image and its mask (back to txt2img).
+    ClearInit,
     /// Pick the output folder with the system dialog.
     BrowseOutput,
     /// Remove a queued job.
@@ -32,7 +54,8 @@ pub enum UiCommand {
     SaveAs(usize),
     /// Copy a cell's A1111 parameters to the clipboard.
     CopyParameters(usize),
-    /// Restore the editor from a PNG's parameters.
+    /// Restore the editor from a dropped PNG's parameters; an image without any becomes the
+    /// init image.
     RestoreFromPng(PathBuf),
     /// Put a past generation's parameters (and first seed, locked) back in the editor.
     RestoreHistory(usize),

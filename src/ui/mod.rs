@@ -5,10 +5,13 @@
 
 pub mod app;
 pub mod commands;
+pub mod compare;
 pub mod errors;
 pub mod grid;
 pub mod history;
+pub mod img2img;
 pub mod model_picker;
+pub mod models_folder;
 pub mod prompt;
 pub mod queue;
 pub mod sampling;

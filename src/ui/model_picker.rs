@@ -1,14 +1,28 @@
-//! Model picker: hub id or folder, Browse… (system dialog), recent models, device, dtype.
+//! Model picker: hub id, folder or single file, Browse… (system dialog), recent models,
+//! device, dtype, and the VAE (Automatic, one found by the folder scan, or free text).
 
 use super::app::ModelStatus;
 use super::commands::UiCommand;
+use super::models_folder::ScanState;
 use super::state::Persisted;
 
+/// What the VAE dropdown shows for the setting.
+pub fn vae_label(vae: &str) -> String {
+    if vae.trim().is_empty() {
+        "Automatic".into()
+    } else {
+        super::compare::model_label(vae)
+    }
+}
+
+/// Model field and buttons, then the VAE row.
 pub fn model_picker_ui(
     ui: &mut egui::Ui,
     input: &mut String,
+    vae_input: &mut String,
     state: &mut Persisted,
     model: &ModelStatus,
+    scan: &ScanState,
 ) -> Vec<UiCommand> {
     let mut out = Vec::new();
     ui.horizontal(|ui| {
@@ -24,8 +38,19 @@ pub fn model_picker_ui(
         if ui.button("Load").clicked() || enter {
             out.push(UiCommand::LoadModel(input.clone()));
         }
-        if ui.button("Browse…").clicked() {
+        if ui
+            .button("Browse…")
+            .on_hover_text("Choose a diffusers model folder")
+            .clicked()
+        {
             out.push(UiCommand::BrowseModel);
+        }
+        if ui
+            .button("File…")
+            .on_hover_text("Choose a single-file checkpoint (.safetensors)")
+            .clicked()
+        {
+            out.push(UiCommand::BrowseModelFile);
         }
         egui::ComboBox::from_id_salt("recent")
             .selected_text("Recent")
@@ -61,6 +86,65 @@ pub fn model_picker_ui(
             .widget_info(|| egui::WidgetInfo::labeled(egui::Role::ComboBox, true, "Precision"));
         if model.loading.is_some() {
             ui.spinner();
+        }
+    });
+    ui.horizontal(|ui| {
+        let label = ui.strong("VAE");
+        let current = state.settings.vae.trim().to_string();
+        egui::ComboBox::from_id_salt("vae")
+            .selected_text(vae_label(&current))
+            .width(200.0)
+            .show_ui(ui, |ui| {
+                if ui
+                    .selectable_label(current.is_empty(), "Automatic")
+                    .on_hover_text("The model's own VAE")
+                    .clicked()
+                    && !current.is_empty()
+                {
+                    out.push(UiCommand::SetVae(None));
+                }
+                for v in scan.vaes() {
+                    let path = v.path.display().to_string();
+                    if ui
+                        .selectable_label(current == path, &v.name)
+                        .on_hover_text(&path)
+                        .clicked()
+                        && current != path
+                    {
+                        out.push(UiCommand::SetVae(Some(path)));
+                    }
+                }
+                let listed = scan.vaes().any(|v| v.path.display().to_string() == current);
+                if !current.is_empty() && !listed {
+                    let _ = ui.selectable_label(true, vae_label(&current));
+                }
+            })
+            .response
+            .labelled_by(label.id);
+        let r = ui.add(
+            egui::TextEdit::singleline(vae_input)
+                .hint_text("stabilityai/sd-vae-ft-mse, folder or file")
+                .desired_width(240.0),
+        );
+        r.widget_info(|| {
+            egui::WidgetInfo::labeled(egui::Role::TextInput, true, "VAE hub id, folder or file")
+        });
+        let enter = r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+        if ui
+            .button("Use VAE")
+            .on_hover_text("Reload the model with this VAE")
+            .clicked()
+            || enter
+        {
+            let v = vae_input.trim().to_string();
+            out.push(UiCommand::SetVae((!v.is_empty()).then_some(v)));
+        }
+        if ui
+            .button("VAE file…")
+            .on_hover_text("Choose a VAE .safetensors file")
+            .clicked()
+        {
+            out.push(UiCommand::BrowseVae);
         }
     });
     out

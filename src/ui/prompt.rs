@@ -24,6 +24,29 @@ pub fn token_label(tokens: Option<&TokenCounter>, text: &str) -> (String, bool) 
     }
 }
 
+/// Where a long prompt breaks into 75-token chunks, one line per chunk:
+/// "chunk 2 · 12 tokens · starts 'golden hour lighting…'"; empty for one chunk or none.
+pub fn chunk_lines(tokens: Option<&TokenCounter>, text: &str) -> Vec<String> {
+    let Some(t) = tokens else { return Vec::new() };
+    let chunks = t.chunks(text);
+    if chunks.len() < 2 {
+        return Vec::new();
+    }
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let text = c.text.trim();
+            let mut start: String = text.chars().take(28).collect();
+            if start.chars().count() < text.chars().count() {
+                start = start.trim_end().to_string();
+                start.push('…');
+            }
+            format!("chunk {} · {} tokens · starts '{start}'", i + 1, c.tokens)
+        })
+        .collect()
+}
+
 fn counter_ui(ui: &mut egui::Ui, tokens: Option<&TokenCounter>, text: &str) {
     let (label, warn) = token_label(tokens, text);
     let mut rt = egui::RichText::new(label).small();
@@ -31,6 +54,9 @@ fn counter_ui(ui: &mut egui::Ui, tokens: Option<&TokenCounter>, text: &str) {
         rt = rt.color(ui.visuals().warn_fg_color);
     }
     ui.label(rt);
+    for line in chunk_lines(tokens, text) {
+        ui.label(egui::RichText::new(line).small().weak());
+    }
 }
 
 /// Prompt (Ctrl+Enter generates, handled by the app) and negative prompt.

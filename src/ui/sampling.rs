@@ -1,4 +1,4 @@
-//! Sampler, steps, CFG, size, image count, and preview/output settings.
+//! Sampler, steps, CFG, clip skip, size, image count, and preview/output settings.
 
 use super::commands::UiCommand;
 use super::state::{Params, Settings};
@@ -64,6 +64,14 @@ pub fn sampling_ui(ui: &mut egui::Ui, p: &mut Params) {
         let label = ui.label("CFG");
         ui.add(egui::Slider::new(&mut p.cfg, 0.0..=30.0).step_by(0.5))
             .labelled_by(label.id);
+    });
+    ui.horizontal(|ui| {
+        let label = ui.label("Clip skip");
+        ui.add(egui::Slider::new(&mut p.clip_skip, 1..=12))
+            .labelled_by(label.id)
+            .on_hover_text(
+                "1 = the last CLIP layer; 2 = the penultimate (common for anime models)",
+            );
     });
     size_ui(ui, "Width", &mut p.width);
     size_ui(ui, "Height", &mut p.height);

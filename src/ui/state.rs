@@ -39,6 +39,10 @@ pub struct Params {
     pub height: usize,
     /// Images per job, 1–8.
     pub count: usize,
+    /// A1111's "Clip skip": 1 = last CLIP layer, 2 = penultimate.
+    pub clip_skip: usize,
+    /// img2img "Denoising strength" (0..1): how much of the schedule runs over the picture.
+    pub denoising_strength: f64,
 }
 
 impl Default for Params {
@@ -55,6 +59,8 @@ impl Default for Params {
             width: 512,
             height: 512,
             count: 8,
+            clip_skip: 1,
+            denoising_strength: 0.75,
         }
     }
 }
@@ -71,6 +77,12 @@ pub struct Settings {
     pub dtype: String,
     /// TAESD folder or hub id; empty: linear previews only.
     pub taesd: String,
+    /// The VAE used instead of the model's own (hub id, folder, file); empty: "Automatic".
+    pub vae: String,
+    /// Where checkpoints live (e.g. A1111's `models/Stable-diffusion`), for the folder scan.
+    pub models_dir: PathBuf,
+    /// Mask brush diameter in screen points.
+    pub brush_size: f32,
 }
 
 impl Default for Settings {
@@ -82,6 +94,27 @@ impl Default for Settings {
             device: "cpu".into(),
             dtype: "f32".into(),
             taesd: crate::engine::taesd::TAESD_REPO.into(),
+            vae: String::new(),
+            models_dir: PathBuf::new(),
+            brush_size: 32.0,
+        }
+    }
+}
+
+/// Compare mode: 2–4 models draw the same seeds, one grid row each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CompareSettings {
+    pub enabled: bool,
+    /// One entry per row (hub id, diffusers folder or single file); 2–4 rows.
+    pub models: Vec<String>,
+}
+
+impl Default for CompareSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            models: vec![String::new(), String::new()],
         }
     }
 }
@@ -92,6 +125,8 @@ impl Default for Settings {
 pub struct HistoryEntry {
     pub params: Params,
     pub model: String,
+    /// Compare mode: the models of the rows (restored into Compare models).
+    pub compare_models: Vec<String>,
     pub seeds: Vec<u64>,
     pub images: Vec<PathBuf>,
     /// Seconds since the Unix epoch.
@@ -110,6 +145,7 @@ pub struct Persisted {
     pub recent_models: Vec<String>,
     /// Oldest first, at most [`HISTORY_LEN`].
     pub history: Vec<HistoryEntry>,
+    pub compare: CompareSettings,
 }
 
 impl Persisted {

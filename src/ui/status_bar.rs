@@ -1,4 +1,4 @@
-//! Model, device, dtype, step i/N, it/s and ETA.
+//! Model, device, dtype, loading progress, step i/N, it/s and ETA.
 
 use super::app::{JobView, ModelStatus};
 
@@ -42,6 +42,13 @@ pub fn status_bar_ui(
     jobs: usize,
 ) {
     ui.horizontal(|ui| {
+        if let (Some(p), Some(_)) = (model.progress, &model.loading) {
+            ui.add(
+                egui::ProgressBar::new(p.clamp(0.0, 1.0))
+                    .desired_width(140.0)
+                    .text(format!("{:.0}%", p.clamp(0.0, 1.0) * 100.0)),
+            );
+        }
         ui.label(status_text(model, running, jobs));
     });
 }
