@@ -6,6 +6,8 @@
 # Needs: apt-get install xvfb mesa-vulkan-drivers libgl1-mesa-dri libegl1 libxkbcommon-x11-0
 # (wgpu runs on Mesa's lavapipe software Vulkan; pass RENDERER=glow for llvmpipe OpenGL).
 # PREVIEW=Taesd|Linear|Off and PREVIEW_EVERY=N choose the previews; OUT the folder.
+# COMPARE=1 runs compare mode instead: tiny-sd15 against the tiny SD 2.x-shaped fixture, one
+# row each, same seeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-screenshots}
@@ -14,13 +16,17 @@ bin=${BIN:-target/release/sd-studio}
 [ -x "$bin" ] || cargo build --release
 mkdir -p "$out"
 state=$(mktemp -d)
+compare=""
+if [ -n "${COMPARE:-}" ]; then
+  compare=', "compare": {"enabled": true, "models": ["tests/fixtures/tiny-sd15", "tests/fixtures/tiny-sd2v"]}'
+fi
 # 128×128 keeps the tiny model quick on a CPU; 16 steps leave time to watch it form.
 cat > "$state/state.json" <<JSON
 {"settings": {"preview": "${PREVIEW:-Taesd}", "preview_every": ${PREVIEW_EVERY:-1}},
  "params": {"prompt": "a lighthouse on a cliff at dawn, oil painting",
             "negative_prompt": "blurry, low quality", "seed": 1234, "seed_locked": true,
             "sampler": "euler-a", "steps": 16, "cfg": 7.0, "width": 128, "height": 128,
-            "count": 8}}
+            "count": 8}$compare}
 JSON
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$state}
 HF_HUB_OFFLINE=1 xvfb-run -a -s "-screen 0 1280x860x24" \
