@@ -654,7 +654,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
                 None => img.seed.to_string(),
             };
             if compare {
-                stem = format!("{}-{stem}", file_safe(&m.label));
+                stem = format!("{}-{stem}", crate::worker::file_safe(&m.label));
             }
             let path = output_path(&a.out, &stem);
             write_atomic(&path, &png)?;
@@ -696,20 +696,6 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         let _ = writeln!(stdout.lock(), "{line}");
     }
     Ok(())
-}
-
-/// A model label as part of a file name.
-fn file_safe(label: &str) -> String {
-    label
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 fn tokenize(a: &TokenizeArgs) -> Result<()> {

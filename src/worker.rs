@@ -539,7 +539,13 @@ impl Worker {
                 rng: RngKind::TorchCuda.a1111_name().map(str::to_string),
                 ..Default::default()
             };
-            let path = match save(&job.output_dir, &params, &img.rgb) {
+            // Compare mode: several models draw each seed, so the file name says which.
+            let stem = if job.models.is_empty() {
+                img.seed.to_string()
+            } else {
+                format!("{}-{}", file_safe(&model.label), img.seed)
+            };
+            let path = match save(&job.output_dir, &stem, &params, &img.rgb) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     self.link.send(Event::Warning {
@@ -601,14 +607,28 @@ fn prepare_init(job: &JobRequest) -> eng::Result<Option<InitImage>> {
     }))
 }
 
-/// Writes one image with its A1111 parameters into `dir` (atomically), named by its seed.
-pub fn save(dir: &Path, params: &Parameters, rgb: &[u8]) -> eng::Result<PathBuf> {
+/// A model label as part of a file name.
+pub fn file_safe(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Writes one image with its A1111 parameters into `dir` (atomically) as `{stem}.png`.
+pub fn save(dir: &Path, stem: &str, params: &Parameters, rgb: &[u8]) -> eng::Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Write {
         path: dir.to_path_buf(),
         reason: e.to_string(),
     })?;
     let png = encode_png(rgb, params.width, params.height, &params.to_a1111())?;
-    let path = output_path(dir, &params.seed.to_string());
+    let path = output_path(dir, stem);
     write_atomic(&path, &png)?;
     Ok(path)
 }

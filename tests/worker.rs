@@ -354,6 +354,8 @@ fn compare_jobs_step_the_models_in_turn_and_label_every_cell() {
             .unwrap()
             .unwrap();
         assert!(text.contains(&format!("Model: {model}")), "{text}");
+        let name = row[0].3.as_ref().unwrap().file_name().unwrap();
+        assert_eq!(name.to_str().unwrap(), format!("{model}-5.png"));
     }
     // Previews came for both rows.
     let previewed: std::collections::BTreeSet<usize> = rig

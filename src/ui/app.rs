@@ -812,6 +812,11 @@ impl StudioApp {
                 total,
                 elapsed,
             } => {
+                // Compare mode loads its models inside the job: once steps run, they are in.
+                if self.model.ready {
+                    self.model.loading = None;
+                    self.model.progress = None;
+                }
                 let now = Instant::now();
                 if let Some(j) = self.jobs.iter_mut().find(|j| j.request.id == job) {
                     if step > j.step && j.step > 0 {
