@@ -289,44 +289,18 @@ impl ModelCache {
         // Components: shared when identical, else read.
         let oom = |e: Error| out_of_memory(e, &opts.model);
         progress("loading the text encoder", Some(0.35));
-        let text = match self.text.get(&keys[0]).and_then(Weak::upgrade) {
-            Some(t) => {
-                self.stats.shared += 1;
-                t
-            }
-            None => {
-                let t = Arc::new(files.load_text_encoder(dtype, &device).map_err(oom)?);
-                self.stats.loaded[0] += 1;
-                self.text.insert(keys[0].clone(), Arc::downgrade(&t));
-                t
-            }
-        };
+        let stats = &mut self.stats;
+        let text = share_or_load(&mut self.text, &keys[0], stats, 0, || {
+            files.load_text_encoder(dtype, &device).map_err(oom)
+        })?;
         progress("loading the UNet", Some(0.45));
-        let unet = match self.unet.get(&keys[1]).and_then(Weak::upgrade) {
-            Some(u) => {
-                self.stats.shared += 1;
-                u
-            }
-            None => {
-                let u = Arc::new(files.load_unet(dtype, &device).map_err(oom)?);
-                self.stats.loaded[1] += 1;
-                self.unet.insert(keys[1].clone(), Arc::downgrade(&u));
-                u
-            }
-        };
+        let unet = share_or_load(&mut self.unet, &keys[1], stats, 1, || {
+            files.load_unet(dtype, &device).map_err(oom)
+        })?;
         progress("loading the VAE", Some(0.9));
-        let vae_model = match self.vae.get(&keys[2]).and_then(Weak::upgrade) {
-            Some(v) => {
-                self.stats.shared += 1;
-                v
-            }
-            None => {
-                let v = Arc::new(files.load_vae(dtype, &device).map_err(oom)?);
-                self.stats.loaded[2] += 1;
-                self.vae.insert(keys[2].clone(), Arc::downgrade(&v));
-                v
-            }
-        };
+        let vae_model = share_or_load(&mut self.vae, &keys[2], stats, 2, || {
+            files.load_vae(dtype, &device).map_err(oom)
+        })?;
         self.text.retain(|_, w| w.strong_count() > 0);
         self.unet.retain(|_, w| w.strong_count() > 0);
         self.vae.retain(|_, w| w.strong_count() > 0);
@@ -348,6 +322,25 @@ impl ModelCache {
             || self.unet.get(k).is_some_and(|w| w.strong_count() > 0)
             || self.vae.get(k).is_some_and(|w| w.strong_count() > 0)
     }
+}
+
+/// The live component under `key`, else `load()`ed and remembered (weakly: it lives as long
+/// as a cached model holds it). `slot` counts the load in `stats.loaded`.
+fn share_or_load<T>(
+    live: &mut HashMap<PartKey, Weak<T>>,
+    key: &PartKey,
+    stats: &mut CacheStats,
+    slot: usize,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<Arc<T>> {
+    if let Some(t) = live.get(key).and_then(Weak::upgrade) {
+        stats.shared += 1;
+        return Ok(t);
+    }
+    let t = Arc::new(load()?);
+    stats.loaded[slot] += 1;
+    live.insert(key.clone(), Arc::downgrade(&t));
+    Ok(t)
 }
 
 /// A1111's "Model" field: a single file's stem, a folder's name, or the hub id as given.
