@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::engine::cache::{LoadOptions, ModelCache};
 use crate::engine::grid::{self, Picture};
 use crate::engine::image_ops::{cover_crop, cover_crop_mask};
+use crate::engine::memory::{self, MemoryMode, MemoryOptions, Slicing, Tiling};
 use crate::engine::metadata::{encode_png, output_path, write_atomic, Parameters};
 use crate::engine::model::{self, ModelFiles, DEFAULT_MODEL};
 use crate::engine::pipeline::{GenerateRequest, StableDiffusion, Variation};
@@ -70,9 +71,31 @@ pub struct ModelArgs {
     /// folder, or single .safetensors file (A1111's models/VAE). Recorded as "VAE"/"VAE hash".
     #[arg(long)]
     pub vae: Option<String>,
+    /// Where the weights live while generating: full (all on the device), medvram (one of
+    /// text encoder / UNet / VAE at a time), lowvram (the UNet one part at a time), or auto
+    /// (from free memory).
+    #[arg(long, default_value = "auto")]
+    pub memory: String,
+    /// Attention slicing: auto (only when the score matrix would not fit), off, on, or the
+    /// number of queries per slice.
+    #[arg(long, default_value = "auto")]
+    pub attention_slicing: String,
+    /// Tiled VAE decode (diffusers' enable_tiling): auto (only when a whole decode would not
+    /// fit), on or off.
+    #[arg(long, default_value = "auto")]
+    pub vae_tiling: String,
 }
 
 impl ModelArgs {
+    /// `--memory`, `--attention-slicing`, `--vae-tiling`, checked.
+    fn memory_options(&self) -> Result<MemoryOptions> {
+        Ok(MemoryOptions {
+            mode: MemoryMode::parse(&self.memory)?,
+            attention: Slicing::parse(&self.attention_slicing)?,
+            vae_tiling: Tiling::parse(&self.vae_tiling)?,
+        })
+    }
+
     /// The one model of commands that take one.
     fn single(&self) -> Result<&str> {
         match self.model.as_slice() {
@@ -92,6 +115,7 @@ impl ModelArgs {
             vae: self.vae.clone(),
             config: self.config.clone(),
             v_prediction: self.v_prediction,
+            memory: MemoryMode::parse(&self.memory).unwrap_or_default(),
         }
     }
 }
@@ -235,6 +259,16 @@ pub struct BenchArgs {
     /// CPU threads for candle's kernels (0: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Batch sizes to time, comma-separated (e.g. 1,4,8) [default: --batch].
+    #[arg(long)]
+    pub batches: Option<String>,
+    /// Also time the studio's whole 2×4 grid: 8 images end to end (prompt, every step,
+    /// decode), with TAESD previews of all 8 cells after every step when --taesd is given.
+    #[arg(long)]
+    pub grid: bool,
+    /// TAESD weights (folder or hub id) for the preview timings.
+    #[arg(long)]
+    pub taesd: Option<String>,
 }
 
 pub fn main() -> std::process::ExitCode {
@@ -317,6 +351,7 @@ struct Settings {
 
 /// Checks everything that needs no weights, so bad input fails before a slow load.
 struct Prepared {
+    memory: MemoryOptions,
     device: Device,
     dtype: DType,
     files: ModelFiles,
@@ -362,6 +397,7 @@ fn prepare(model: &str, m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
     if s.batch == 0 {
         return Err(Error::invalid("batch", "must be at least 1"));
     }
+    let memory = m.memory_options()?;
     let dtype = engine::dtype(&m.dtype)?;
     let device = engine::device(&m.device)?;
     let mut files = ModelFiles::open(
@@ -389,6 +425,7 @@ fn prepare(model: &str, m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
         .scheduler
         .build(&files.scheduler_config, settings.steps)?;
     Ok(Prepared {
+        memory,
         device,
         dtype,
         files,
@@ -609,6 +646,8 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             }
         })?;
         let sd = &m.sd;
+        eprintln!("memory: {}", m.placement);
+        sd.set_memory_options(p.memory);
         sd.check(&req)?;
         if req.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
             eprintln!(
@@ -722,21 +761,67 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median, min and max of `v` (zeros when empty).
+fn spread(v: &mut [f64]) -> (f64, f64, f64) {
+    let m = median(v);
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(0.0, f64::max);
+    (m, if lo.is_finite() { lo } else { 0.0 }, hi)
+}
+
 fn bench(a: &BenchArgs) -> Result<()> {
     if a.threads > 0 {
         // candle's CPU kernels size their pools from RAYON_NUM_THREADS when first used.
         std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     }
+    let batches: Vec<usize> = match &a.batches {
+        None => vec![a.sampling.batch],
+        Some(list) => list
+            .split(',')
+            .map(|x| match x.trim().parse::<usize>() {
+                Ok(b) if b > 0 => Ok(b),
+                _ => Err(Error::invalid(
+                    "batches",
+                    format!("{x:?} in {list:?} is not a positive batch size"),
+                )),
+            })
+            .collect::<Result<_>>()?,
+    };
+    if a.runs == 0 {
+        return Err(Error::invalid("runs", "must be at least 1"));
+    }
     let p = prepare(a.model.single()?, &a.model, &a.sampling)?;
     let s = &p.settings;
+    let device = p.device.clone();
+    let sync = |what: &str| {
+        device
+            .synchronize()
+            .map_err(|e| Error::invalid("device", format!("{what}: {e}")))
+    };
+    let monitor = memory::PeakMemory::start(&device);
+    let base = monitor.now().unwrap_or(0);
+    let sizes_free = memory::free_memory(&device);
     let t0 = Instant::now();
-    let mut sd = StableDiffusion::load(p.files, p.device, p.dtype)?;
+    let sizes = crate::engine::cache::component_bytes(&p.files, p.dtype)?;
+    let offload = memory::choose_offload(p.memory.mode, !device.is_cpu(), sizes_free, sizes);
+    let sd = StableDiffusion::load_offloaded(p.files, p.device.clone(), p.dtype, offload)?;
+    sd.set_memory_options(p.memory);
+    sync("load")?;
     let load = t0.elapsed().as_secs_f64();
-    let req = GenerateRequest {
+    let weights_resident = monitor.now().map(|n| n.saturating_sub(base));
+    let taesd = match &a.taesd {
+        Some(t) => Some(crate::engine::taesd::TaesdDecoder::load(
+            &crate::engine::taesd::resolve(t)?,
+            p.dtype,
+            &device,
+        )?),
+        None => None,
+    };
+    let req = |batch: usize| GenerateRequest {
         prompt: "a photograph of an astronaut riding a horse".into(),
         negative_prompt: String::new(),
         seed: 0,
-        batch: a.sampling.batch,
+        batch,
         steps: s.steps,
         guidance: s.guidance,
         scheduler: s.scheduler,
@@ -749,32 +834,122 @@ fn bench(a: &BenchArgs) -> Result<()> {
         clip_skip: 1,
         spacing: s.spacing,
     };
-    let (mut enc, mut step, mut dec) = (Vec::new(), Vec::new(), Vec::new());
-    for run in 0..=a.runs {
-        sd.generate(&req, &mut |_| Ok(()))?;
-        if run == 0 {
-            continue; // warm-up
-        }
-        let t = &sd.last_timings;
-        enc.push(t.encode);
-        step.extend(t.steps.iter().copied());
-        dec.push(t.decode);
+    let gib = |b: Option<u64>| b.map(|b| b as f64 / (1u64 << 30) as f64);
+
+    // One run: prompt, every step (synchronised, so a step's time is its GPU time), TAESD
+    // previews of every image after each step when `previews`, decode of every image.
+    struct Times {
+        encode: f64,
+        steps: Vec<f64>,
+        previews: Vec<f64>,
+        decode: f64,
+        total: f64,
     }
-    let (e, st, d) = (median(&mut enc), median(&mut step), median(&mut dec));
-    let line = serde_json::json!({
+    let run_once = |req: &GenerateRequest, previews: bool| -> Result<Times> {
+        let start = Instant::now();
+        let mut run = sd.begin(req)?;
+        sync("prompt")?;
+        let encode = start.elapsed().as_secs_f64();
+        let (mut steps, mut prev) = (Vec::new(), Vec::new());
+        while !run.is_done() {
+            let t = Instant::now();
+            let out = sd.step(&mut run)?;
+            sync("step")?;
+            steps.push(t.elapsed().as_secs_f64());
+            if let (true, Some(tae), Some(x0)) = (previews, &taesd, &out.pred_original) {
+                let t = Instant::now();
+                crate::engine::taesd::Previewer::previews_with(tae, x0)?;
+                prev.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let t = Instant::now();
+        sd.finish(run)?;
+        let decode = t.elapsed().as_secs_f64();
+        Ok(Times {
+            encode,
+            steps,
+            previews: prev,
+            decode,
+            total: start.elapsed().as_secs_f64(),
+        })
+    };
+
+    let mut cases = Vec::new();
+    for &batch in &batches {
+        let r = req(batch);
+        let (mut enc, mut step, mut dec) = (Vec::new(), Vec::new(), Vec::new());
+        run_once(&r, false)?; // warm-up
+        monitor.reset();
+        for _ in 0..a.runs {
+            let t = run_once(&r, false)?;
+            enc.push(t.encode);
+            step.extend(t.steps);
+            dec.push(t.decode / batch as f64);
+        }
+        let (st, st_min, st_max) = spread(&mut step);
+        let line = serde_json::json!({
+            "case": "steps", "batch": batch, "text_encode_s": median(&mut enc),
+            "step_s": st, "step_min_s": st_min, "step_max_s": st_max,
+            "it_per_s": if st > 0.0 { 1.0 / st } else { 0.0 },
+            "images_per_s_denoising": if st > 0.0 { batch as f64 / (st * s.steps as f64) } else { 0.0 },
+            "decode_per_image_s": median(&mut dec),
+            "peak_gib": gib(monitor.peak().map(|p| p.saturating_sub(base))),
+        });
+        eprintln!(
+            "batch {batch}: step {:.4} s ({:.1} it/s), decode {:.4} s per image, peak {:?} GiB",
+            st,
+            if st > 0.0 { 1.0 / st } else { 0.0 },
+            line["decode_per_image_s"].as_f64().unwrap_or(0.0),
+            line["peak_gib"].as_f64()
+        );
+        println!("{line}");
+        cases.push(line);
+    }
+    if a.grid {
+        let r = req(8);
+        run_once(&r, true)?; // warm-up
+        monitor.reset();
+        let (mut total, mut step, mut prev, mut dec) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..a.runs {
+            let t = run_once(&r, true)?;
+            total.push(t.total);
+            step.extend(t.steps);
+            prev.extend(t.previews);
+            dec.push(t.decode);
+        }
+        let (st, pv) = (median(&mut step), median(&mut prev));
+        let line = serde_json::json!({
+            "case": "grid", "batch": 8, "total_s": median(&mut total), "step_s": st,
+            "decode_s": median(&mut dec),
+            "preview_per_step_s": if taesd.is_some() { Some(pv) } else { None },
+            "preview_fraction_of_step": if taesd.is_some() && st > 0.0 { Some(pv / st) } else { None },
+            "peak_gib": gib(monitor.peak().map(|p| p.saturating_sub(base))),
+        });
+        eprintln!(
+            "grid 2x4: {:.3} s end to end (previews {}), step {:.4} s, decode {:.3} s, peak {:?} GiB",
+            line["total_s"].as_f64().unwrap_or(0.0),
+            if taesd.is_some() { format!("{:.4} s per step", pv) } else { "off".into() },
+            st,
+            line["decode_s"].as_f64().unwrap_or(0.0),
+            line["peak_gib"].as_f64()
+        );
+        println!("{line}");
+        cases.push(line);
+    }
+    let first = &cases[0];
+    let summary = serde_json::json!({
         "model": a.model.single()?, "device": a.model.device, "dtype": a.model.dtype,
-        "width": s.width, "height": s.height, "batch": a.sampling.batch, "guidance": s.guidance,
+        "memory": offload.name(), "attention_slicing": a.model.attention_slicing,
+        "width": s.width, "height": s.height, "guidance": s.guidance,
         "scheduler": s.scheduler.cli_name(), "steps": s.steps, "runs": a.runs,
         "threads": if a.threads > 0 { a.threads } else { candle_core::utils::get_num_threads() },
-        "load_s": load, "text_encode_s": e, "step_s": st, "it_per_s": if st > 0.0 { 1.0 / st } else { 0.0 }, "decode_s": d,
+        "load_s": load, "weights_gib": gib(weights_resident),
+        // The first case's numbers at the top level (what tests/bench_diffusers.py reads).
+        "batch": first["batch"], "text_encode_s": first["text_encode_s"], "step_s": first["step_s"],
+        "it_per_s": first["it_per_s"], "decode_s": first["decode_per_image_s"],
+        "cases": cases,
     });
-    eprintln!(
-        "text encode {:.4} s, step {:.4} s (median of {} steps), decode {:.4} s",
-        e,
-        st,
-        step.len(),
-        d
-    );
-    println!("{line}");
+    println!("{summary}");
     Ok(())
 }

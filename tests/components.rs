@@ -21,12 +21,13 @@ fn check_model(name: &str) {
     let t = refs["unet_timestep"].to_vec1::<f32>().unwrap()[0] as f64;
     let out = sd
         .unet()
+        .unwrap()
         .forward(&refs["unet_sample"], t, &refs["text_out"])
         .unwrap();
     let e = common::rel_err(&out, &refs["unet_out"]);
     assert!(e <= TOL, "{name}: unet relative error {e}");
 
-    let img = sd.vae().decode(&refs["vae_latents"]).unwrap();
+    let img = sd.vae().unwrap().decode(&refs["vae_latents"]).unwrap();
     let e = common::rel_err(&img, &refs["vae_out"]);
     assert!(e <= TOL, "{name}: vae decode relative error {e}");
 }

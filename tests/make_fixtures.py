@@ -29,7 +29,9 @@ What it makes (everything under ``tests/fixtures/``):
       scheduler after ``set_timesteps``;
     - ``latents_64x64.safetensors``, ``images/*.png``, ``cases.json``:
       full text-to-image pipeline runs;
-    - ``taesd_tiny.safetensors``: latents and the decode of ``tiny-taesd/``.
+    - ``taesd_tiny.safetensors``: latents and the decode of ``tiny-taesd/``;
+    - ``vae_tiling_tiny-sd15.safetensors``: latents, their tiled decode
+      (``vae.enable_tiling()``) and untiled decode (``--only memory``).
 * ``tiny-taesd/`` -- a tiny random-weight ``AutoencoderTiny`` (TAESD's
   architecture, 16 channels instead of 64) for the preview decoder's parity test.
   ``--only taesd`` rebuilds just this model and its reference, leaving every
@@ -579,6 +581,21 @@ def make_component_refs(name: str, pipe: StableDiffusionPipeline) -> None:
         assert torch.isfinite(v.float()).all(), (name, k)
     assert tuple(text_out.shape) == (2, 77, 16) and tuple(vae_out.shape) == (1, 3, 64, 64)
     save_file({k: v.contiguous() for k, v in tensors.items()}, REFS / f"components_{name}.safetensors")
+
+
+@torch.no_grad()
+def make_memory_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
+    """Tiled VAE decode (diffusers' enable_tiling) on latents spanning 4x5 tiles of the tiny
+    VAE (tile: sample_size 64 px = 8 latents, overlap 25%), and the untiled decode."""
+    vae = pipes["tiny-sd15"].vae
+    z = torch.randn((1, 4, 20, 28), generator=torch.Generator("cpu").manual_seed(3))
+    full = vae.decode(z).sample
+    vae.enable_tiling()
+    tiled = vae.decode(z).sample
+    vae.disable_tiling()
+    assert tuple(tiled.shape) == (1, 3, 160, 224) and not torch.equal(full, tiled)
+    save_file(dict(latents=z, full=full.contiguous(), tiled=tiled.contiguous()),
+              REFS / "vae_tiling_tiny-sd15.safetensors")
 
 
 def make_scheduler(sched_name: str, cfg):
@@ -1191,7 +1208,7 @@ def summary() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bpe", help="path to bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip)")
-    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd"],
+    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd", "memory"],
                     help="only remake one set of references from the committed models")
     args = ap.parse_args()
     if args.only == "taesd":
@@ -1207,7 +1224,7 @@ def main() -> None:
     if args.only:
         pipes = {"tiny-sd15": load_pipe("tiny-sd15", None), "tiny-sd2v": load_pipe("tiny-sd2v", "fp16")}
         {"prompts": make_prompt_refs, "img2img": make_img2img_refs, "inpaint": make_inpaint_refs,
-         "single": make_single_file_refs}[args.only](pipes)
+         "single": make_single_file_refs, "memory": make_memory_refs}[args.only](pipes)
         return
 
     bpe = find_bpe(args.bpe)
@@ -1234,6 +1251,7 @@ def main() -> None:
     make_img2img_refs(pipes)
     make_inpaint_refs(pipes)
     make_single_file_refs(pipes)
+    make_memory_refs(pipes)
     problems += make_pipeline_refs(pipes)
     make_taesd()
     problems += check_no_nan_files()

@@ -17,6 +17,7 @@ use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 use super::clip::ClipTextModel;
 use super::hash;
+use super::memory::{self, MemoryMode, Part};
 use super::model::ModelFiles;
 use super::pipeline::StableDiffusion;
 use super::unet::UNet;
@@ -37,6 +38,8 @@ pub struct LoadOptions {
     pub config: Option<String>,
     /// A single file predicts v.
     pub v_prediction: bool,
+    /// Where the weights live while generating (full, medvram, lowvram or auto).
+    pub memory: MemoryMode,
 }
 
 impl LoadOptions {
@@ -48,6 +51,7 @@ impl LoadOptions {
             vae: None,
             config: None,
             v_prediction: false,
+            memory: MemoryMode::Auto,
         }
     }
 }
@@ -63,6 +67,8 @@ pub struct CachedModel {
     pub vae: Option<(String, String)>,
     /// Memory its components take (each counted in full, shared or not).
     pub bytes: u64,
+    /// Where its weights live, and why (for the status line).
+    pub placement: String,
     parts: [PartKey; 3],
 }
 
@@ -87,9 +93,9 @@ pub struct CacheStats {
 pub struct ModelCache {
     budget: u64,
     entries: Vec<(LoadOptions, Arc<CachedModel>)>,
-    text: HashMap<PartKey, Weak<ClipTextModel>>,
-    unet: HashMap<PartKey, Weak<UNet>>,
-    vae: HashMap<PartKey, Weak<AutoEncoderKL>>,
+    text: HashMap<PartKey, Weak<Part<ClipTextModel>>>,
+    unet: HashMap<PartKey, Weak<Part<UNet>>>,
+    vae: HashMap<PartKey, Weak<Part<AutoEncoderKL>>>,
     bytes_of: HashMap<PartKey, u64>,
     pub stats: CacheStats,
 }
@@ -209,7 +215,20 @@ impl ModelCache {
             }
             Ok(out.join("+"))
         };
-        let tail = format!("{:?}|{}", dtype, opts.device);
+        // Sizes decide an automatic memory mode, which is part of each component's identity.
+        let sizes = component_bytes(&files, dtype)?;
+        let free = memory::free_memory(&device);
+        let offload = memory::choose_offload(opts.memory, !device.is_cpu(), free, sizes);
+        let placement = match (opts.memory, free) {
+            (MemoryMode::Auto, Some(f)) if !device.is_cpu() => format!(
+                "{} (auto: {:.1} GiB free, weights {:.1} GiB)",
+                offload.name(),
+                f as f64 / GIB,
+                sizes.iter().sum::<u64>() as f64 / GIB
+            ),
+            _ => offload.name().to_string(),
+        };
+        let tail = format!("{:?}|{}|{}", dtype, opts.device, offload.name());
         let single = files.single.is_some();
         let part = |ids: String, what: &str, config: String| {
             PartKey(format!("{ids}#{what}|{config}|{tail}"))
@@ -245,13 +264,7 @@ impl ModelCache {
             None => None,
         };
 
-        // Sizes, and whether the new parts fit in free memory.
-        let elem = dtype.size_in_bytes() as u64;
-        let sizes = [
-            component_elems(&files, Component::Text)? * elem,
-            component_elems(&files, Component::Unet)? * elem,
-            component_elems(&files, Component::Vae)? * elem,
-        ];
+        // Whether the new parts fit in free memory.
         let keys = [text_key, unet_key, vae_key];
         let new_bytes: u64 = keys
             .iter()
@@ -291,21 +304,21 @@ impl ModelCache {
         progress("loading the text encoder", Some(0.35));
         let stats = &mut self.stats;
         let text = share_or_load(&mut self.text, &keys[0], stats, 0, || {
-            files.load_text_encoder(dtype, &device).map_err(oom)
+            files.text_part(dtype, &device, offload).map_err(oom)
         })?;
         progress("loading the UNet", Some(0.45));
         let unet = share_or_load(&mut self.unet, &keys[1], stats, 1, || {
-            files.load_unet(dtype, &device).map_err(oom)
+            files.unet_part(dtype, &device, offload).map_err(oom)
         })?;
         progress("loading the VAE", Some(0.9));
         let vae_model = share_or_load(&mut self.vae, &keys[2], stats, 2, || {
-            files.load_vae(dtype, &device).map_err(oom)
+            files.vae_part(dtype, &device, offload).map_err(oom)
         })?;
         self.text.retain(|_, w| w.strong_count() > 0);
         self.unet.retain(|_, w| w.strong_count() > 0);
         self.vae.retain(|_, w| w.strong_count() > 0);
         let label = model_label(&opts.model);
-        let sd = StableDiffusion::from_parts(files, device, dtype, text, unet, vae_model)?;
+        let sd = StableDiffusion::from_parts(files, device, dtype, text, unet, vae_model, offload)?;
         progress("ready", Some(1.0));
         Ok(CachedModel {
             sd,
@@ -313,6 +326,7 @@ impl ModelCache {
             hash,
             vae,
             bytes: sizes.iter().sum(),
+            placement,
             parts: keys,
         })
     }
@@ -376,6 +390,16 @@ enum Component {
     Text,
     Unet,
     Vae,
+}
+
+/// Bytes of text encoder, UNet and VAE in `dtype`, from the safetensors headers alone.
+pub fn component_bytes(files: &ModelFiles, dtype: DType) -> Result<[u64; 3]> {
+    let elem = dtype.size_in_bytes() as u64;
+    Ok([
+        component_elems(files, Component::Text)? * elem,
+        component_elems(files, Component::Unet)? * elem,
+        component_elems(files, Component::Vae)? * elem,
+    ])
 }
 
 /// Elements in one component's tensors, from the safetensors headers alone.

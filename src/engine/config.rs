@@ -353,6 +353,8 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     pub scaling_factor: f64,
     pub shift_factor: f64,
+    /// Pixels per side of a tile in tiled decode (diffusers' `tile_sample_min_size`).
+    pub sample_size: usize,
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
 }
@@ -395,9 +397,24 @@ impl VaeConfig {
             norm_num_groups,
             scaling_factor: c.f64_or("scaling_factor", 0.18215)?,
             shift_factor: c.f64_or("shift_factor", 0.0)?,
+            sample_size: match c.get("sample_size") {
+                // Some configs give [height, width]; diffusers tiles by the first.
+                Some(Value::Array(v)) => v
+                    .first()
+                    .and_then(|x| x.as_u64())
+                    .map(|x| x as usize)
+                    .ok_or_else(|| c.err("sample_size", "expected an integer or a list of them"))?,
+                _ => c.usize_or("sample_size", 512)?,
+            },
             use_quant_conv: c.bool_or("use_quant_conv", true)?,
             use_post_quant_conv: c.bool_or("use_post_quant_conv", true)?,
         })
+    }
+
+    /// Tiled decode's tile: (latent cells, pixels) per side, as diffusers.
+    pub fn tile(&self) -> (usize, usize) {
+        let px = self.sample_size.max(self.scale_factor());
+        (px / self.scale_factor(), px)
     }
 
     /// Pixels per latent: 2^(levels - 1), as diffusers' `vae_scale_factor`.

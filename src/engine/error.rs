@@ -50,9 +50,13 @@ pub enum Error {
     #[error("cancelled")]
     Cancelled,
 
-    /// A tensor operation failed inside a model (device, shape, out of memory).
+    /// A tensor operation failed inside a model (device, shape).
     #[error("{context}: {message}")]
     Tensor { context: String, message: String },
+
+    /// The device ran out of memory.
+    #[error("out of memory ({message}): try a smaller batch or image size, or a lower-memory mode (Memory: medvram or lowvram; attention slicing on; tiled VAE decode)")]
+    OutOfMemory { message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -64,9 +68,19 @@ pub trait Context<T> {
 
 impl<T> Context<T> for candle_core::Result<T> {
     fn ctx(self, context: &str) -> Result<T> {
-        self.map_err(|e| Error::Tensor {
-            context: context.to_string(),
-            message: super::model::candle_msg(&e),
+        self.map_err(|e| {
+            let message = super::model::candle_msg(&e);
+            let lower = message.to_lowercase();
+            if lower.contains("out of memory") || lower.contains("out_of_memory") {
+                Error::OutOfMemory {
+                    message: format!("{context}: {message}"),
+                }
+            } else {
+                Error::Tensor {
+                    context: context.to_string(),
+                    message,
+                }
+            }
         })
     }
 }

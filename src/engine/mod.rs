@@ -8,6 +8,7 @@ pub mod error;
 pub mod grid;
 pub mod hash;
 pub mod image_ops;
+pub mod memory;
 pub mod metadata;
 pub mod model;
 pub mod pipeline;

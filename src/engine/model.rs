@@ -12,6 +12,7 @@ use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEnco
 use super::clip::ClipTextModel;
 use super::config::{ClipConfig, JsonConfig, UNetConfig, VaeConfig};
 use super::error::{Error, Result};
+use super::memory::{self, Offload, Part};
 use super::schedulers::SchedulerConfig;
 use super::single_file::{SingleFile, VaeFile};
 use super::tokenizer::ClipTokenizer;
@@ -589,32 +590,36 @@ impl ModelFiles {
         ClipTokenizer::from_dir(&self.root.join("tokenizer"))
     }
 
-    pub fn load_text_encoder(&self, dtype: DType, device: &Device) -> Result<ClipTextModel> {
-        let vb = match &self.single {
-            Some(f) => f.text_vb(dtype, device),
-            None => var_builder(&self.text_encoder_weights, dtype, device, "text encoder")?,
-        };
-        ClipTextModel::new(vb, &self.clip_config).map_err(|e| Error::Weights {
-            component: "text encoder",
-            path: self.text_encoder_weights[0].clone(),
-            reason: candle_msg(&e),
-        })
+    pub fn text_vb(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        match &self.single {
+            Some(f) => Ok(f.text_vb(dtype, device)),
+            None => var_builder(&self.text_encoder_weights, dtype, device, "text encoder"),
+        }
     }
 
-    pub fn load_unet(&self, dtype: DType, device: &Device) -> Result<UNet> {
-        let vb = match &self.single {
-            Some(f) => f.unet_vb(dtype, device),
-            None => var_builder(&self.unet_weights, dtype, device, "unet")?,
-        };
-        UNet::new(vb, &self.unet_config).map_err(|e| Error::Weights {
-            component: "unet",
-            path: self.unet_weights[0].clone(),
-            reason: candle_msg(&e),
-        })
+    pub fn unet_vb(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        match &self.single {
+            Some(f) => Ok(f.unet_vb(dtype, device)),
+            None => var_builder(&self.unet_weights, dtype, device, "unet"),
+        }
     }
 
-    pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<AutoEncoderKL> {
-        let vb = self.vae_vb(dtype, device)?;
+    /// Builds the text encoder from `vb` (its weights, on the target device).
+    fn text_builder(&self) -> impl Fn(VarBuilder<'static>) -> Result<ClipTextModel> + Send + Sync {
+        let (config, path) = (
+            self.clip_config.clone(),
+            self.text_encoder_weights[0].clone(),
+        );
+        move |vb| {
+            ClipTextModel::new(vb, &config).map_err(|e| Error::Weights {
+                component: "text encoder",
+                path: path.clone(),
+                reason: candle_msg(&e),
+            })
+        }
+    }
+
+    fn vae_builder(&self) -> impl Fn(VarBuilder<'static>) -> Result<AutoEncoderKL> + Send + Sync {
         let c = &self.vae_config;
         let cfg = AutoEncoderKLConfig {
             block_out_channels: c.block_out_channels.clone(),
@@ -624,11 +629,98 @@ impl ModelFiles {
             use_quant_conv: c.use_quant_conv,
             use_post_quant_conv: c.use_post_quant_conv,
         };
-        AutoEncoderKL::new(vb, c.in_channels, c.out_channels, cfg).map_err(|e| Error::Weights {
-            component: "vae",
-            path: self.vae_weights[0].clone(),
+        let (cin, cout) = (c.in_channels, c.out_channels);
+        let path = self.vae_weights[0].clone();
+        move |vb| {
+            AutoEncoderKL::new(vb, cin, cout, cfg.clone()).map_err(|e| Error::Weights {
+                component: "vae",
+                path: path.clone(),
+                reason: candle_msg(&e),
+            })
+        }
+    }
+
+    fn unet_error(&self, e: candle_core::Error) -> Error {
+        Error::Weights {
+            component: "unet",
+            path: self.unet_weights[0].clone(),
             reason: candle_msg(&e),
-        })
+        }
+    }
+
+    pub fn load_text_encoder(&self, dtype: DType, device: &Device) -> Result<ClipTextModel> {
+        self.text_builder()(self.text_vb(dtype, device)?)
+    }
+
+    pub fn load_unet(&self, dtype: DType, device: &Device) -> Result<UNet> {
+        UNet::new(self.unet_vb(dtype, device)?, &self.unet_config).map_err(|e| self.unet_error(e))
+    }
+
+    pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<AutoEncoderKL> {
+        self.vae_builder()(self.vae_vb(dtype, device)?)
+    }
+
+    /// The text encoder for `offload`: on the device (full) or staged in RAM.
+    pub fn text_part(
+        &self,
+        dtype: DType,
+        device: &Device,
+        offload: Offload,
+    ) -> Result<Part<ClipTextModel>> {
+        match offload {
+            Offload::Full => Ok(Part::resident(self.load_text_encoder(dtype, device)?)),
+            _ => Part::staged(
+                memory::staged(self.text_vb(dtype, &Device::Cpu)?, dtype, device),
+                Box::new(self.text_builder()),
+            ),
+        }
+    }
+
+    /// The UNet for `offload`: on the device (full), staged in RAM and built whole while
+    /// denoising (medvram), or built part by part for every step (lowvram).
+    pub fn unet_part(&self, dtype: DType, device: &Device, offload: Offload) -> Result<Part<UNet>> {
+        let staged = || -> Result<VarBuilder<'static>> {
+            Ok(memory::staged(
+                self.unet_vb(dtype, &Device::Cpu)?,
+                dtype,
+                device,
+            ))
+        };
+        match offload {
+            Offload::Full => Ok(Part::resident(self.load_unet(dtype, device)?)),
+            Offload::Medvram => {
+                let config = self.unet_config.clone();
+                let path = self.unet_weights[0].clone();
+                Part::staged(
+                    staged()?,
+                    Box::new(move |vb| {
+                        UNet::new(vb, &config).map_err(|e| Error::Weights {
+                            component: "unet",
+                            path: path.clone(),
+                            reason: candle_msg(&e),
+                        })
+                    }),
+                )
+            }
+            Offload::Lowvram => Ok(Part::resident(
+                UNet::streamed(staged()?, &self.unet_config).map_err(|e| self.unet_error(e))?,
+            )),
+        }
+    }
+
+    pub fn vae_part(
+        &self,
+        dtype: DType,
+        device: &Device,
+        offload: Offload,
+    ) -> Result<Part<AutoEncoderKL>> {
+        match offload {
+            Offload::Full => Ok(Part::resident(self.load_vae(dtype, device)?)),
+            _ => Part::staged(
+                memory::staged(self.vae_vb(dtype, &Device::Cpu)?, dtype, device),
+                Box::new(self.vae_builder()),
+            ),
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! image with the VAE. img2img and inpainting start from an encoded picture instead.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -13,12 +13,13 @@ use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 use super::clip::ClipTextModel;
 use super::error::{Context, Error, Result};
+use super::memory::{self, MemoryOptions, Offload, Part};
 use super::model::ModelFiles;
 use super::prompt;
 use super::rng::{NoiseStream, RngKind};
 use super::schedulers::{Scheduler, SchedulerKind, TimestepSpacing};
 use super::tokenizer::ClipTokenizer;
-use super::unet::UNet;
+use super::unet::{self, UNet};
 use super::vae_encoder::VaeEncoder;
 
 /// Everything that decides an image.
@@ -186,6 +187,8 @@ pub struct Run {
     /// The next timestep index.
     next: usize,
     nine_channels: bool,
+    /// Attention slicing for this run's UNet calls.
+    attention_slice: Option<usize>,
     pub timings: Timings,
 }
 
@@ -262,9 +265,13 @@ pub struct StableDiffusion {
     pub device: Device,
     pub dtype: DType,
     tokenizer: ClipTokenizer,
-    text_encoder: Arc<ClipTextModel>,
-    unet: Arc<UNet>,
-    vae: Arc<AutoEncoderKL>,
+    text_encoder: Arc<Part<ClipTextModel>>,
+    unet: Arc<Part<UNet>>,
+    vae: Arc<Part<AutoEncoderKL>>,
+    /// Where the components live (fixed at load).
+    pub offload: Offload,
+    /// Attention slicing and VAE tiling for the next jobs.
+    memory: Mutex<MemoryOptions>,
     vae_f32: OnceLock<Result<AutoEncoderKL, String>>,
     vae_encoder: OnceLock<Result<VaeEncoder, String>>,
     pub last_timings: Timings,
@@ -291,10 +298,20 @@ fn dims_ok(what: &'static str, v: usize, multiple: usize) -> Result<()> {
 
 impl StableDiffusion {
     pub fn load(files: ModelFiles, device: Device, dtype: DType) -> Result<Self> {
-        let text_encoder = Arc::new(files.load_text_encoder(dtype, &device)?);
-        let unet = Arc::new(files.load_unet(dtype, &device)?);
-        let vae = Arc::new(files.load_vae(dtype, &device)?);
-        Self::from_parts(files, device, dtype, text_encoder, unet, vae)
+        Self::load_offloaded(files, device, dtype, Offload::Full)
+    }
+
+    /// Loads with the components placed as `offload` says (see [`memory`]).
+    pub fn load_offloaded(
+        files: ModelFiles,
+        device: Device,
+        dtype: DType,
+        offload: Offload,
+    ) -> Result<Self> {
+        let text_encoder = Arc::new(files.text_part(dtype, &device, offload)?);
+        let unet = Arc::new(files.unet_part(dtype, &device, offload)?);
+        let vae = Arc::new(files.vae_part(dtype, &device, offload)?);
+        Self::from_parts(files, device, dtype, text_encoder, unet, vae, offload)
     }
 
     /// A model from components loaded elsewhere (the model cache shares identical ones).
@@ -302,9 +319,10 @@ impl StableDiffusion {
         files: ModelFiles,
         device: Device,
         dtype: DType,
-        text_encoder: Arc<ClipTextModel>,
-        unet: Arc<UNet>,
-        vae: Arc<AutoEncoderKL>,
+        text_encoder: Arc<Part<ClipTextModel>>,
+        unet: Arc<Part<UNet>>,
+        vae: Arc<Part<AutoEncoderKL>>,
+        offload: Offload,
     ) -> Result<Self> {
         let tokenizer = files.load_tokenizer()?;
         Ok(Self {
@@ -315,6 +333,8 @@ impl StableDiffusion {
             text_encoder,
             unet,
             vae,
+            offload,
+            memory: Mutex::new(MemoryOptions::default()),
             vae_f32: OnceLock::new(),
             vae_encoder: OnceLock::new(),
             last_timings: Timings::default(),
@@ -329,12 +349,57 @@ impl StableDiffusion {
         &self.tokenizer
     }
 
-    pub fn unet(&self) -> &UNet {
-        &self.unet
+    /// The UNet on the device (with medvram, the text encoder and VAE leave it first).
+    pub fn unet(&self) -> Result<Arc<UNet>> {
+        self.text_encoder.release();
+        self.vae.release();
+        self.unet.get()
     }
 
-    pub fn vae(&self) -> &AutoEncoderKL {
-        &self.vae
+    /// The VAE on the device (with medvram, the text encoder and UNet leave it first).
+    pub fn vae(&self) -> Result<Arc<AutoEncoderKL>> {
+        self.text_encoder.release();
+        self.unet.release();
+        self.vae.get()
+    }
+
+    fn text_encoder(&self) -> Result<Arc<ClipTextModel>> {
+        self.unet.release();
+        self.vae.release();
+        self.text_encoder.get()
+    }
+
+    /// The components, for tests and the status line: (text encoder, UNet, VAE).
+    pub fn parts(&self) -> (&Part<ClipTextModel>, &Part<UNet>, &Part<AutoEncoderKL>) {
+        (&self.text_encoder, &self.unet, &self.vae)
+    }
+
+    pub fn memory_options(&self) -> MemoryOptions {
+        *self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attention slicing and VAE tiling for the jobs that begin from now on.
+    pub fn set_memory_options(&self, m: MemoryOptions) {
+        *self.memory.lock().unwrap_or_else(|p| p.into_inner()) = m;
+    }
+
+    /// Queries per attention slice for a job: the largest self-attention (the first level
+    /// with attention, heads × tokens²) checked against the working budget.
+    fn attention_slice(&self, rows: usize, width: usize, height: usize) -> Option<usize> {
+        let c = &self.files.unet_config;
+        let f = self.scale_factor();
+        let (lh, lw) = (height / f, width / f);
+        let level = (0..c.block_out_channels.len()).find(|&i| c.cross_attn[i])?;
+        let tokens = (lh >> level).max(1) * (lw >> level).max(1);
+        let budget = memory::work_budget(memory::free_memory(&self.device));
+        memory::attention_slice(
+            self.memory_options().attention,
+            budget,
+            rows,
+            c.num_heads[level],
+            tokens,
+            self.dtype.size_in_bytes(),
+        )
     }
 
     /// Pixels per latent cell.
@@ -350,13 +415,13 @@ impl StableDiffusion {
     /// Prompt → `last_hidden_state` [1, 77, dim] in the model dtype. Warns on truncation.
     pub fn encode_prompt(&self, text: &str, clip_skip: usize) -> Result<Tensor> {
         let tokens = prompt::tokenize(&self.tokenizer, text)?;
+        let text_encoder = self.text_encoder()?;
         let mut parts = Vec::with_capacity(tokens.chunks.len());
         for chunk in &tokens.chunks {
             let ids = Tensor::new(chunk.ids.as_slice(), &self.device)
                 .and_then(|t| t.unsqueeze(0))
                 .ctx("prompt ids")?;
-            let z = self
-                .text_encoder
+            let z = text_encoder
                 .forward_skip(&ids, clip_skip)
                 .ctx("text encoder")?;
             parts.push(if chunk.weights.iter().all(|&w| w == 1.0) {
@@ -369,7 +434,7 @@ impl StableDiffusion {
     }
 
     pub fn encode_ids(&self, ids: &Tensor) -> Result<Tensor> {
-        self.text_encoder
+        self.text_encoder()?
             .forward(&ids.to_device(&self.device).ctx("ids")?)
             .ctx("text encoder")
     }
@@ -558,6 +623,11 @@ impl StableDiffusion {
                 "this is an inpainting model (9 input channels): give an init image and a mask",
             ));
         }
+        let rows = match &context {
+            Conditioning::Batched(_) => 2 * n,
+            _ => n,
+        };
+        let attention_slice = self.attention_slice(rows, req.width, req.height);
         Ok(Run {
             req: req.clone(),
             context,
@@ -568,6 +638,7 @@ impl StableDiffusion {
             start,
             next: start,
             nine_channels,
+            attention_slice,
             timings,
         })
     }
@@ -580,6 +651,10 @@ impl StableDiffusion {
         };
         let (i, n, len) = (run.next, run.req.batch, timesteps.len());
         let ts = Instant::now();
+        let unet_model = self.unet()?;
+        let fwd = unet::Forward {
+            attention_slice: run.attention_slice,
+        };
         let scheduler = &mut run.scheduler;
         let unet = |x: &Tensor, ctx: &Tensor| -> Result<Tensor> {
             let mut x = scheduler.scale_model_input(x, i)?;
@@ -591,8 +666,8 @@ impl StableDiffusion {
                 let mi = ip.masked_latents.repeat((reps, 1, 1, 1)).ctx("mask")?;
                 x = Tensor::cat(&[&x, &m, &mi], 1).ctx("inpaint input")?;
             }
-            self.unet
-                .forward(&x.to_dtype(self.dtype).ctx("unet input")?, t, ctx)
+            unet_model
+                .forward_with(&x.to_dtype(self.dtype).ctx("unet input")?, t, ctx, fwd)
                 .and_then(|p| p.to_dtype(DType::F32))
                 .ctx("unet")
         };
@@ -846,11 +921,17 @@ impl StableDiffusion {
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<u8>> {
         let c = &self.files.vae_config;
         let z = ((latents / c.scaling_factor).ctx("decode")? + c.shift_factor).ctx("decode")?;
-        let img = self
-            .vae
-            .decode(&z.to_dtype(self.dtype).ctx("decode")?)
-            .and_then(|x| x.to_dtype(DType::F32))
-            .ctx("vae decode")?;
+        let (_, _, lh, lw) = z.dims4().ctx("decode")?;
+        let f = self.scale_factor();
+        let tiled = memory::tile_decode(
+            self.memory_options().vae_tiling,
+            memory::free_memory(&self.device),
+            lw * f,
+            lh * f,
+            self.dtype.size_in_bytes(),
+        )
+        .then(|| c.tile());
+        let img = decode_with(&*self.vae()?, &z.to_dtype(self.dtype).ctx("decode")?, tiled)?;
         let finite = img
             .flatten_all()
             .and_then(|x| x.to_vec1::<f32>())
@@ -872,11 +953,132 @@ impl StableDiffusion {
             let vae32 = vae32
                 .as_ref()
                 .map_err(|e| Error::invalid("vae", e.clone()))?;
-            vae32
-                .decode(&z.to_dtype(DType::F32).ctx("decode")?)
-                .ctx("vae decode (f32)")?
+            decode_with(vae32, &z.to_dtype(DType::F32).ctx("decode")?, tiled)?
         };
         to_rgb8(&img)
+    }
+}
+
+/// The VAE's picture [1, 3, h, w] in f32 for latents `z` [1, c, h/f, w/f] (already
+/// unscaled): whole, or with `tile` = (latent cells, pixels) per tile side, as diffusers'
+/// `tiled_decode`: tiles start every ¾ tile, each is blended into the one above and the one
+/// to its left over ¼ tile (linear ramps, in raster order, with the neighbours already
+/// blended), then cropped to ¾ tile.
+pub fn decode_with(
+    vae: &AutoEncoderKL,
+    z: &Tensor,
+    tile: Option<(usize, usize)>,
+) -> Result<Tensor> {
+    let whole = |z: &Tensor| {
+        vae.decode(z)
+            .and_then(|x| x.to_dtype(DType::F32))
+            .ctx("vae decode")
+    };
+    let Some((tl, tp)) = tile else {
+        return whole(z);
+    };
+    let (_, _, lh, lw) = z.dims4().ctx("vae decode")?;
+    if lh <= tl && lw <= tl {
+        return whole(z);
+    }
+    let stride = (tl as f64 * 0.75) as usize;
+    let blend = (tp as f64 * 0.25) as usize;
+    let limit = tp - blend;
+    if stride == 0 {
+        return whole(z);
+    }
+    // Decoded tiles, [3, h, w] each, on the host.
+    let mut rows: Vec<Vec<HostImage>> = Vec::new();
+    for i in (0..lh).step_by(stride) {
+        let mut row = Vec::new();
+        for j in (0..lw).step_by(stride) {
+            let t = z
+                .narrow(2, i, tl.min(lh - i))
+                .and_then(|t| t.narrow(3, j, tl.min(lw - j)))
+                .and_then(|t| t.contiguous())
+                .ctx("vae tile")?;
+            let d = whole(&t)?;
+            let (_, c, h, w) = d.dims4().ctx("vae tile")?;
+            let data = d
+                .flatten_all()
+                .and_then(|x| x.to_vec1::<f32>())
+                .ctx("vae tile")?;
+            row.push(HostImage { c, h, w, data });
+        }
+        rows.push(row);
+    }
+    for i in 0..rows.len() {
+        for j in 0..rows[i].len() {
+            if i > 0 {
+                let (above, below) = rows.split_at_mut(i);
+                blend_v(&above[i - 1][j], &mut below[0][j], blend);
+            }
+            if j > 0 {
+                let (left, right) = rows[i].split_at_mut(j);
+                blend_h(&left[j - 1], &mut right[0], blend);
+            }
+        }
+    }
+    let c = rows[0][0].c;
+    let height: usize = rows.iter().map(|r| r[0].h.min(limit)).sum();
+    let width: usize = rows[0].iter().map(|t| t.w.min(limit)).sum();
+    let mut out = vec![0f32; c * height * width];
+    let mut y0 = 0;
+    for row in &rows {
+        let mut x0 = 0;
+        for t in row {
+            let (th, tw) = (t.h.min(limit), t.w.min(limit));
+            for ch in 0..c {
+                for y in 0..th {
+                    let src = (ch * t.h + y) * t.w;
+                    let dst = (ch * height + y0 + y) * width + x0;
+                    out[dst..dst + tw].copy_from_slice(&t.data[src..src + tw]);
+                }
+            }
+            x0 += tw;
+        }
+        y0 += row[0].h.min(limit);
+    }
+    Tensor::from_vec(out, (1, c, height, width), &Device::Cpu).ctx("vae tiles")
+}
+
+/// A decoded tile on the host: channels × h × w, f32.
+struct HostImage {
+    c: usize,
+    h: usize,
+    w: usize,
+    data: Vec<f32>,
+}
+
+/// Ramps the top `extent` rows of `b` from `a`'s bottom rows into `b`'s own.
+fn blend_v(a: &HostImage, b: &mut HostImage, extent: usize) {
+    let e = extent.min(a.h).min(b.h);
+    for ch in 0..b.c {
+        for y in 0..e {
+            let wb = (y as f64 / e as f64) as f32;
+            let wa = (1.0 - y as f64 / e as f64) as f32;
+            let ra = (ch * a.h + a.h - e + y) * a.w;
+            let rb = (ch * b.h + y) * b.w;
+            for x in 0..b.w.min(a.w) {
+                b.data[rb + x] = a.data[ra + x] * wa + b.data[rb + x] * wb;
+            }
+        }
+    }
+}
+
+/// Ramps the left `extent` columns of `b` from `a`'s right columns into `b`'s own.
+fn blend_h(a: &HostImage, b: &mut HostImage, extent: usize) {
+    let e = extent.min(a.w).min(b.w);
+    for ch in 0..b.c {
+        for y in 0..b.h.min(a.h) {
+            let ra = (ch * a.h + y) * a.w;
+            let rb = (ch * b.h + y) * b.w;
+            for x in 0..e {
+                let wb = (x as f64 / e as f64) as f32;
+                let wa = (1.0 - x as f64 / e as f64) as f32;
+                b.data[rb + x] = a.data[ra + a.w - e + x] * wa + b.data[rb + x] * wb;
+            }
+        }
     }
 }
 

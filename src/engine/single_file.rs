@@ -78,6 +78,7 @@ fn vae_config_from(
         norm_num_groups: 32,
         scaling_factor: 0.18215,
         shift_factor: 0.0,
+        sample_size: 512,
         use_quant_conv: shapes.contains_key(&format!("{prefix}quant_conv.weight")),
         use_post_quant_conv: shapes.contains_key(&format!("{prefix}post_quant_conv.weight")),
     };

@@ -264,6 +264,11 @@ pub struct PreviewImage {
 }
 
 impl Previewer {
+    /// TAESD previews without taking ownership of the decoder.
+    pub fn previews_with(t: &TaesdDecoder, latents: &Tensor) -> Result<Vec<PreviewImage>> {
+        taesd_previews(t, latents)
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Previewer::Taesd(_) => "TAESD",
@@ -274,20 +279,7 @@ impl Previewer {
     /// Latents [n, 4, h, w] → one RGB8 image per batch entry.
     pub fn previews(&self, latents: &Tensor) -> Result<Vec<PreviewImage>> {
         match self {
-            Previewer::Taesd(t) => {
-                let img = t.decode(latents)?;
-                let (n, _, h, w) = img.dims4().ctx("taesd preview")?;
-                (0..n)
-                    .map(|i| {
-                        let one = img.narrow(0, i, 1).ctx("taesd preview")?;
-                        Ok(PreviewImage {
-                            width: w,
-                            height: h,
-                            rgb: super::pipeline::to_rgb8(&one)?,
-                        })
-                    })
-                    .collect()
-            }
+            Previewer::Taesd(t) => taesd_previews(t, latents),
             Previewer::Linear => {
                 let (n, c, h, w) = latents.dims4().ctx("linear preview")?;
                 if c != 4 {
@@ -312,6 +304,21 @@ impl Previewer {
             }
         }
     }
+}
+
+fn taesd_previews(t: &TaesdDecoder, latents: &Tensor) -> Result<Vec<PreviewImage>> {
+    let img = t.decode(latents)?;
+    let (n, _, h, w) = img.dims4().ctx("taesd preview")?;
+    (0..n)
+        .map(|i| {
+            let one = img.narrow(0, i, 1).ctx("taesd preview")?;
+            Ok(PreviewImage {
+                width: w,
+                height: h,
+                rgb: super::pipeline::to_rgb8(&one)?,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -157,15 +157,29 @@ impl Attention {
             .contiguous()
     }
 
-    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> R<Tensor> {
+    /// `slice`: at most this many queries per score matrix (the same result, bounded memory).
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>, slice: Option<usize>) -> R<Tensor> {
         let ctx = context.unwrap_or(xs);
         let (b, t, _) = xs.dims3()?;
         let q = self.split_heads((self.to_q.forward(xs)? * self.scale)?)?;
         let k = self.split_heads(self.to_k.forward(ctx)?)?;
         let v = self.split_heads(self.to_v.forward(ctx)?)?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ys = probs.matmul(&v)?.transpose(1, 2)?;
+        let kt = k.t()?;
+        let attend = |q: &Tensor| -> R<Tensor> {
+            let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&kt)?)?;
+            probs.matmul(&v)
+        };
+        let ys = match slice {
+            Some(n) if n < t => {
+                let mut parts = Vec::with_capacity(t.div_ceil(n));
+                for start in (0..t).step_by(n) {
+                    parts.push(attend(&q.narrow(2, start, n.min(t - start))?)?);
+                }
+                Tensor::cat(&parts, 2)?
+            }
+            _ => attend(&q)?,
+        };
+        let ys = ys.transpose(1, 2)?;
         let inner = ys.dim(2)? * ys.dim(3)?;
         self.to_out.forward(&ys.reshape((b, t, inner))?)
     }
@@ -201,11 +215,11 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> R<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+    fn forward(&self, xs: &Tensor, context: &Tensor, slice: Option<usize>) -> R<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None, slice)? + xs)?;
         let xs = (self
             .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            .forward(&self.norm2.forward(&xs)?, Some(context), slice)?
             + &xs)?;
         // GEGLU feed-forward with exact (erf) GELU, as diffusers.
         let h = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
@@ -265,7 +279,7 @@ impl SpatialTransformer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> R<Tensor> {
+    fn forward(&self, xs: &Tensor, context: &Tensor, slice: Option<usize>) -> R<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let to_tokens =
             |x: Tensor| -> R<Tensor> { x.permute((0, 2, 3, 1))?.reshape((b, h * w, c)) };
@@ -275,7 +289,7 @@ impl SpatialTransformer {
             Proj::Linear(p) => p.forward(&to_tokens(normed)?)?,
         };
         for block in &self.blocks {
-            x = block.forward(&x, context)?;
+            x = block.forward(&x, context, slice)?;
         }
         let to_image = |x: Tensor| -> R<Tensor> {
             x.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
@@ -295,170 +309,304 @@ struct Level {
     sampler: Option<Conv2d>,
 }
 
-/// The whole UNet.
-pub struct UNet {
+/// Input convolution and timestep embedding.
+struct Head {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
-    down: Vec<Level>,
-    mid_resnets: Vec<ResnetBlock>,
-    mid_attention: SpatialTransformer,
-    up: Vec<Level>,
+}
+
+struct Mid {
+    resnets: [ResnetBlock; 2],
+    attention: SpatialTransformer,
+}
+
+/// Output norm and convolution.
+struct Tail {
     norm_out: GroupNorm,
     conv_out: Conv2d,
+}
+
+/// Where the UNet's parts are: all built on the device, or built part by part from a
+/// (RAM-backed) VarBuilder for each use and dropped after it (lowvram).
+enum Parts {
+    Resident {
+        head: Head,
+        down: Vec<Level>,
+        mid: Mid,
+        up: Vec<Level>,
+        tail: Tail,
+    },
+    Streamed(VarBuilder<'static>),
+}
+
+/// A part borrowed from a resident UNet or built for one use.
+enum Held<'a, T> {
+    Ref(&'a T),
+    Own(T),
+}
+
+impl<T> std::ops::Deref for Held<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Held::Ref(t) => t,
+            Held::Own(t) => t,
+        }
+    }
+}
+
+/// Per-call options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Forward {
+    /// Attention slicing: queries per score matrix.
+    pub attention_slice: Option<usize>,
+}
+
+/// The whole UNet.
+pub struct UNet {
+    parts: Parts,
     config: UNetConfig,
 }
 
+fn spatial(vb: VarBuilder, c: &UNetConfig, channels: usize, i: usize) -> R<SpatialTransformer> {
+    SpatialTransformer::new(
+        vb,
+        channels,
+        c.num_heads[i],
+        c.transformer_layers[i],
+        c.cross_attention_dim,
+        c.norm_num_groups,
+        c.use_linear_projection,
+    )
+}
+
+fn temb_dim(c: &UNetConfig) -> usize {
+    c.block_out_channels[0] * 4
+}
+
+fn build_head(vb: &VarBuilder, c: &UNetConfig) -> R<Head> {
+    let ch0 = c.block_out_channels[0];
+    let temb = temb_dim(c);
+    Ok(Head {
+        conv_in: conv(c.in_channels, ch0, 3, 1, 1, vb.pp("conv_in"))?,
+        time_linear_1: linear(ch0, temb, vb.pp("time_embedding").pp("linear_1"))?,
+        time_linear_2: linear(temb, temb, vb.pp("time_embedding").pp("linear_2"))?,
+    })
+}
+
+fn build_down(vb: &VarBuilder, c: &UNetConfig, i: usize) -> R<Level> {
+    let ch = &c.block_out_channels;
+    let n = ch.len();
+    let (g, eps, temb) = (c.norm_num_groups, c.norm_eps, temb_dim(c));
+    let vb = vb.pp("down_blocks").pp(i);
+    let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+    let mut resnets = Vec::new();
+    let mut attentions = Vec::new();
+    for j in 0..c.layers_per_block {
+        let rin = if j == 0 { cin } else { ch[i] };
+        resnets.push(ResnetBlock::new(
+            vb.pp("resnets").pp(j),
+            rin,
+            ch[i],
+            temb,
+            g,
+            eps,
+            1.0,
+        )?);
+        if c.cross_attn[i] {
+            attentions.push(spatial(vb.pp("attentions").pp(j), c, ch[i], i)?);
+        }
+    }
+    let sampler = if i + 1 < n {
+        Some(conv(
+            ch[i],
+            ch[i],
+            3,
+            2,
+            c.downsample_padding,
+            vb.pp("downsamplers").pp(0).pp("conv"),
+        )?)
+    } else {
+        None
+    };
+    Ok(Level {
+        resnets,
+        attentions,
+        sampler,
+    })
+}
+
+fn build_mid(vb: &VarBuilder, c: &UNetConfig) -> R<Mid> {
+    let n = c.block_out_channels.len();
+    let last = c.block_out_channels[n - 1];
+    let (g, eps, temb) = (c.norm_num_groups, c.norm_eps, temb_dim(c));
+    let mvb = vb.pp("mid_block");
+    let resnet = |j: usize| {
+        ResnetBlock::new(
+            mvb.pp("resnets").pp(j),
+            last,
+            last,
+            temb,
+            g,
+            eps,
+            c.mid_block_scale_factor,
+        )
+    };
+    Ok(Mid {
+        resnets: [resnet(0)?, resnet(1)?],
+        attention: spatial(mvb.pp("attentions").pp(0), c, last, n - 1)?,
+    })
+}
+
+fn build_up(vb: &VarBuilder, c: &UNetConfig, i: usize) -> R<Level> {
+    let ch = &c.block_out_channels;
+    let n = ch.len();
+    let (g, eps, temb) = (c.norm_num_groups, c.norm_eps, temb_dim(c));
+    let vb = vb.pp("up_blocks").pp(i);
+    let level = n - 1 - i;
+    let out = ch[level];
+    let prev_out = if i == 0 { ch[n - 1] } else { ch[level + 1] };
+    let skip_in = ch[level.saturating_sub(1)];
+    let layers = c.layers_per_block + 1;
+    let mut resnets = Vec::new();
+    let mut attentions = Vec::new();
+    for j in 0..layers {
+        let res_skip = if j == layers - 1 { skip_in } else { out };
+        let rin = if j == 0 { prev_out } else { out };
+        resnets.push(ResnetBlock::new(
+            vb.pp("resnets").pp(j),
+            rin + res_skip,
+            out,
+            temb,
+            g,
+            eps,
+            1.0,
+        )?);
+        if c.cross_attn[level] {
+            attentions.push(spatial(vb.pp("attentions").pp(j), c, out, level)?);
+        }
+    }
+    let sampler = if i + 1 < n {
+        Some(conv(
+            out,
+            out,
+            3,
+            1,
+            1,
+            vb.pp("upsamplers").pp(0).pp("conv"),
+        )?)
+    } else {
+        None
+    };
+    Ok(Level {
+        resnets,
+        attentions,
+        sampler,
+    })
+}
+
+fn build_tail(vb: &VarBuilder, c: &UNetConfig) -> R<Tail> {
+    let ch0 = c.block_out_channels[0];
+    Ok(Tail {
+        norm_out: group_norm(c.norm_num_groups, ch0, c.norm_eps, vb.pp("conv_norm_out"))?,
+        conv_out: conv(ch0, c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+    })
+}
+
 impl UNet {
+    /// Every part built now on `vb`'s device.
     pub fn new(vb: VarBuilder, c: &UNetConfig) -> R<Self> {
-        let ch = &c.block_out_channels;
-        let n = ch.len();
-        let temb = ch[0] * 4;
-        let g = c.norm_num_groups;
-        let eps = c.norm_eps;
-        let ctx = c.cross_attention_dim;
-        let st = |vb: VarBuilder, channels: usize, i: usize| {
-            SpatialTransformer::new(
-                vb,
-                channels,
-                c.num_heads[i],
-                c.transformer_layers[i],
-                ctx,
-                g,
-                c.use_linear_projection,
-            )
-        };
-
-        let mut down = Vec::with_capacity(n);
-        for i in 0..n {
-            let vb = vb.pp("down_blocks").pp(i);
-            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..c.layers_per_block {
-                let rin = if j == 0 { cin } else { ch[i] };
-                resnets.push(ResnetBlock::new(
-                    vb.pp("resnets").pp(j),
-                    rin,
-                    ch[i],
-                    temb,
-                    g,
-                    eps,
-                    1.0,
-                )?);
-                if c.cross_attn[i] {
-                    attentions.push(st(vb.pp("attentions").pp(j), ch[i], i)?);
-                }
-            }
-            let sampler = if i + 1 < n {
-                Some(conv(
-                    ch[i],
-                    ch[i],
-                    3,
-                    2,
-                    c.downsample_padding,
-                    vb.pp("downsamplers").pp(0).pp("conv"),
-                )?)
-            } else {
-                None
-            };
-            down.push(Level {
-                resnets,
-                attentions,
-                sampler,
-            });
-        }
-
-        let mvb = vb.pp("mid_block");
-        let last = ch[n - 1];
-        let mid_resnets = vec![
-            ResnetBlock::new(
-                mvb.pp("resnets").pp(0),
-                last,
-                last,
-                temb,
-                g,
-                eps,
-                c.mid_block_scale_factor,
-            )?,
-            ResnetBlock::new(
-                mvb.pp("resnets").pp(1),
-                last,
-                last,
-                temb,
-                g,
-                eps,
-                c.mid_block_scale_factor,
-            )?,
-        ];
-        let mid_attention = st(mvb.pp("attentions").pp(0), last, n - 1)?;
-
-        let mut up = Vec::with_capacity(n);
-        for i in 0..n {
-            let vb = vb.pp("up_blocks").pp(i);
-            let level = n - 1 - i;
-            let out = ch[level];
-            let prev_out = if i == 0 { last } else { ch[level + 1] };
-            let skip_in = ch[level.saturating_sub(1)];
-            let layers = c.layers_per_block + 1;
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..layers {
-                let res_skip = if j == layers - 1 { skip_in } else { out };
-                let rin = if j == 0 { prev_out } else { out };
-                resnets.push(ResnetBlock::new(
-                    vb.pp("resnets").pp(j),
-                    rin + res_skip,
-                    out,
-                    temb,
-                    g,
-                    eps,
-                    1.0,
-                )?);
-                if c.cross_attn[level] {
-                    attentions.push(st(vb.pp("attentions").pp(j), out, level)?);
-                }
-            }
-            let sampler = if i + 1 < n {
-                Some(conv(
-                    out,
-                    out,
-                    3,
-                    1,
-                    1,
-                    vb.pp("upsamplers").pp(0).pp("conv"),
-                )?)
-            } else {
-                None
-            };
-            up.push(Level {
-                resnets,
-                attentions,
-                sampler,
-            });
-        }
-
+        let n = c.block_out_channels.len();
         Ok(Self {
-            conv_in: conv(c.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?,
-            time_linear_1: linear(ch[0], temb, vb.pp("time_embedding").pp("linear_1"))?,
-            time_linear_2: linear(temb, temb, vb.pp("time_embedding").pp("linear_2"))?,
-            down,
-            mid_resnets,
-            mid_attention,
-            up,
-            norm_out: group_norm(g, ch[0], eps, vb.pp("conv_norm_out"))?,
-            conv_out: conv(ch[0], c.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            parts: Parts::Resident {
+                head: build_head(&vb, c)?,
+                down: (0..n).map(|i| build_down(&vb, c, i)).collect::<R<_>>()?,
+                mid: build_mid(&vb, c)?,
+                up: (0..n).map(|i| build_up(&vb, c, i)).collect::<R<_>>()?,
+                tail: build_tail(&vb, c)?,
+            },
             config: c.clone(),
         })
+    }
+
+    /// Parts built from `vb` for each forward pass, one at a time, and dropped after use
+    /// (lowvram: `vb` serves weights kept in RAM). Every part is built once here, so
+    /// missing or misshapen weights fail at load time.
+    pub fn streamed(vb: VarBuilder<'static>, c: &UNetConfig) -> R<Self> {
+        let n = c.block_out_channels.len();
+        build_head(&vb, c)?;
+        for i in 0..n {
+            build_down(&vb, c, i)?;
+        }
+        build_mid(&vb, c)?;
+        for i in 0..n {
+            build_up(&vb, c, i)?;
+        }
+        build_tail(&vb, c)?;
+        Ok(Self {
+            parts: Parts::Streamed(vb),
+            config: c.clone(),
+        })
+    }
+
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.parts, Parts::Streamed(_))
     }
 
     pub fn config(&self) -> &UNetConfig {
         &self.config
     }
 
+    fn head(&self) -> R<Held<'_, Head>> {
+        match &self.parts {
+            Parts::Resident { head, .. } => Ok(Held::Ref(head)),
+            Parts::Streamed(vb) => Ok(Held::Own(build_head(vb, &self.config)?)),
+        }
+    }
+
+    fn down(&self, i: usize) -> R<Held<'_, Level>> {
+        match &self.parts {
+            Parts::Resident { down, .. } => Ok(Held::Ref(&down[i])),
+            Parts::Streamed(vb) => Ok(Held::Own(build_down(vb, &self.config, i)?)),
+        }
+    }
+
+    fn mid(&self) -> R<Held<'_, Mid>> {
+        match &self.parts {
+            Parts::Resident { mid, .. } => Ok(Held::Ref(mid)),
+            Parts::Streamed(vb) => Ok(Held::Own(build_mid(vb, &self.config)?)),
+        }
+    }
+
+    fn up(&self, i: usize) -> R<Held<'_, Level>> {
+        match &self.parts {
+            Parts::Resident { up, .. } => Ok(Held::Ref(&up[i])),
+            Parts::Streamed(vb) => Ok(Held::Own(build_up(vb, &self.config, i)?)),
+        }
+    }
+
+    fn tail(&self) -> R<Held<'_, Tail>> {
+        match &self.parts {
+            Parts::Resident { tail, .. } => Ok(Held::Ref(tail)),
+            Parts::Streamed(vb) => Ok(Held::Own(build_tail(vb, &self.config)?)),
+        }
+    }
+
     /// Predicts noise (or v) for `sample` [b, c, h, w] at `timestep` given `context` [b, tokens, dim].
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> R<Tensor> {
+        self.forward_with(sample, timestep, context, Forward::default())
+    }
+
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        opts: Forward,
+    ) -> R<Tensor> {
         let c = &self.config;
+        let slice = opts.attention_slice;
         let (b, _, h, w) = sample.dims4()?;
         let dtype = sample.dtype();
         let n = c.block_out_channels.len();
@@ -479,17 +627,21 @@ impl UNet {
             sample.device(),
         )?
         .to_dtype(dtype)?;
-        let temb = self
-            .time_linear_2
-            .forward(&candle_nn::ops::silu(&self.time_linear_1.forward(&t)?)?)?;
+        let (temb, mut x) = {
+            let head = self.head()?;
+            let temb = head
+                .time_linear_2
+                .forward(&candle_nn::ops::silu(&head.time_linear_1.forward(&t)?)?)?;
+            (temb, head.conv_in.forward(&sample)?)
+        };
 
-        let mut x = self.conv_in.forward(&sample)?;
         let mut skips = vec![x.clone()];
-        for level in &self.down {
+        for i in 0..n {
+            let level = self.down(i)?;
             for (j, resnet) in level.resnets.iter().enumerate() {
                 x = resnet.forward(&x, &temb)?;
                 if let Some(attn) = level.attentions.get(j) {
-                    x = attn.forward(&x, context)?;
+                    x = attn.forward(&x, context, slice)?;
                 }
                 skips.push(x.clone());
             }
@@ -504,11 +656,15 @@ impl UNet {
             }
         }
 
-        x = self.mid_resnets[0].forward(&x, &temb)?;
-        x = self.mid_attention.forward(&x, context)?;
-        x = self.mid_resnets[1].forward(&x, &temb)?;
+        {
+            let mid = self.mid()?;
+            x = mid.resnets[0].forward(&x, &temb)?;
+            x = mid.attention.forward(&x, context, slice)?;
+            x = mid.resnets[1].forward(&x, &temb)?;
+        }
 
-        for level in &self.up {
+        for i in 0..n {
+            let level = self.up(i)?;
             for (j, resnet) in level.resnets.iter().enumerate() {
                 let skip = skips.pop().ok_or_else(|| {
                     candle_core::Error::Msg("unet: skip connections exhausted".into())
@@ -516,7 +672,7 @@ impl UNet {
                 x = Tensor::cat(&[&x, &skip], 1)?;
                 x = resnet.forward(&x, &temb)?;
                 if let Some(attn) = level.attentions.get(j) {
-                    x = attn.forward(&x, context)?;
+                    x = attn.forward(&x, context, slice)?;
                 }
             }
             if let Some(us) = &level.sampler {
@@ -529,8 +685,9 @@ impl UNet {
             }
         }
 
-        let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
-        let out = self.conv_out.forward(&x)?;
+        let tail = self.tail()?;
+        let x = candle_nn::ops::silu(&tail.norm_out.forward(&x)?)?;
+        let out = tail.conv_out.forward(&x)?;
         if out.dtype() != dtype {
             out.to_dtype(dtype)
         } else {
