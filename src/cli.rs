@@ -835,6 +835,10 @@ fn bench(a: &BenchArgs) -> Result<()> {
         spacing: s.spacing,
     };
     let gib = |b: Option<u64>| b.map(|b| b as f64 / (1u64 << 30) as f64);
+    let show = |v: &serde_json::Value| match v.as_f64() {
+        Some(g) => format!("{g:.2} GiB"),
+        None => "n/a".into(),
+    };
 
     // One run: prompt, every step (synchronised, so a step's time is its GPU time), TAESD
     // previews of every image after each step when `previews`, decode of every image.
@@ -896,11 +900,11 @@ fn bench(a: &BenchArgs) -> Result<()> {
             "peak_gib": gib(monitor.peak().map(|p| p.saturating_sub(base))),
         });
         eprintln!(
-            "batch {batch}: step {:.4} s ({:.1} it/s), decode {:.4} s per image, peak {:?} GiB",
+            "batch {batch}: step {:.4} s ({:.1} it/s), decode {:.4} s per image, peak {}",
             st,
             if st > 0.0 { 1.0 / st } else { 0.0 },
             line["decode_per_image_s"].as_f64().unwrap_or(0.0),
-            line["peak_gib"].as_f64()
+            show(&line["peak_gib"])
         );
         println!("{line}");
         cases.push(line);
@@ -927,12 +931,16 @@ fn bench(a: &BenchArgs) -> Result<()> {
             "peak_gib": gib(monitor.peak().map(|p| p.saturating_sub(base))),
         });
         eprintln!(
-            "grid 2x4: {:.3} s end to end (previews {}), step {:.4} s, decode {:.3} s, peak {:?} GiB",
+            "grid 2x4: {:.3} s end to end (previews {}), step {:.4} s, decode {:.3} s, peak {}",
             line["total_s"].as_f64().unwrap_or(0.0),
-            if taesd.is_some() { format!("{:.4} s per step", pv) } else { "off".into() },
+            if taesd.is_some() {
+                format!("{:.4} s per step", pv)
+            } else {
+                "off".into()
+            },
             st,
             line["decode_s"].as_f64().unwrap_or(0.0),
-            line["peak_gib"].as_f64()
+            show(&line["peak_gib"])
         );
         println!("{line}");
         cases.push(line);

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::engine::memory::{MemoryMode, Slicing, Tiling};
 use crate::engine::schedulers::SchedulerKind;
 use crate::engine::tokenizer::ClipTokenizer;
 
@@ -62,6 +63,9 @@ pub struct ModelSpec {
     /// A VAE to use instead of the model's own: hub id, diffusers folder or single file.
     #[serde(default)]
     pub vae: Option<String>,
+    /// Where the weights live: auto, full, medvram or lowvram (a change reloads).
+    #[serde(default)]
+    pub memory: MemoryMode,
 }
 
 /// A single-channel image (0 = keep, 255 = repaint), row-major, `width * height` bytes.
@@ -121,6 +125,12 @@ pub struct JobRequest {
     /// 1 = last CLIP layer, 2 = penultimate (A1111's "Clip skip"); 0 counts as 1.
     #[serde(default)]
     pub clip_skip: usize,
+    /// Attention slicing for this job.
+    #[serde(default)]
+    pub attention_slicing: Slicing,
+    /// Tiled VAE decode for this job.
+    #[serde(default)]
+    pub vae_tiling: Tiling,
     /// img2img / inpainting input (not persisted).
     #[serde(skip)]
     pub init: Option<InitInput>,
@@ -141,6 +151,7 @@ mod scheduler_serde {
 
 /// What the window asks of the generation thread.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a few per click; boxing would buy nothing
 pub enum Command {
     /// Queue a job; it starts when the jobs before it are done.
     Generate(JobRequest),
@@ -242,6 +253,8 @@ pub enum Event {
         dtype: String,
         /// "TAESD" or "linear": what previews will use.
         previewer: String,
+        /// Where the weights live: "full", "medvram" or "lowvram", with why when automatic.
+        memory: String,
         tokens: Option<TokenCounter>,
     },
     /// Loading a model failed; the previous one (if any) is gone.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::cache::{CachedModel, LoadOptions, ModelCache};
 use crate::engine::image_ops::{cover_crop, cover_crop_mask};
+use crate::engine::memory::MemoryOptions;
 use crate::engine::metadata::{encode_png, output_path, write_atomic, Parameters};
 use crate::engine::pipeline::{GenerateRequest, InitImage, Run};
 use crate::engine::rng::RngKind;
@@ -245,6 +246,7 @@ impl Worker {
     fn load_options(spec: &ModelSpec, model: &str) -> LoadOptions {
         LoadOptions {
             vae: spec.vae.clone().filter(|v| !v.trim().is_empty()),
+            memory: spec.memory,
             ..LoadOptions::new(model, &spec.device, &spec.dtype)
         }
     }
@@ -268,12 +270,11 @@ impl Worker {
     }
 
     fn load(&mut self, spec: ModelSpec) {
-        if self
-            .spec
-            .as_ref()
-            .is_some_and(|s| s.device != spec.device || s.dtype != spec.dtype)
-        {
-            // Another device or precision: nothing cached is reusable; free it first.
+        if self.spec.as_ref().is_some_and(|s| {
+            s.device != spec.device || s.dtype != spec.dtype || s.memory != spec.memory
+        }) {
+            // Another device, precision or memory mode: nothing cached is reusable (and a
+            // mode chosen to save memory must not sit beside the old copies); free it first.
             self.cache.clear();
             self.taesd = None;
         }
@@ -334,6 +335,7 @@ impl Worker {
                 "linear"
             }
             .into(),
+            memory: m.placement.clone(),
             tokens,
         });
         self.model = Some(m);
@@ -419,6 +421,13 @@ impl Worker {
                 job.model_of[i]
             }
         };
+        for m in &models {
+            m.sd.set_memory_options(MemoryOptions {
+                attention: job.attention_slicing,
+                vae_tiling: job.vae_tiling,
+                ..m.sd.memory_options()
+            });
+        }
         let mut lanes: Vec<Lane> = Vec::new();
         for (mi, model) in models.iter().enumerate() {
             let idx: Vec<usize> = (0..job.seeds.len())

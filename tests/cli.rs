@@ -185,6 +185,15 @@ fn bad_inputs_give_one_clear_line_and_no_output() {
         (vec!["--dtype".into(), "f8".into()], "dtype"),
         (vec!["--device".into(), "tpu".into()], "device"),
         (vec!["--batch".into(), "0".into()], "batch"),
+        (
+            vec!["--memory".into(), "tiny".into()],
+            "memory mode: \"tiny\" is not auto, full, medvram or lowvram",
+        ),
+        (
+            vec!["--attention-slicing".into(), "0".into()],
+            "attention slicing",
+        ),
+        (vec!["--vae-tiling".into(), "maybe".into()], "VAE tiling"),
     ];
     for (extra, needle) in cases {
         let args: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -349,6 +358,9 @@ fn help_documents_every_flag() {
         "--rng",
         "--init-latents",
         "--out",
+        "--memory",
+        "--attention-slicing",
+        "--vae-tiling",
     ] {
         assert!(help.contains(flag), "generate --help lacks {flag}");
     }
@@ -547,6 +559,77 @@ fn hub_ids_resolve_from_the_python_hub_cache_offline() {
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("not in the cache") && stderr(&o).contains("HF_HUB_OFFLINE"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn lowvram_and_slicing_change_no_pixel_and_the_mode_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let plain = generate(&a, &[]);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let low = generate(&b, &["--memory", "lowvram", "--attention-slicing", "5"]);
+    assert!(low.status.success(), "{}", stderr(&low));
+    assert!(stderr(&low).contains("memory: lowvram"), "{}", stderr(&low));
+    let (pa, pb) = (pngs(&a), pngs(&b));
+    assert_eq!(pa.len(), 1);
+    let (_, _, ra) = common::read_png_rgb(&pa[0]);
+    let (_, _, rb) = common::read_png_rgb(&pb[0]);
+    assert!(common::max_pixel_diff(&ra, &rb) <= 1);
+}
+
+#[test]
+fn bench_reports_every_batch_and_the_grid_as_json() {
+    let taesd = common::model_dir("tiny-taesd").display().to_string();
+    let o = bin()
+        .args([
+            "bench",
+            "--model",
+            &tiny(),
+            "--batches",
+            "1,2",
+            "--grid",
+            "--taesd",
+            &taesd,
+        ])
+        .args([
+            "--steps", "2", "--runs", "1", "--width", "64", "--height", "64",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    let cases = summary["cases"].as_array().unwrap();
+    let kinds: Vec<(String, u64)> = cases
+        .iter()
+        .map(|c| {
+            (
+                c["case"].as_str().unwrap().to_string(),
+                c["batch"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [("steps".into(), 1), ("steps".into(), 2), ("grid".into(), 8)]
+    );
+    for c in cases {
+        assert!(c["step_s"].as_f64().unwrap() > 0.0, "{c}");
+    }
+    assert!(cases[2]["preview_per_step_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(summary["memory"], "full");
+    // Bad batch lists are named.
+    let o = bin()
+        .args(["bench", "--model", &tiny(), "--batches", "1,x"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("\"x\" in \"1,x\" is not a positive batch size"),
         "{}",
         stderr(&o)
     );

@@ -35,6 +35,7 @@ fn studio() -> (Harness<'static, StudioApp>, WorkerLink) {
         device: "cpu".into(),
         dtype: "f32".into(),
         previewer: "TAESD".into(),
+        memory: "full".into(),
         tokens: None,
     });
     let mut h = harness;
@@ -734,6 +735,7 @@ fn fake_ready_with_tokens(h: &mut Harness<'_, StudioApp>, fake: &WorkerLink, tok
         device: "cpu".into(),
         dtype: "f32".into(),
         previewer: "TAESD".into(),
+        memory: "full".into(),
         tokens: Some(TokenCounter(Arc::new(tok))),
     });
     h.run_steps(2);
@@ -749,4 +751,46 @@ fn model_loading_progress_is_shown() {
     h.run_steps(2);
     h.get_by_label_contains("reading unet weights");
     h.get_by_label_contains("40%");
+}
+
+#[test]
+fn memory_mode_reaches_the_load_and_slicing_and_tiling_reach_the_job() {
+    let (mut h, fake) = studio();
+    h.get_by_role_and_label(Role::ComboBox, "Memory mode")
+        .click();
+    h.run_steps(2);
+    h.get_by_label("medvram").click();
+    h.run_steps(2);
+    type_into(&mut h, "Model", "runwayml/stable-diffusion-v1-5");
+    click(&mut h, "Load");
+    assert_eq!(
+        load_cmd(&fake).memory,
+        sd_studio::engine::memory::MemoryMode::Medvram
+    );
+    fake.send(Event::ModelReady {
+        name: "stable-diffusion-v1-5".into(),
+        device: "cuda".into(),
+        dtype: "f16".into(),
+        previewer: "TAESD".into(),
+        memory: "medvram".into(),
+        tokens: None,
+    });
+    h.run_steps(2);
+    h.get_by_label_contains("memory: medvram");
+    h.get_by_role_and_label(Role::ComboBox, "Attention slicing")
+        .click();
+    h.run_steps(2);
+    h.get_by_label("slicing: 256").click();
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::ComboBox, "Tiled VAE decode")
+        .click();
+    h.run_steps(2);
+    h.get_by_label("tiled VAE: on").click();
+    h.run_steps(2);
+    type_prompt(&mut h, "a lighthouse at dusk");
+    click(&mut h, "Generate");
+    let job = generate_cmd(&fake);
+    use sd_studio::engine::memory::{Slicing, Tiling};
+    assert_eq!(job.attention_slicing, Slicing::Queries(256));
+    assert_eq!(job.vae_tiling, Tiling::On);
 }

@@ -42,6 +42,7 @@ fn start(taesd: bool) -> Rig {
         dtype: "f32".into(),
         taesd: taesd.then(|| common::model_dir("tiny-taesd").display().to_string()),
         vae: None,
+        memory: Default::default(),
     }));
     let ready = next(&engine, |e| {
         matches!(e, Event::ModelReady { .. } | Event::ModelFailed { .. })
@@ -84,6 +85,8 @@ fn job(rig: &Rig, id: u64, seeds: Vec<u64>, steps: usize) -> JobRequest {
         models: Vec::new(),
         model_of: Vec::new(),
         clip_skip: 0,
+        attention_slicing: Default::default(),
+        vae_tiling: Default::default(),
         init: None,
     }
 }
@@ -257,6 +260,7 @@ fn queued_jobs_can_be_removed_bad_jobs_fail_clearly_and_the_worker_carries_on() 
         dtype: "f32".into(),
         taesd: None,
         vae: None,
+        memory: Default::default(),
     }));
     match next(&rig.engine, |e| matches!(e, Event::ModelFailed { .. })) {
         Event::ModelFailed { message } => assert!(message.contains("not found"), "{message}"),
@@ -437,4 +441,49 @@ fn init_image_jobs_fit_the_picture_to_the_size_and_record_the_strength() {
         matches!(e, Event::Failed { job: Some(41), .. })
     });
     assert!(matches!(e, Event::Failed { message, .. } if message.contains("strength")));
+}
+
+#[test]
+fn memory_mode_reloads_the_model_and_job_options_reach_the_decoder() {
+    let rig = start(false);
+    rig.engine.send(Command::LoadModel(ModelSpec {
+        model: common::model_dir("tiny-sd15").display().to_string(),
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        taesd: None,
+        vae: None,
+        memory: sd_studio::engine::memory::MemoryMode::Lowvram,
+    }));
+    match next(&rig.engine, |e| {
+        matches!(e, Event::ModelReady { .. } | Event::ModelFailed { .. })
+    }) {
+        Event::ModelReady { memory, .. } => assert_eq!(memory, "lowvram"),
+        other => panic!("model did not load: {other:?}"),
+    }
+    // 96x64: 12x8 latents, wider than one 8-latent tile of the tiny VAE.
+    let mut j = job(&rig, 50, vec![3], 3);
+    (j.width, j.vae_tiling) = (96, sd_studio::engine::memory::Tiling::On);
+    rig.engine.send(Command::Generate(j.clone()));
+    let cells = cell_images(&collect(&rig.engine, 50));
+    assert_eq!(cells.len(), 1);
+    let req = GenerateRequest {
+        prompt: j.prompt.clone(),
+        negative_prompt: j.negative_prompt.clone(),
+        seed: 3,
+        steps: 3,
+        guidance: j.guidance,
+        scheduler: j.scheduler,
+        width: 96,
+        height: 64,
+        ..Default::default()
+    };
+    let mut sd = common::load_model("tiny-sd15");
+    let whole = sd.generate(&req, &mut |_| Ok(())).unwrap().remove(0).rgb;
+    sd.set_memory_options(sd_studio::engine::memory::MemoryOptions {
+        vae_tiling: sd_studio::engine::memory::Tiling::On,
+        ..Default::default()
+    });
+    let tiled = sd.generate(&req, &mut |_| Ok(())).unwrap().remove(0).rgb;
+    assert_ne!(whole, tiled);
+    assert_eq!(cells[0].2, tiled, "the job's image is the tiled decode");
 }

@@ -330,14 +330,16 @@ struct Tail {
 /// Where the UNet's parts are: all built on the device, or built part by part from a
 /// (RAM-backed) VarBuilder for each use and dropped after it (lowvram).
 enum Parts {
-    Resident {
-        head: Head,
-        down: Vec<Level>,
-        mid: Mid,
-        up: Vec<Level>,
-        tail: Tail,
-    },
+    Resident(Box<Resident>),
     Streamed(VarBuilder<'static>),
+}
+
+struct Resident {
+    head: Head,
+    down: Vec<Level>,
+    mid: Mid,
+    up: Vec<Level>,
+    tail: Tail,
 }
 
 /// A part borrowed from a resident UNet or built for one use.
@@ -519,13 +521,13 @@ impl UNet {
     pub fn new(vb: VarBuilder, c: &UNetConfig) -> R<Self> {
         let n = c.block_out_channels.len();
         Ok(Self {
-            parts: Parts::Resident {
+            parts: Parts::Resident(Box::new(Resident {
                 head: build_head(&vb, c)?,
                 down: (0..n).map(|i| build_down(&vb, c, i)).collect::<R<_>>()?,
                 mid: build_mid(&vb, c)?,
                 up: (0..n).map(|i| build_up(&vb, c, i)).collect::<R<_>>()?,
                 tail: build_tail(&vb, c)?,
-            },
+            })),
             config: c.clone(),
         })
     }
@@ -560,35 +562,35 @@ impl UNet {
 
     fn head(&self) -> R<Held<'_, Head>> {
         match &self.parts {
-            Parts::Resident { head, .. } => Ok(Held::Ref(head)),
+            Parts::Resident(r) => Ok(Held::Ref(&r.head)),
             Parts::Streamed(vb) => Ok(Held::Own(build_head(vb, &self.config)?)),
         }
     }
 
     fn down(&self, i: usize) -> R<Held<'_, Level>> {
         match &self.parts {
-            Parts::Resident { down, .. } => Ok(Held::Ref(&down[i])),
+            Parts::Resident(r) => Ok(Held::Ref(&r.down[i])),
             Parts::Streamed(vb) => Ok(Held::Own(build_down(vb, &self.config, i)?)),
         }
     }
 
     fn mid(&self) -> R<Held<'_, Mid>> {
         match &self.parts {
-            Parts::Resident { mid, .. } => Ok(Held::Ref(mid)),
+            Parts::Resident(r) => Ok(Held::Ref(&r.mid)),
             Parts::Streamed(vb) => Ok(Held::Own(build_mid(vb, &self.config)?)),
         }
     }
 
     fn up(&self, i: usize) -> R<Held<'_, Level>> {
         match &self.parts {
-            Parts::Resident { up, .. } => Ok(Held::Ref(&up[i])),
+            Parts::Resident(r) => Ok(Held::Ref(&r.up[i])),
             Parts::Streamed(vb) => Ok(Held::Own(build_up(vb, &self.config, i)?)),
         }
     }
 
     fn tail(&self) -> R<Held<'_, Tail>> {
         match &self.parts {
-            Parts::Resident { tail, .. } => Ok(Held::Ref(tail)),
+            Parts::Resident(r) => Ok(Held::Ref(&r.tail)),
             Parts::Streamed(vb) => Ok(Held::Own(build_tail(vb, &self.config)?)),
         }
     }

@@ -120,6 +120,8 @@ pub struct ModelStatus {
     pub device: String,
     pub dtype: String,
     pub previewer: String,
+    /// Where the weights live ("full", "medvram (auto: …)", …).
+    pub memory: String,
     /// `Some(message)` while loading.
     pub loading: Option<String>,
     /// Loading progress 0..1, when the worker knows it.
@@ -307,6 +309,7 @@ impl StudioApp {
             dtype: s.dtype.clone(),
             taesd: (!s.taesd.trim().is_empty()).then(|| s.taesd.trim().to_string()),
             vae: (!s.vae.trim().is_empty()).then(|| s.vae.trim().to_string()),
+            memory: s.memory.mode,
         };
         self.state.model = model.clone();
         self.state.remember_model(&model);
@@ -355,6 +358,8 @@ impl StudioApp {
             models,
             model_of,
             clip_skip: p.clip_skip.max(1),
+            attention_slicing: s.memory.attention,
+            vae_tiling: s.memory.vae_tiling,
             init: self
                 .init
                 .as_ref()
@@ -744,6 +749,7 @@ impl StudioApp {
                 device,
                 dtype,
                 previewer,
+                memory,
                 tokens,
             } => {
                 self.model = ModelStatus {
@@ -751,6 +757,7 @@ impl StudioApp {
                     device,
                     dtype,
                     previewer,
+                    memory,
                     loading: None,
                     progress: None,
                     ready: true,

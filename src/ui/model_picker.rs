@@ -5,6 +5,7 @@ use super::app::ModelStatus;
 use super::commands::UiCommand;
 use super::models_folder::ScanState;
 use super::state::Persisted;
+use crate::engine::memory::{MemoryMode, MemoryOptions, Slicing, Tiling};
 
 /// What the VAE dropdown shows for the setting.
 pub fn vae_label(vae: &str) -> String {
@@ -13,6 +14,78 @@ pub fn vae_label(vae: &str) -> String {
     } else {
         super::compare::model_label(vae)
     }
+}
+
+/// What the memory dropdown shows.
+pub fn memory_label(m: MemoryMode) -> &'static str {
+    match m {
+        MemoryMode::Auto => "memory: auto",
+        MemoryMode::Full => "memory: full",
+        MemoryMode::Medvram => "medvram",
+        MemoryMode::Lowvram => "lowvram",
+    }
+}
+
+/// Memory mode (next load), attention slicing and tiled VAE decode (next job).
+fn memory_ui(ui: &mut egui::Ui, m: &mut MemoryOptions) {
+    egui::ComboBox::from_id_salt("memory")
+        .selected_text(memory_label(m.mode))
+        .width(110.0)
+        .show_ui(ui, |ui| {
+            for (mode, hint) in [
+                (
+                    MemoryMode::Auto,
+                    "Full when the model fits in free VRAM, else medvram, else lowvram",
+                ),
+                (MemoryMode::Full, "Everything on the GPU: fastest"),
+                (
+                    MemoryMode::Medvram,
+                    "One of text encoder / UNet / VAE on the GPU at a time (A1111 --medvram)",
+                ),
+                (
+                    MemoryMode::Lowvram,
+                    "The UNet one block at a time: least VRAM, slowest (A1111 --lowvram)",
+                ),
+            ] {
+                ui.selectable_value(&mut m.mode, mode, memory_label(mode))
+                    .on_hover_text(hint);
+            }
+        })
+        .response
+        .on_hover_text("Where the weights live; applies when the model is (re)loaded")
+        .widget_info(|| egui::WidgetInfo::labeled(egui::Role::ComboBox, true, "Memory mode"));
+    let slicing = |s: Slicing| match s {
+        Slicing::Auto => "slicing: auto".to_string(),
+        Slicing::Off => "slicing: off".to_string(),
+        Slicing::Queries(q) => format!("slicing: {q}"),
+    };
+    egui::ComboBox::from_id_salt("attention_slicing")
+        .selected_text(slicing(m.attention))
+        .width(100.0)
+        .show_ui(ui, |ui| {
+            for s in [Slicing::Auto, Slicing::Off, Slicing::Queries(1024), Slicing::Queries(256)] {
+                ui.selectable_value(&mut m.attention, s, slicing(s));
+            }
+        })
+        .response
+        .on_hover_text("Attention slicing: the score matrix for a slice of queries at a time (same image, less memory)")
+        .widget_info(|| egui::WidgetInfo::labeled(egui::Role::ComboBox, true, "Attention slicing"));
+    let tiling = |t: Tiling| match t {
+        Tiling::Auto => "tiled VAE: auto",
+        Tiling::On => "tiled VAE: on",
+        Tiling::Off => "tiled VAE: off",
+    };
+    egui::ComboBox::from_id_salt("vae_tiling")
+        .selected_text(tiling(m.vae_tiling))
+        .width(110.0)
+        .show_ui(ui, |ui| {
+            for t in [Tiling::Auto, Tiling::On, Tiling::Off] {
+                ui.selectable_value(&mut m.vae_tiling, t, tiling(t));
+            }
+        })
+        .response
+        .on_hover_text("Decode in overlapping tiles (diffusers' enable_tiling): for large images; auto tiles only when a whole decode would not fit")
+        .widget_info(|| egui::WidgetInfo::labeled(egui::Role::ComboBox, true, "Tiled VAE decode"));
 }
 
 /// Model field and buttons, then the VAE row.
@@ -84,6 +157,7 @@ pub fn model_picker_ui(
             })
             .response
             .widget_info(|| egui::WidgetInfo::labeled(egui::Role::ComboBox, true, "Precision"));
+        memory_ui(ui, &mut state.settings.memory);
         if model.loading.is_some() {
             ui.spinner();
         }

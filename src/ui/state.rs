@@ -1,6 +1,7 @@
 //! What the studio remembers between runs: one serde struct, every field defaulted, written
 //! atomically as JSON (`$XDG_CONFIG_HOME/sd-studio/state.json` unless told otherwise).
 
+use crate::engine::memory::MemoryOptions;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,9 @@ pub struct Settings {
     pub models_dir: PathBuf,
     /// Mask brush diameter in screen points.
     pub brush_size: f32,
+    /// Memory mode (applies at the next load), attention slicing and tiled VAE decode
+    /// (apply to the next job).
+    pub memory: MemoryOptions,
 }
 
 impl Default for Settings {
@@ -97,6 +101,7 @@ impl Default for Settings {
             vae: String::new(),
             models_dir: PathBuf::new(),
             brush_size: 32.0,
+            memory: MemoryOptions::default(),
         }
     }
 }

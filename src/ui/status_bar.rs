@@ -8,8 +8,13 @@ pub fn status_text(model: &ModelStatus, running: Option<&JobView>, jobs: usize) 
     if let Some(l) = &model.loading {
         parts.push(l.clone());
     } else if model.ready {
+        let memory = if model.memory.is_empty() || model.memory == "full" {
+            String::new()
+        } else {
+            format!(" · memory: {}", model.memory)
+        };
         parts.push(format!(
-            "{} · {} · {} · previews: {}",
+            "{} · {} · {}{memory} · previews: {}",
             model.name, model.device, model.dtype, model.previewer
         ));
     } else {
