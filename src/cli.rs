@@ -269,6 +269,10 @@ pub struct BenchArgs {
     /// TAESD weights (folder or hub id) for the preview timings.
     #[arg(long)]
     pub taesd: Option<String>,
+    /// Also break one run's UNet time down by part (group norms, convolutions, attention, …),
+    /// each timed between device synchronisations: shares, not speed.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub fn main() -> std::process::ExitCode {
@@ -942,6 +946,53 @@ fn bench(a: &BenchArgs) -> Result<()> {
             line["decode_s"].as_f64().unwrap_or(0.0),
             show(&line["peak_gib"])
         );
+        println!("{line}");
+        cases.push(line);
+    }
+    if a.profile {
+        let batch = batches[0];
+        let r = req(batch);
+        crate::engine::profile::take();
+        crate::engine::profile::set_enabled(true);
+        let t = run_once(&r, false);
+        crate::engine::profile::set_enabled(false);
+        let t = t?;
+        let parts = crate::engine::profile::take();
+        let steps = t.steps.len().max(1) as f64;
+        let total: f64 = t.steps.iter().sum();
+        let measured: f64 = parts.iter().map(|p| p.2).sum();
+        let mut rows: Vec<(String, f64, f64)> = parts
+            .iter()
+            .map(|(name, calls, secs)| (name.to_string(), *calls as f64 / steps, *secs))
+            .collect();
+        rows.push((
+            "rest of the step (sampler, CFG, casts, untimed glue)".into(),
+            0.0,
+            (total - measured).max(0.0),
+        ));
+        rows.sort_by(|x, y| y.2.total_cmp(&x.2));
+        eprintln!(
+            "profile, batch {batch}: {:.2} ms per step with synchronisation after every part",
+            total / steps * 1e3
+        );
+        eprintln!("{:>9} {:>7} {:>8}  part", "ms/step", "share", "calls");
+        let mut json_rows = Vec::new();
+        for (name, calls, secs) in &rows {
+            let share = if total > 0.0 { secs / total } else { 0.0 };
+            eprintln!(
+                "{:>9.3} {:>6.1}% {:>8.0}  {name}",
+                secs / steps * 1e3,
+                share * 100.0,
+                calls
+            );
+            json_rows.push(serde_json::json!({
+                "part": name, "calls_per_step": calls, "ms_per_step": secs / steps * 1e3, "share": share,
+            }));
+        }
+        let line = serde_json::json!({
+            "case": "profile", "batch": batch, "step_s": total / steps, "parts": json_rows,
+            "decode_per_image_s": t.decode / batch as f64,
+        });
         println!("{line}");
         cases.push(line);
     }

@@ -1,28 +1,49 @@
-"""Side-by-side CPU benchmark: diffusers (PyTorch) and `sd-studio bench` on the same
-random full-size Stable Diffusion 1.5 weights, in one run.
+"""Side-by-side benchmark: diffusers (PyTorch) and `sd-studio bench` on the same random
+full-size Stable Diffusion 1.5 weights, in one run, on the CPU (default) or a CUDA GPU.
 
 Real weights cannot be downloaded on our machines, and speed does not depend on weight
 values, so this script builds an SD 1.5-shaped model from the published configs with random
-weights (saved once, never committed), times diffusers' StableDiffusionPipeline on it, then
-runs `sd-studio bench` on the same folder and prints both and their ratio.
+weights (saved once, never committed), plus a random full-size TAESD (diffusers'
+AutoencoderTiny default config, the TAESD for SD 1.x) beside it, times diffusers'
+StableDiffusionPipeline on them, then runs `sd-studio bench` on the same folders and prints
+both and their ratio.
 
     pip install torch diffusers transformers safetensors
     cargo build --release
-    python tests/bench_diffusers.py --threads 2 --size 256 --steps 6
+    python tests/bench_diffusers.py --threads 2 --size 256 --steps 6            # CPU
+    python tests/bench_diffusers.py --device cuda --size 512 --steps 20 \\
+        --batches 1,4,8 --grid --runs 3 --compile --out bench.json              # GPU
+    (tests/gpu_bench.sh runs the GPU line on a lent GPU machine.)
 
-Reported per phase (medians over --runs after one warm-up): text encoding (prompt and
-negative prompt), one denoising step (a CFG-batched UNet call plus the sampler), VAE decode.
+Reported per batch size (medians over --runs after one warm-up run, as `sd-studio bench`
+does): text encoding (prompt and negative prompt), one denoising step (a CFG-batched UNet call
+plus the sampler; on CUDA synchronised after every step, so a step's time is its GPU time;
+the first step's interval is skipped as it holds the pipeline's own setup), VAE decode per
+image (one image at a time, to 8-bit RGB on the host, like ours), peak memory (CUDA:
+torch.cuda.max_memory_allocated and max_memory_reserved, reset per case, and device memory in
+use above what was in use before the model was loaded, read from free VRAM as ours does).
+--grid: the studio's 2x4 grid, 8 images end to end (prompt, every step, TAESD previews of all
+8 latents after every step, timed apart from the step, then a VAE decode of each image).
+--compile: the per-batch step timing again with `torch.compile` on the UNet (mode
+--compile-mode, default "reduce-overhead": Inductor kernels plus CUDA graphs, which compiles
+the SD 1.5 UNet in a minute or two per batch shape; "max-autotune" would take far longer);
+the first (compiling) call is reported apart.
+diffusers runs its default attention, PyTorch scaled_dot_product_attention (AttnProcessor2_0).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +73,21 @@ SCHEDULER = {
     "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
 }
 PROMPT = "a photograph of an astronaut riding a horse"
+GUIDANCE = 7.5
+GRID_BATCH = 8
+GIB = float(1 << 30)
+
+
+class Interrupted(Exception):
+    """SIGTERM (e.g. from `timeout`): stop, but still print and save what was measured."""
+
+
+def _on_sigterm(_sig, _frame):
+    raise Interrupted("stopped by SIGTERM (time limit?)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Random models
 
 
 def make_model(path: Path) -> None:
@@ -62,6 +98,7 @@ def make_model(path: Path) -> None:
     if (path / "model_index.json").exists():
         return
     print(f"making random SD 1.5-sized weights in {path} (once)", file=sys.stderr)
+    t0 = time.perf_counter()
     torch.manual_seed(0)
     tok_dir = ROOT / "tests" / "fixtures" / "tiny-sd15" / "tokenizer"
     pipe = StableDiffusionPipeline(
@@ -74,90 +111,662 @@ def make_model(path: Path) -> None:
     )
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     # The hub's SD repos ship vocab.json + merges.txt; transformers 5 saves tokenizer.json.
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(tok_dir / name, tmp / "tokenizer" / name)
     tmp.rename(path)
+    print(f"  made in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
-def bench_diffusers(path: Path, a) -> dict:
+def make_taesd(path: Path) -> None:
+    """A random TAESD for SD 1.x: AutoencoderTiny's default config, saved as our loader reads
+    it (config.json + diffusion_pytorch_model.safetensors)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    if (path / "config.json").exists():
+        return
+    print(f"making a random full-size TAESD in {path} (once)", file=sys.stderr)
+    torch.manual_seed(0)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    AutoencoderTiny().to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def median(v):
+    v = sorted(x for x in v if x is not None)
+    return v[len(v) // 2] if v else None
+
+
+def spread(v):
+    v = sorted(v)
+    return (v[len(v) // 2], v[0], v[-1]) if v else (None, None, None)
+
+
+def run_cmd(cmd: list[str]) -> str | None:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+class Dev:
+    """The torch device plus synchronisation and memory readings."""
+
+    def __init__(self, name: str):
+        import torch
+
+        self.torch = torch
+        self.name = name
+        self.cuda = name == "cuda"
+        self.base_free = None
+        if self.cuda:
+            torch.cuda.init()
+            torch.zeros(1, device="cuda")  # create the context before the baseline
+            torch.cuda.synchronize()
+            self.base_free = torch.cuda.mem_get_info()[0]
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def release(self):
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.empty_cache()
+
+    def memory(self) -> dict:
+        if not self.cuda:
+            return {"peak_allocated_gib": None, "peak_reserved_gib": None, "vram_used_gib": None}
+        t = self.torch
+        t.cuda.synchronize()
+        return {
+            "peak_allocated_gib": t.cuda.max_memory_allocated() / GIB,
+            "peak_reserved_gib": t.cuda.max_memory_reserved() / GIB,
+            # What `sd-studio bench` reports: device memory in use above the baseline taken
+            # before loading, from free VRAM (torch's cache keeps its peak reserved).
+            "vram_used_gib": (self.base_free - t.cuda.mem_get_info()[0]) / GIB,
+        }
+
+
+def env_info(a) -> dict:
+    import torch
+
+    info = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+    }
+    for mod in ("diffusers", "transformers", "safetensors", "huggingface_hub", "triton", "numpy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional, informative only
+            info[mod] = None
+    smi = run_cmd(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
+    info["nvidia_smi"] = smi
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = p.total_memory / GIB
+        info["gpu_sms"] = p.multi_processor_count
+        info["gpu_capability"] = f"{p.major}.{p.minor}"
+        info["sdp_flash"] = torch.backends.cuda.flash_sdp_enabled()
+        info["sdp_mem_efficient"] = torch.backends.cuda.mem_efficient_sdp_enabled()
+        info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    info["git_commit"] = run_cmd(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    return info
+
+
+def to_rgb8(img):
+    """[-1, 1] images to 8-bit RGB on the host, as our decode and previews do."""
+    import torch
+
+    return ((img.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers
+
+
+def load_pipe(path: Path, a, dev: Dev):
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    torch.set_num_threads(a.threads)
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None)
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path, torch_dtype=torch_dtype(a.dtype), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     pipe.set_progress_bar_config(disable=True)
-    enc, steps, dec = [], [], []
-    for run in range(a.runs + 1):
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            pipe.encode_prompt(PROMPT, "cpu", a.batch, True, "")
-            t_enc = time.perf_counter() - t0
-            marks = []
+    pipe.to(dev.name)
+    dev.sync()
+    return pipe, time.perf_counter() - t0
 
-            def on_step(_p, _i, _t, kw):
-                marks.append(time.perf_counter())
-                return kw
 
-            start = time.perf_counter()
-            latents = pipe(PROMPT, height=a.size, width=a.size, num_inference_steps=a.steps,
-                           guidance_scale=7.5, num_images_per_prompt=a.batch, output_type="latent",
-                           generator=torch.Generator("cpu").manual_seed(0),
-                           callback_on_step_end=on_step).images
+class Times:
+    def __init__(self):
+        self.encode = None
+        self.steps = []  # seconds per denoising step, the first skipped
+        self.previews = []  # seconds per step for the TAESD previews of all latents
+        self.decode = None  # all images, one at a time
+        self.total = None  # prompt .. decoded images (grid) / the pipeline call (steps)
+        self.call = None  # the pipeline call alone (prompt + every step)
+
+
+def run_once(pipe, a, batch: int, dev: Dev, taesd=None, encode_apart=True, mark_step=False) -> Times:
+    """One generation: text encoding (timed on its own), the pipeline with a synchronising
+    step callback (and TAESD previews of the current latents of every image after every
+    step when `taesd`), then a VAE decode of each image to 8-bit RGB."""
+    import torch
+
+    t = Times()
+    with torch.inference_mode():
+        if encode_apart:
             t0 = time.perf_counter()
-            for i in range(a.batch):
-                pipe.vae.decode(latents[i : i + 1] / pipe.vae.config.scaling_factor)
-            t_dec = time.perf_counter() - t0
-        if run == 0:
+            pipe.encode_prompt(PROMPT, dev.name, batch, True, "")
+            dev.sync()
+            t.encode = time.perf_counter() - t0
+        marks = []  # (end of step, end of the callback's own work)
+
+        def on_step(_p, _i, _t, kw):
+            dev.sync()
+            end = time.perf_counter()
+            if taesd is not None:
+                to_rgb8(taesd.decode(kw["latents"].to(taesd.dtype), return_dict=False)[0])
+                dev.sync()
+            if mark_step:  # CUDA graphs (reduce-overhead): a new iteration begins
+                torch.compiler.cudagraph_mark_step_begin()
+            marks.append((end, time.perf_counter()))
+            return kw
+
+        start = time.perf_counter()
+        latents = pipe(PROMPT, height=a.size, width=a.size, num_inference_steps=a.steps,
+                       guidance_scale=GUIDANCE, num_images_per_prompt=batch, output_type="latent",
+                       generator=torch.Generator("cpu").manual_seed(0),
+                       callback_on_step_end=on_step).images
+        dev.sync()
+        t.call = time.perf_counter() - start
+        t0 = time.perf_counter()
+        sf = pipe.vae.config.scaling_factor
+        for i in range(batch):
+            to_rgb8(pipe.vae.decode(latents[i : i + 1] / sf, return_dict=False)[0])
+        t.decode = time.perf_counter() - t0
+        t.total = time.perf_counter() - start
+    # Step i's time: from the end of the previous step's callback to this step's end. The
+    # first step's interval also holds the pipeline's setup (prompt encoding...): skipped.
+    t.steps = [b[0] - p[1] for p, b in zip(marks, marks[1:])]
+    if taesd is not None:
+        t.previews = [r - e for e, r in marks]
+    return t
+
+
+def steps_case(pipe, a, batch: int, dev: Dev, label: str, mark_step=False) -> dict:
+    dev.release()
+    t0 = time.perf_counter()
+    first = run_once(pipe, a, batch, dev, mark_step=mark_step)  # warm-up (compiles if compiled)
+    warm = time.perf_counter() - t0
+    dev.reset_peak()
+    enc, step, dec, calls = [], [], [], []
+    for _ in range(a.runs):
+        t = run_once(pipe, a, batch, dev, mark_step=mark_step)
+        enc.append(t.encode)
+        step += t.steps
+        dec.append(t.decode / batch)
+        calls.append(t.call)
+    st, st_min, st_max = spread(step)
+    line = {
+        "case": "steps", "batch": batch, "text_encode_s": median(enc),
+        "step_s": st, "step_min_s": st_min, "step_max_s": st_max,
+        "it_per_s": 1 / st if st else None,
+        "images_per_s_denoising": batch / (st * a.steps) if st else None,
+        "decode_per_image_s": median(dec),
+        "warmup_run_s": warm, "warmup_call_s": first.call, "call_s": median(calls),
+        **dev.memory(),
+    }
+    print(f"{label} batch {batch}: step {st:.4f} s ({line['it_per_s']:.2f} it/s), decode "
+          f"{line['decode_per_image_s']:.4f} s/image, warm-up run {warm:.1f} s, "
+          f"peak reserved {fmt(line['peak_reserved_gib'], 2)} GiB", file=sys.stderr)
+    return line
+
+
+def grid_case(pipe, taesd, a, dev: Dev) -> dict:
+    dev.release()
+    run_once(pipe, a, GRID_BATCH, dev, taesd=taesd, encode_apart=False)  # warm-up
+    dev.reset_peak()
+    total, step, prev, dec = [], [], [], []
+    for _ in range(a.runs):
+        t = run_once(pipe, a, GRID_BATCH, dev, taesd=taesd, encode_apart=False)
+        total.append(t.total)
+        step += t.steps
+        prev += t.previews
+        dec.append(t.decode)
+    st, pv = median(step), median(prev)
+    line = {
+        "case": "grid", "batch": GRID_BATCH, "total_s": median(total), "step_s": st,
+        "decode_s": median(dec), "preview_per_step_s": pv,
+        "preview_fraction_of_step": pv / st if (pv is not None and st) else None,
+        **dev.memory(),
+    }
+    print(f"diffusers grid 2x4: {line['total_s']:.3f} s end to end, step {st:.4f} s, previews "
+          f"{fmt(pv, 4)} s/step, decode {line['decode_s']:.3f} s", file=sys.stderr)
+    return line
+
+
+def bench_diffusers(path: Path, taesd_dir: Path | None, a, dev: Dev, res: dict, save) -> None:
+    import torch
+    from diffusers import AutoencoderTiny
+
+    out = res["diffusers"] = {"cases": []}
+    pipe, load_s = load_pipe(path, a, dev)
+    out["load_s"] = load_s
+    out["weights_gib"] = torch.cuda.memory_allocated() / GIB if dev.cuda else None
+    procs = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
+    out["attention"] = ", ".join(procs) + (
+        " (PyTorch scaled_dot_product_attention, diffusers' default)" if procs == ["AttnProcessor2_0"] else "")
+    for batch in a.batch_list:
+        out["cases"].append(steps_case(pipe, a, batch, dev, "diffusers"))
+        save()
+    if a.grid:
+        taesd = None
+        if taesd_dir is not None:
+            taesd = AutoencoderTiny.from_pretrained(taesd_dir, torch_dtype=torch_dtype(a.dtype)).to(dev.name)
+        out["cases"].append(grid_case(pipe, taesd, a, dev))
+        del taesd
+        save()
+    del pipe
+    dev.release()
+
+
+def bench_compiled(path: Path, a, dev: Dev, res: dict, save) -> None:
+    import torch
+
+    mark = dev.cuda and "reduce-overhead" in a.compile_mode
+    out = res["diffusers_compile"] = {
+        "mode": a.compile_mode, "fullgraph": True, "dynamic": False, "cases": [], "skipped": [],
+        "note": "torch.compile on the UNet only; first run per batch shape compiles (warmup_run_s)",
+    }
+    pipe, _ = load_pipe(path, a, dev)
+    pipe.unet = torch.compile(pipe.unet, mode=a.compile_mode, fullgraph=True, dynamic=False)
+    phase0 = time.perf_counter()
+    last_warm = 0.0
+    for batch in a.compile_batch_list:
+        spent = time.perf_counter() - phase0
+        if out["cases"] and a.compile_budget_s and spent + last_warm > a.compile_budget_s:
+            out["skipped"].append(batch)
+            print(f"compile: skipping batch {batch} ({spent:.0f} s spent, the last compile took "
+                  f"{last_warm:.0f} s, budget {a.compile_budget_s:.0f} s)", file=sys.stderr)
             continue
-        enc.append(t_enc)
-        # Step i's time: from the previous step's end (or the first step's start, which
-        # includes encoding inside the pipeline call, so skip it) to this step's end.
-        steps += [b - a_ for a_, b in zip(marks, marks[1:])]
-        dec.append(t_dec)
-    med = lambda v: sorted(v)[len(v) // 2]
-    return {"text_encode_s": med(enc), "step_s": med(steps), "decode_s": med(dec)}
+        try:
+            line = steps_case(pipe, a, batch, dev, f"diffusers+compile({a.compile_mode})", mark_step=mark)
+        except Interrupted:
+            raise
+        except Exception as e:  # noqa: BLE001 - report and go on
+            out["error"] = f"batch {batch}: {type(e).__name__}: {e}"
+            print(f"compile failed: {out['error']}", file=sys.stderr)
+            break
+        last_warm = line["warmup_run_s"]
+        out["cases"].append(line)
+        save()
+    out["phase_s"] = time.perf_counter() - phase0
+    del pipe
+    dev.release()
 
 
-def bench_ours(path: Path, a) -> dict:
-    exe = Path(a.sd_studio)
-    if not exe.exists():
-        sys.exit(f"{exe} not found: run `cargo build --release` first")
-    cmd = [str(exe), "bench", "--model", str(path), "--width", str(a.size), "--height", str(a.size),
-           "--steps", str(a.steps), "--batch", str(a.batch), "--runs", str(a.runs),
-           "--threads", str(a.threads), "--scheduler", "dpm++2m-karras", "--guidance", "7.5"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+# ---------------------------------------------------------------------------------------------
+# sd-studio
+
+
+def bench_ours(path: Path, taesd_dir: Path | None, a, res: dict) -> None:
+    cmd = [str(a.sd_studio), "bench", "--model", str(path), "--device", a.device, "--dtype", a.dtype,
+           "--width", str(a.size), "--height", str(a.size), "--steps", str(a.steps),
+           "--batches", ",".join(map(str, a.batch_list)), "--runs", str(a.runs),
+           "--threads", str(a.threads), "--scheduler", "dpm++2m-karras", "--guidance", str(GUIDANCE),
+           "--memory", a.memory]
+    if a.grid:
+        cmd.append("--grid")
+        if taesd_dir is not None:
+            cmd += ["--taesd", str(taesd_dir)]
+    cmd += shlex.split(a.ours_args)
+    res["sd_studio_cmd"] = shlex.join(cmd)
+    print(f"running: {res['sd_studio_cmd']}", file=sys.stderr)
+    out_lines, err_tail = [], []
+
+    def pump(stream, sink, echo):
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+            if echo:
+                print(f"  sd-studio: {line.rstrip()}", file=sys.stderr, flush=True)
+            if sink is err_tail and len(sink) > 400:
+                del sink[:-200]
+
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as e:
+        res["sd_studio"] = None
+        res["sd_studio_error"] = f"could not start {cmd[0]}: {e}"
+        print(f"sd-studio bench failed: {res['sd_studio_error']}", file=sys.stderr)
+        return
+    threads = [threading.Thread(target=pump, args=(proc.stdout, out_lines, False), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err_tail, True), daemon=True)]
+    for th in threads:
+        th.start()
+    error = "interrupted"
+    try:
+        rc = proc.wait(timeout=a.ours_timeout or None)
+        error = f"exit status {rc}" if rc != 0 else None
+    except subprocess.TimeoutExpired:
+        error = f"timed out after {a.ours_timeout:.0f} s"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for th in threads:
+            th.join(timeout=5)
+        res["sd_studio_wall_s"] = time.perf_counter() - t0
+        parsed = []
+        for line in out_lines:
+            try:
+                parsed.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        summary = next((p for p in reversed(parsed) if isinstance(p, dict) and "cases" in p), None)
+        if summary is None:
+            cases = [p for p in parsed if isinstance(p, dict) and "case" in p]
+            if cases:  # a partial run: the cases it finished
+                summary = {"cases": cases, "partial": True}
+            if error is None:
+                error = "no summary JSON line in its output"
+        res["sd_studio"] = summary
+        if error is not None:
+            res["sd_studio_error"] = error + ("; stderr tail:\n" + "\n".join(err_tail[-30:]) if err_tail else "")
+            print(f"sd-studio bench failed: {res['sd_studio_error']}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt(x, nd=3, pct=False):
+    if x is None:
+        return "-"
+    return f"{100 * x:.0f}%" if pct else f"{x:.{nd}f}"
+
+
+def ratio(ours, theirs):
+    return ours / theirs if (ours is not None and theirs) else None
+
+
+def report(res: dict) -> None:
+    e, s = res["env"], res["settings"]
+    p = print
+    p("")
+    p(f"GPU: {e.get('nvidia_smi') or e.get('gpu') or 'none'}")
+    p(f"machine: {e['cpu']}, {e['cpu_count']} cpus; python {e['python']}, torch {e['torch']} "
+      f"(CUDA {e['torch_cuda']}, cuDNN {e['cudnn']}), diffusers {e['diffusers']}, "
+      f"transformers {e['transformers']}, triton {e.get('triton')}; torch threads {e['torch_threads']}")
+    p(f"settings: {s['device']} {s['dtype']}, {s['size']}x{s['size']}, DPM++ 2M Karras, "
+      f"{s['steps']} steps, CFG {GUIDANCE}, {s['runs']} timed runs after 1 warm-up, "
+      f"sd-studio --memory {s['memory']}")
+    d = res.get("diffusers") or {}
+    dc = res.get("diffusers_compile") or {}
+    o = res.get("sd_studio") or {}
+    if d.get("attention"):
+        p(f"diffusers attention: {d['attention']}")
+    if o:
+        p(f"sd-studio: memory {o.get('memory')}, attention slicing {o.get('attention_slicing')}, "
+          f"load {fmt(o.get('load_s'), 2)} s, weights {fmt(o.get('weights_gib'), 2)} GiB; "
+          f"diffusers load {fmt(d.get('load_s'), 2)} s, weights {fmt(d.get('weights_gib'), 2)} GiB")
+    if dc:
+        p(f"diffusers+compile: torch.compile(unet, mode={dc['mode']!r}, fullgraph=True, dynamic=False)"
+          + (f"; skipped batches {dc['skipped']}" if dc.get("skipped") else "")
+          + (f"; ERROR {dc['error']}" if dc.get("error") else ""))
+
+    def by_batch(src, case="steps"):
+        return {c["batch"]: c for c in (src.get("cases") or []) if c.get("case") == case}
+
+    db, ob, cb = by_batch(d), by_batch(o), by_batch(dc)
+    batches = sorted(set(db) | set(ob) | set(cb))
+    p("")
+    p("denoising: median seconds per step (one CFG-batched UNet call + sampler) and it/s; "
+      "ratio = sd-studio time / diffusers time (>1: we are slower)")
+    h = (f"{'batch':>5} {'diff s':>9} {'diff it/s':>9} {'ours s':>9} {'ours it/s':>9} {'ratio':>6}"
+         f" {'comp s':>9} {'comp it/s':>9} {'ours/comp':>9} {'comp 1st run s':>14}")
+    p(h)
+    for b in batches:
+        x, y, z = db.get(b, {}), ob.get(b, {}), cb.get(b, {})
+        p(f"{b:>5} {fmt(x.get('step_s'), 4):>9} {fmt(x.get('it_per_s'), 2):>9} "
+          f"{fmt(y.get('step_s'), 4):>9} {fmt(y.get('it_per_s'), 2):>9} "
+          f"{fmt(ratio(y.get('step_s'), x.get('step_s')), 2):>6} "
+          f"{fmt(z.get('step_s'), 4):>9} {fmt(z.get('it_per_s'), 2):>9} "
+          f"{fmt(ratio(y.get('step_s'), z.get('step_s')), 2):>9} {fmt(z.get('warmup_run_s'), 1):>14}")
+    p("")
+    p("per batch: images/s while denoising, text encode s, VAE decode s per image, peak memory GiB "
+      "(diffusers: torch max allocated / max reserved / VRAM used; sd-studio: VRAM used above baseline)")
+    p(f"{'batch':>5} {'diff img/s':>10} {'ours img/s':>10} {'diff enc':>9} {'ours enc':>9} "
+      f"{'diff dec':>9} {'ours dec':>9} {'ratio':>6} {'diff alloc':>10} {'diff rsrv':>9} "
+      f"{'diff vram':>9} {'ours vram':>9}")
+    for b in batches:
+        x, y = db.get(b, {}), ob.get(b, {})
+        p(f"{b:>5} {fmt(x.get('images_per_s_denoising'), 3):>10} {fmt(y.get('images_per_s_denoising'), 3):>10} "
+          f"{fmt(x.get('text_encode_s'), 4):>9} {fmt(y.get('text_encode_s'), 4):>9} "
+          f"{fmt(x.get('decode_per_image_s'), 4):>9} {fmt(y.get('decode_per_image_s'), 4):>9} "
+          f"{fmt(ratio(y.get('decode_per_image_s'), x.get('decode_per_image_s')), 2):>6} "
+          f"{fmt(x.get('peak_allocated_gib'), 2):>10} {fmt(x.get('peak_reserved_gib'), 2):>9} "
+          f"{fmt(x.get('vram_used_gib'), 2):>9} {fmt(y.get('peak_gib'), 2):>9}")
+    dg, og = by_batch(d, "grid").get(GRID_BATCH), by_batch(o, "grid").get(GRID_BATCH)
+    if dg or og:
+        dg, og = dg or {}, og or {}
+        p("")
+        p(f"grid 2x4 ({GRID_BATCH} images, {s['steps']} steps, TAESD previews of all 8 after every "
+          f"step, VAE decode of each): seconds")
+        p(f"{'':<22}{'diffusers':>11}{'sd-studio':>11}{'ratio':>8}")
+        for k, label, nd, pct in [("total_s", "end to end", 3, False), ("step_s", "step", 4, False),
+                                  ("preview_per_step_s", "previews per step", 4, False),
+                                  ("preview_fraction_of_step", "previews / step", 0, True),
+                                  ("decode_s", "decode (8 images)", 3, False)]:
+            p(f"{label:<22}{fmt(dg.get(k), nd, pct):>11}{fmt(og.get(k), nd, pct):>11}"
+              f"{fmt(ratio(og.get(k), dg.get(k)), 2):>8}")
+        p(f"{'peak GiB':<22}{fmt(dg.get('peak_reserved_gib'), 2):>11}{fmt(og.get('peak_gib'), 2):>11}"
+          f"   (diffusers: max reserved; alloc {fmt(dg.get('peak_allocated_gib'), 2)}, "
+          f"VRAM used {fmt(dg.get('vram_used_gib'), 2)})")
+    if res.get("sd_studio_error"):
+        p("")
+        p(f"sd-studio FAILED: {res['sd_studio_error']}")
+    if res.get("error"):
+        p("")
+        p(f"ERROR: {res['error']}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_batches(text: str, what: str) -> list[int]:
+    out = []
+    for x in text.split(","):
+        try:
+            b = int(x.strip())
+        except ValueError:
+            b = 0
+        if b <= 0:
+            sys.exit(f"{what}: {x.strip()!r} in {text!r} is not a positive batch size")
+        if b not in out:
+            out.append(b)
+    return out
+
+
+def check_args(p: argparse.ArgumentParser, a) -> None:
+    if a.size < 64 or a.size % 8:
+        p.error(f"--size {a.size}: must be a multiple of 8, at least 64")
+    if a.steps < 2:
+        p.error(f"--steps {a.steps}: at least 2 (the first step's interval is not timed)")
+    if a.runs < 1:
+        p.error(f"--runs {a.runs}: at least 1")
+    if a.threads < 1:
+        p.error(f"--threads {a.threads}: at least 1")
+    a.batch_list = parse_batches(a.batches if a.batches else str(a.batch), "--batches")
+    a.compile_batch_list = (parse_batches(a.compile_batches, "--compile-batches")
+                            if a.compile_batches else list(a.batch_list))
+    if a.dtype is None:
+        a.dtype = "f16" if a.device == "cuda" else "f32"
+    if not a.skip_ours:
+        exe = Path(a.sd_studio)
+        if not exe.is_file() or not os.access(exe, os.X_OK):
+            p.error(f"--sd-studio {exe}: no executable there (build it: `cargo build --release`, with "
+                    "`--no-default-features --features cuda` for --device cuda), or pass --skip-ours")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"--device cuda: torch {torch.__version__} sees no CUDA GPU "
+                    f"(torch.version.cuda={torch.version.cuda})")
+    elif a.dtype != "f32":
+        print(f"note: --dtype {a.dtype} on the CPU: PyTorch and candle CPU kernels are slow in "
+              "half precision", file=sys.stderr)
+    if a.compile and a.skip_diffusers:
+        p.error("--compile times diffusers: drop --skip-diffusers")
+    if a.out:
+        out = Path(a.out)
+        if not out.parent.is_dir():
+            p.error(f"--out {out}: folder {out.parent} does not exist")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=os.environ.get("SD_BENCH_MODEL", "/tmp/sd15-random"))
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--model-dir", default=os.environ.get("SD_BENCH_MODEL", "/tmp/sd15-random"),
+                   help="random SD 1.5 folder, made there if missing (default /tmp/sd15-random)")
+    p.add_argument("--taesd-dir", help="random TAESD folder, made there if missing "
+                   "(default: beside --model-dir, named <model-dir>-taesd); used by --grid")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="default f32 on cpu, f16 on cuda")
+    p.add_argument("--size", type=int, default=256, help="image width and height in pixels")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--runs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", help="batch sizes to time, comma-separated, e.g. 1,4,8 (default: --batch)")
+    p.add_argument("--grid", action="store_true",
+                   help="also time the 2x4 grid: 8 images end to end with TAESD previews every step")
+    p.add_argument("--runs", type=int, default=2, help="timed runs per case, after one warm-up")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and for sd-studio")
+    p.add_argument("--compile", action="store_true", help="also time diffusers with torch.compile on the UNet")
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   help="torch.compile mode (default reduce-overhead: Inductor + CUDA graphs)")
+    p.add_argument("--compile-batches", help="batch sizes for --compile (default: all of --batches)")
+    p.add_argument("--compile-budget-s", type=float, default=300,
+                   help="start no new compiled batch shape once this many seconds of compile-phase "
+                        "time plus the last shape's warm-up would be exceeded (0: no limit)")
     p.add_argument("--sd-studio", default=str(ROOT / "target" / "release" / "sd-studio"))
+    p.add_argument("--memory", default="auto", help="sd-studio --memory (auto|full|medvram|lowvram)")
+    p.add_argument("--ours-args", default="", help="extra arguments for `sd-studio bench`")
+    p.add_argument("--ours-timeout", type=float, default=0, help="seconds; 0: no limit")
     p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--skip-ours", action="store_true")
+    p.add_argument("--out", help="write every result and the environment to this JSON file")
     a = p.parse_args()
-    path = Path(a.model_dir)
-    make_model(path)
-    import diffusers
-    import torch
+    check_args(p, a)
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
-    theirs = None if a.skip_diffusers else bench_diffusers(path, a)
-    ours = bench_ours(path, a)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; "
-          f"torch {torch.__version__}, diffusers {diffusers.__version__}; threads {a.threads}; "
-          f"{a.size}x{a.size}, batch {a.batch}, CFG 7.5, DPM++ 2M Karras, {a.steps} steps, {a.runs} runs")
-    print(f"{'phase':<14}{'diffusers s':>14}{'sd-studio s':>14}{'ratio':>10}")
-    for k, label in [("text_encode_s", "text encode"), ("step_s", "step"), ("decode_s", "decode")]:
-        t = theirs[k] if theirs else float("nan")
-        print(f"{label:<14}{t:>14.3f}{ours[k]:>14.3f}{ours[k] / t if theirs else float('nan'):>10.2f}")
-    print(json.dumps({"diffusers": theirs, "sd_studio": ours}))
+    import torch
+    from diffusers.utils import logging as dlog
+
+    dlog.disable_progress_bar()
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    torch.set_num_threads(a.threads)
+    path = Path(a.model_dir)
+    taesd_dir = Path(a.taesd_dir) if a.taesd_dir else path.with_name(path.name + "-taesd")
+    res: dict = {
+        "settings": {"device": a.device, "dtype": a.dtype, "size": a.size, "steps": a.steps,
+                     "batches": a.batch_list, "grid": a.grid, "runs": a.runs, "threads": a.threads,
+                     "guidance": GUIDANCE, "scheduler": "DPM++ 2M Karras", "prompt": PROMPT,
+                     "memory": a.memory, "model_dir": str(path),
+                     "taesd_dir": str(taesd_dir) if a.grid else None,
+                     "compile": a.compile, "compile_mode": a.compile_mode if a.compile else None},
+        "env": env_info(a),
+    }
+
+    def save():
+        if a.out:
+            tmp = Path(a.out + ".tmp")
+            tmp.write_text(json.dumps(res, indent=1, default=str) + "\n")
+            tmp.replace(a.out)
+
+    t_start = time.perf_counter()
+    try:
+        try:
+            make_model(path)
+            if a.grid:
+                make_taesd(taesd_dir)
+        except Interrupted:
+            raise
+        except Exception as e:  # noqa: BLE001
+            res["error"] = f"making the random model failed: {type(e).__name__}: {e}"
+            raise
+        dev = Dev(a.device)
+        save()
+        if not a.skip_diffusers:
+            try:
+                bench_diffusers(path, taesd_dir if a.grid else None, a, dev, res, save)
+            except Interrupted:
+                raise
+            except Exception as e:  # noqa: BLE001 - still run ours
+                import traceback
+
+                traceback.print_exc()
+                res["diffusers_error"] = f"{type(e).__name__}: {e}"
+                dev.release()
+            save()
+        if not a.skip_ours:
+            bench_ours(path, taesd_dir if a.grid else None, a, res)
+            save()
+        if a.compile:
+            bench_compiled(path, a, dev, res, save)
+            save()
+    except (Interrupted, KeyboardInterrupt) as e:
+        res["error"] = f"interrupted: {e or type(e).__name__}"
+    except Exception as e:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        res.setdefault("error", f"{type(e).__name__}: {e}")
+    finally:
+        res["wall_s"] = time.perf_counter() - t_start
+        save()
+        report(res)
+        print(json.dumps(res, default=str))
+    if res.get("error") or res.get("diffusers_error"):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -595,7 +595,15 @@ fn bench_reports_every_batch_and_the_grid_as_json() {
             &taesd,
         ])
         .args([
-            "--steps", "2", "--runs", "1", "--width", "64", "--height", "64",
+            "--steps",
+            "2",
+            "--runs",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--profile",
         ])
         .output()
         .unwrap();
@@ -615,11 +623,28 @@ fn bench_reports_every_batch_and_the_grid_as_json() {
         .collect();
     assert_eq!(
         kinds,
-        [("steps".into(), 1), ("steps".into(), 2), ("grid".into(), 8)]
+        [
+            ("steps".into(), 1),
+            ("steps".into(), 2),
+            ("grid".into(), 8),
+            ("profile".into(), 1)
+        ]
     );
     for c in cases {
         assert!(c["step_s"].as_f64().unwrap() > 0.0, "{c}");
     }
+    // The profile names the UNet's parts; their shares cover the whole step.
+    let parts = cases[3]["parts"].as_array().unwrap();
+    let names: Vec<&str> = parts.iter().map(|p| p["part"].as_str().unwrap()).collect();
+    for part in [
+        "conv 3x3",
+        "groupnorm+silu",
+        "self-attention core (QK^T, softmax, PV)",
+    ] {
+        assert!(names.contains(&part), "{names:?}");
+    }
+    let shares: f64 = parts.iter().map(|p| p["share"].as_f64().unwrap()).sum();
+    assert!((shares - 1.0).abs() < 0.05, "shares add up to {shares}");
     assert!(cases[2]["preview_per_step_s"].as_f64().unwrap() > 0.0);
     assert_eq!(summary["memory"], "full");
     // Bad batch lists are named.

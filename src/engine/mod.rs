@@ -13,6 +13,7 @@ pub mod metadata;
 pub mod model;
 pub mod pipeline;
 pub mod presets;
+pub mod profile;
 pub mod prompt;
 pub mod rng;
 pub mod scan;

@@ -10,6 +10,7 @@ use candle_nn::{
 };
 
 use super::config::UNetConfig;
+use super::profile::scope;
 
 type R<T> = candle_core::Result<T>;
 
@@ -96,28 +97,35 @@ impl ResnetBlock {
     }
 
     fn forward(&self, xs: &Tensor, temb: &Tensor) -> R<Tensor> {
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(&candle_nn::ops::silu(temb)?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let dev = xs.device();
+        let h = scope("groupnorm+silu", dev, || {
+            candle_nn::ops::silu(&self.norm1.forward(xs)?)
+        })?;
+        let h = scope("conv 3x3", dev, || self.conv1.forward(&h))?;
+        let h = scope("resnet time embedding", dev, || {
+            let t = self
+                .time_emb_proj
+                .forward(&candle_nn::ops::silu(temb)?)?
+                .unsqueeze(2)?
+                .unsqueeze(3)?;
+            h.broadcast_add(&t)
+        })?;
+        let h = scope("groupnorm+silu", dev, || {
+            candle_nn::ops::silu(&self.norm2.forward(&h)?)
+        })?;
+        let h = scope("conv 3x3", dev, || self.conv2.forward(&h))?;
         let skip = match &self.shortcut {
-            Some(c) => c.forward(xs)?,
+            Some(c) => scope("conv 1x1", dev, || c.forward(xs))?,
             None => xs.clone(),
         };
-        let out = (skip + h)?;
-        if self.output_scale == 1.0 {
-            Ok(out)
-        } else {
-            out / self.output_scale
-        }
+        scope("residual add", dev, || {
+            let out = (skip + h)?;
+            if self.output_scale == 1.0 {
+                Ok(out)
+            } else {
+                out / self.output_scale
+            }
+        })
     }
 }
 
@@ -160,28 +168,46 @@ impl Attention {
     /// `slice`: at most this many queries per score matrix (the same result, bounded memory).
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>, slice: Option<usize>) -> R<Tensor> {
         let ctx = context.unwrap_or(xs);
+        let dev = xs.device();
         let (b, t, _) = xs.dims3()?;
-        let q = self.split_heads((self.to_q.forward(xs)? * self.scale)?)?;
-        let k = self.split_heads(self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(self.to_v.forward(ctx)?)?;
+        let (q, k, v) = scope("attention q/k/v projections", dev, || {
+            Ok((
+                self.split_heads((self.to_q.forward(xs)? * self.scale)?)?,
+                self.split_heads(self.to_k.forward(ctx)?)?,
+                self.split_heads(self.to_v.forward(ctx)?)?,
+            ))
+        })?;
+        let core = if context.is_some() {
+            "cross-attention core (QK^T, softmax, PV)"
+        } else {
+            "self-attention core (QK^T, softmax, PV)"
+        };
+        let ys = scope(core, dev, || self.core(&q, &k, &v, slice))?;
+        scope("attention out projection", dev, || {
+            let ys = ys.transpose(1, 2)?;
+            let inner = ys.dim(2)? * ys.dim(3)?;
+            self.to_out.forward(&ys.reshape((b, t, inner))?)
+        })
+    }
+
+    /// softmax(q kᵀ) v over [b, heads, t, d], `slice` queries at a time.
+    fn core(&self, q: &Tensor, k: &Tensor, v: &Tensor, slice: Option<usize>) -> R<Tensor> {
+        let t = q.dim(2)?;
         let kt = k.t()?;
         let attend = |q: &Tensor| -> R<Tensor> {
             let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&kt)?)?;
             probs.matmul(&v)
         };
-        let ys = match slice {
+        match slice {
             Some(n) if n < t => {
                 let mut parts = Vec::with_capacity(t.div_ceil(n));
                 for start in (0..t).step_by(n) {
                     parts.push(attend(&q.narrow(2, start, n.min(t - start))?)?);
                 }
-                Tensor::cat(&parts, 2)?
+                Tensor::cat(&parts, 2)
             }
-            _ => attend(&q)?,
-        };
-        let ys = ys.transpose(1, 2)?;
-        let inner = ys.dim(2)? * ys.dim(3)?;
-        self.to_out.forward(&ys.reshape((b, t, inner))?)
+            _ => attend(q),
+        }
     }
 }
 
@@ -216,17 +242,22 @@ impl TransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor, slice: Option<usize>) -> R<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None, slice)? + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context), slice)?
-            + &xs)?;
+        let dev = xs.device();
+        let n1 = scope("layernorm", dev, || self.norm1.forward(xs))?;
+        let a1 = self.attn1.forward(&n1, None, slice)?;
+        let xs = scope("residual add", dev, || a1 + xs)?;
+        let n2 = scope("layernorm", dev, || self.norm2.forward(&xs))?;
+        let a2 = self.attn2.forward(&n2, Some(context), slice)?;
+        let xs = scope("residual add", dev, || a2 + &xs)?;
+        let n3 = scope("layernorm", dev, || self.norm3.forward(&xs))?;
         // GEGLU feed-forward with exact (erf) GELU, as diffusers.
-        let h = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let gated =
-            (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
-        self.ff_out.forward(&gated)? + xs
+        let h = scope("feed-forward linear", dev, || self.ff_in.forward(&n3))?;
+        let gated = scope("feed-forward GEGLU gate", dev, || {
+            let half = h.dim(D::Minus1)? / 2;
+            h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?
+        })?;
+        let out = scope("feed-forward linear", dev, || self.ff_out.forward(&gated))?;
+        scope("residual add", dev, || out + xs)
     }
 }
 
@@ -280,25 +311,30 @@ impl SpatialTransformer {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor, slice: Option<usize>) -> R<Tensor> {
+        let dev = xs.device();
         let (b, c, h, w) = xs.dims4()?;
         let to_tokens =
             |x: Tensor| -> R<Tensor> { x.permute((0, 2, 3, 1))?.reshape((b, h * w, c)) };
-        let normed = self.norm.forward(xs)?;
-        let mut x = match &self.proj_in {
-            Proj::Conv(p) => to_tokens(p.forward(&normed)?)?,
-            Proj::Linear(p) => p.forward(&to_tokens(normed)?)?,
-        };
+        let normed = scope("groupnorm", dev, || self.norm.forward(xs))?;
+        let mut x = scope("transformer projections and layout", dev, || {
+            match &self.proj_in {
+                Proj::Conv(p) => to_tokens(p.forward(&normed)?),
+                Proj::Linear(p) => p.forward(&to_tokens(normed)?),
+            }
+        })?;
         for block in &self.blocks {
             x = block.forward(&x, context, slice)?;
         }
         let to_image = |x: Tensor| -> R<Tensor> {
             x.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
         };
-        let out = match &self.proj_out {
-            Proj::Conv(p) => p.forward(&to_image(x)?)?,
-            Proj::Linear(p) => to_image(p.forward(&x)?)?,
-        };
-        out + xs
+        let out = scope("transformer projections and layout", dev, || {
+            match &self.proj_out {
+                Proj::Conv(p) => p.forward(&to_image(x)?),
+                Proj::Linear(p) => to_image(p.forward(&x)?),
+            }
+        })?;
+        scope("residual add", dev, || out + xs)
     }
 }
 
@@ -629,17 +665,22 @@ impl UNet {
             sample.device(),
         )?
         .to_dtype(dtype)?;
+        let dev = sample.device();
         let (temb, mut x) = {
-            let head = self.head()?;
-            let temb = head
-                .time_linear_2
-                .forward(&candle_nn::ops::silu(&head.time_linear_1.forward(&t)?)?)?;
-            (temb, head.conv_in.forward(&sample)?)
+            let head = scope("weights to device (lowvram)", dev, || self.head())?;
+            let temb = scope("time embedding", dev, || {
+                head.time_linear_2
+                    .forward(&candle_nn::ops::silu(&head.time_linear_1.forward(&t)?)?)
+            })?;
+            (
+                temb,
+                scope("conv 3x3", dev, || head.conv_in.forward(&sample))?,
+            )
         };
 
         let mut skips = vec![x.clone()];
         for i in 0..n {
-            let level = self.down(i)?;
+            let level = scope("weights to device (lowvram)", dev, || self.down(i))?;
             for (j, resnet) in level.resnets.iter().enumerate() {
                 x = resnet.forward(&x, &temb)?;
                 if let Some(attn) = level.attentions.get(j) {
@@ -653,25 +694,25 @@ impl UNet {
                         .pad_with_zeros(D::Minus1, 0, 1)?
                         .pad_with_zeros(D::Minus2, 0, 1)?;
                 }
-                x = ds.forward(&x)?;
+                x = scope("down/upsampling", dev, || ds.forward(&x))?;
                 skips.push(x.clone());
             }
         }
 
         {
-            let mid = self.mid()?;
+            let mid = scope("weights to device (lowvram)", dev, || self.mid())?;
             x = mid.resnets[0].forward(&x, &temb)?;
             x = mid.attention.forward(&x, context, slice)?;
             x = mid.resnets[1].forward(&x, &temb)?;
         }
 
         for i in 0..n {
-            let level = self.up(i)?;
+            let level = scope("weights to device (lowvram)", dev, || self.up(i))?;
             for (j, resnet) in level.resnets.iter().enumerate() {
                 let skip = skips.pop().ok_or_else(|| {
                     candle_core::Error::Msg("unet: skip connections exhausted".into())
                 })?;
-                x = Tensor::cat(&[&x, &skip], 1)?;
+                x = scope("skip concat", dev, || Tensor::cat(&[&x, &skip], 1))?;
                 x = resnet.forward(&x, &temb)?;
                 if let Some(attn) = level.attentions.get(j) {
                     x = attn.forward(&x, context, slice)?;
@@ -683,13 +724,17 @@ impl UNet {
                     (true, Some(s)) => (s.dim(2)?, s.dim(3)?),
                     _ => (xh * 2, xw * 2),
                 };
-                x = us.forward(&x.upsample_nearest2d(th, tw)?)?;
+                x = scope("down/upsampling", dev, || {
+                    us.forward(&x.upsample_nearest2d(th, tw)?)
+                })?;
             }
         }
 
-        let tail = self.tail()?;
-        let x = candle_nn::ops::silu(&tail.norm_out.forward(&x)?)?;
-        let out = tail.conv_out.forward(&x)?;
+        let tail = scope("weights to device (lowvram)", dev, || self.tail())?;
+        let x = scope("groupnorm+silu", dev, || {
+            candle_nn::ops::silu(&tail.norm_out.forward(&x)?)
+        })?;
+        let out = scope("conv 3x3", dev, || tail.conv_out.forward(&x))?;
         if out.dtype() != dtype {
             out.to_dtype(dtype)
         } else {
