@@ -196,7 +196,7 @@ impl Attention {
         let kt = k.t()?;
         let attend = |q: &Tensor| -> R<Tensor> {
             let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&kt)?)?;
-            probs.matmul(&v)
+            probs.matmul(v)
         };
         match slice {
             Some(n) if n < t => {
