@@ -5,6 +5,7 @@ pub mod cache;
 pub mod clip;
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod grid;
 pub mod hash;
 pub mod image_ops;

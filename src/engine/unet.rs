@@ -5,14 +5,65 @@
 
 use candle_core::{Module, Tensor, D};
 use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
-    LayerNorm, Linear, VarBuilder,
+    conv2d, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder,
 };
 
 use super::config::UNetConfig;
 use super::profile::scope;
 
 type R<T> = candle_core::Result<T>;
+
+/// GroupNorm with diffusers' weight names; [`super::fused`] when enabled for the device,
+/// else candle's own (then SiLU as a separate op).
+struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    plain: candle_nn::GroupNorm,
+}
+
+fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R<GroupNorm> {
+    let weight = vb.get(channels, "weight")?;
+    let bias = vb.get(channels, "bias")?;
+    let plain = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(GroupNorm {
+        weight,
+        bias,
+        groups,
+        eps,
+        plain,
+    })
+}
+
+impl GroupNorm {
+    fn forward(&self, x: &Tensor) -> R<Tensor> {
+        self.apply(x, false)
+    }
+
+    fn forward_silu(&self, x: &Tensor) -> R<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> R<Tensor> {
+        if super::fused::enabled_on(x.device()) {
+            return super::fused::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            );
+        }
+        let y = self.plain.forward(x)?;
+        if silu {
+            candle_nn::ops::silu(&y)
+        } else {
+            Ok(y)
+        }
+    }
+}
 
 fn conv(
     cin: usize,
@@ -98,9 +149,7 @@ impl ResnetBlock {
 
     fn forward(&self, xs: &Tensor, temb: &Tensor) -> R<Tensor> {
         let dev = xs.device();
-        let h = scope("groupnorm+silu", dev, || {
-            candle_nn::ops::silu(&self.norm1.forward(xs)?)
-        })?;
+        let h = scope("groupnorm+silu", dev, || self.norm1.forward_silu(xs))?;
         let h = scope("conv 3x3", dev, || self.conv1.forward(&h))?;
         let h = scope("resnet time embedding", dev, || {
             let t = self
@@ -110,9 +159,7 @@ impl ResnetBlock {
                 .unsqueeze(3)?;
             h.broadcast_add(&t)
         })?;
-        let h = scope("groupnorm+silu", dev, || {
-            candle_nn::ops::silu(&self.norm2.forward(&h)?)
-        })?;
+        let h = scope("groupnorm+silu", dev, || self.norm2.forward_silu(&h))?;
         let h = scope("conv 3x3", dev, || self.conv2.forward(&h))?;
         let skip = match &self.shortcut {
             Some(c) => scope("conv 1x1", dev, || c.forward(xs))?,
@@ -731,9 +778,7 @@ impl UNet {
         }
 
         let tail = scope("weights to device (lowvram)", dev, || self.tail())?;
-        let x = scope("groupnorm+silu", dev, || {
-            candle_nn::ops::silu(&tail.norm_out.forward(&x)?)
-        })?;
+        let x = scope("groupnorm+silu", dev, || tail.norm_out.forward_silu(&x))?;
         let out = scope("conv 3x3", dev, || tail.conv_out.forward(&x))?;
         if out.dtype() != dtype {
             out.to_dtype(dtype)
