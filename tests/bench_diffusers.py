@@ -419,10 +419,16 @@ def bench_compiled(path: Path, a, dev: Dev, res: dict, save) -> None:
     last_warm = 0.0
     for batch in a.compile_batch_list:
         spent = time.perf_counter() - phase0
+        left = a.deadline_s - (time.perf_counter() - a.t_start) if a.deadline_s else None
+        why = None
         if out["cases"] and a.compile_budget_s and spent + last_warm > a.compile_budget_s:
+            why = f"compile budget {a.compile_budget_s:.0f} s"
+        elif left is not None and left < max(1.2 * last_warm, 60):
+            why = f"--deadline-s {a.deadline_s:.0f}: {left:.0f} s left"
+        if why:
             out["skipped"].append(batch)
-            print(f"compile: skipping batch {batch} ({spent:.0f} s spent, the last compile took "
-                  f"{last_warm:.0f} s, budget {a.compile_budget_s:.0f} s)", file=sys.stderr)
+            print(f"compile: skipping batch {batch} ({spent:.0f} s spent in this phase, the last "
+                  f"shape's warm-up took {last_warm:.0f} s; {why})", file=sys.stderr)
             continue
         try:
             line = steps_case(pipe, a, batch, dev, f"diffusers+compile({a.compile_mode})", mark_step=mark)
@@ -682,6 +688,9 @@ def main() -> None:
     p.add_argument("--compile-budget-s", type=float, default=300,
                    help="start no new compiled batch shape once this many seconds of compile-phase "
                         "time plus the last shape's warm-up would be exceeded (0: no limit)")
+    p.add_argument("--deadline-s", type=float, default=0,
+                   help="whole-run seconds: start no compiled batch shape that would not end in "
+                        "time (0: no limit; stop the run itself with SIGTERM, e.g. `timeout`)")
     p.add_argument("--sd-studio", default=str(ROOT / "target" / "release" / "sd-studio"))
     p.add_argument("--memory", default="auto", help="sd-studio --memory (auto|full|medvram|lowvram)")
     p.add_argument("--ours-args", default="", help="extra arguments for `sd-studio bench`")
@@ -690,6 +699,7 @@ def main() -> None:
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--out", help="write every result and the environment to this JSON file")
     a = p.parse_args()
+    a.t_start = time.perf_counter()
     check_args(p, a)
     signal.signal(signal.SIGTERM, _on_sigterm)
 
@@ -722,7 +732,7 @@ def main() -> None:
             tmp.write_text(json.dumps(res, indent=1, default=str) + "\n")
             tmp.replace(a.out)
 
-    t_start = time.perf_counter()
+    t_start = a.t_start
     try:
         try:
             make_model(path)
