@@ -78,8 +78,9 @@ GRID_BATCH = 8
 GIB = float(1 << 30)
 
 
-class Interrupted(Exception):
-    """SIGTERM (e.g. from `timeout`): stop, but still print and save what was measured."""
+class Interrupted(BaseException):
+    """SIGTERM (e.g. from `timeout`): stop, but still print and save what was measured. A
+    BaseException, like KeyboardInterrupt, so that no library's `except Exception` eats it."""
 
 
 def _on_sigterm(_sig, _frame):
@@ -755,7 +756,8 @@ def main() -> None:
 
                 traceback.print_exc()
                 res["diffusers_error"] = f"{type(e).__name__}: {e}"
-                dev.release()
+            if res.get("diffusers_error"):
+                dev.release()  # outside `except`: the traceback no longer holds the pipeline
             save()
         if not a.skip_ours:
             bench_ours(path, taesd_dir if a.grid else None, a, res)
