@@ -167,20 +167,6 @@ pub fn free_memory(device: &Device) -> Option<u64> {
     }
 }
 
-/// Total memory on a CUDA device (None for the CPU).
-pub fn total_device_memory(device: &Device) -> Option<u64> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(d) => d
-            .cuda_stream()
-            .context()
-            .mem_get_info()
-            .ok()
-            .map(|(_, total)| total as u64),
-        _ => None,
-    }
-}
-
 /// The placement for `mode`: `Auto` on a GPU chooses full when all three components and a
 /// job's headroom fit in `free`, medvram when the UNet alone and the headroom fit, else
 /// lowvram. On the CPU (`free` is RAM, the weights are in it either way) `Auto` is full.

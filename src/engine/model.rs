@@ -653,11 +653,41 @@ impl ModelFiles {
     }
 
     pub fn load_unet(&self, dtype: DType, device: &Device) -> Result<UNet> {
-        UNet::new(self.unet_vb(dtype, device)?, &self.unet_config).map_err(|e| self.unet_error(e))
+        self.unet_builder()(self.unet_vb(dtype, device)?)
     }
 
     pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<AutoEncoderKL> {
         self.vae_builder()(self.vae_vb(dtype, device)?)
+    }
+
+    /// A component for `offload`: built on the device (full), or staged in RAM from its
+    /// CPU weights and built on the device while in use.
+    fn part<M>(
+        &self,
+        offload: Offload,
+        dtype: DType,
+        device: &Device,
+        vb: impl Fn(DType, &Device) -> Result<VarBuilder<'static>>,
+        build: impl Fn(VarBuilder<'static>) -> Result<M> + Send + Sync + 'static,
+    ) -> Result<Part<M>> {
+        match offload {
+            Offload::Full => Ok(Part::resident(build(vb(dtype, device)?)?)),
+            _ => Part::staged(
+                memory::staged(vb(dtype, &Device::Cpu)?, dtype, device),
+                Box::new(build),
+            ),
+        }
+    }
+
+    fn unet_builder(&self) -> impl Fn(VarBuilder<'static>) -> Result<UNet> + Send + Sync {
+        let (config, path) = (self.unet_config.clone(), self.unet_weights[0].clone());
+        move |vb| {
+            UNet::new(vb, &config).map_err(|e| Error::Weights {
+                component: "unet",
+                path: path.clone(),
+                reason: candle_msg(&e),
+            })
+        }
     }
 
     /// The text encoder for `offload`: on the device (full) or staged in RAM.
@@ -667,45 +697,30 @@ impl ModelFiles {
         device: &Device,
         offload: Offload,
     ) -> Result<Part<ClipTextModel>> {
-        match offload {
-            Offload::Full => Ok(Part::resident(self.load_text_encoder(dtype, device)?)),
-            _ => Part::staged(
-                memory::staged(self.text_vb(dtype, &Device::Cpu)?, dtype, device),
-                Box::new(self.text_builder()),
-            ),
-        }
+        self.part(
+            offload,
+            dtype,
+            device,
+            |t, d| self.text_vb(t, d),
+            self.text_builder(),
+        )
     }
 
     /// The UNet for `offload`: on the device (full), staged in RAM and built whole while
     /// denoising (medvram), or built part by part for every step (lowvram).
     pub fn unet_part(&self, dtype: DType, device: &Device, offload: Offload) -> Result<Part<UNet>> {
-        let staged = || -> Result<VarBuilder<'static>> {
-            Ok(memory::staged(
-                self.unet_vb(dtype, &Device::Cpu)?,
-                dtype,
-                device,
-            ))
-        };
-        match offload {
-            Offload::Full => Ok(Part::resident(self.load_unet(dtype, device)?)),
-            Offload::Medvram => {
-                let config = self.unet_config.clone();
-                let path = self.unet_weights[0].clone();
-                Part::staged(
-                    staged()?,
-                    Box::new(move |vb| {
-                        UNet::new(vb, &config).map_err(|e| Error::Weights {
-                            component: "unet",
-                            path: path.clone(),
-                            reason: candle_msg(&e),
-                        })
-                    }),
-                )
-            }
-            Offload::Lowvram => Ok(Part::resident(
-                UNet::streamed(staged()?, &self.unet_config).map_err(|e| self.unet_error(e))?,
-            )),
+        if offload == Offload::Lowvram {
+            let vb = memory::staged(self.unet_vb(dtype, &Device::Cpu)?, dtype, device);
+            let unet = UNet::streamed(vb, &self.unet_config).map_err(|e| self.unet_error(e))?;
+            return Ok(Part::resident(unet));
         }
+        self.part(
+            offload,
+            dtype,
+            device,
+            |t, d| self.unet_vb(t, d),
+            self.unet_builder(),
+        )
     }
 
     pub fn vae_part(
@@ -714,13 +729,13 @@ impl ModelFiles {
         device: &Device,
         offload: Offload,
     ) -> Result<Part<AutoEncoderKL>> {
-        match offload {
-            Offload::Full => Ok(Part::resident(self.load_vae(dtype, device)?)),
-            _ => Part::staged(
-                memory::staged(self.vae_vb(dtype, &Device::Cpu)?, dtype, device),
-                Box::new(self.vae_builder()),
-            ),
-        }
+        self.part(
+            offload,
+            dtype,
+            device,
+            |t, d| self.vae_vb(t, d),
+            self.vae_builder(),
+        )
     }
 }
 

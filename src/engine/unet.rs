@@ -643,38 +643,15 @@ impl UNet {
         &self.config
     }
 
-    fn head(&self) -> R<Held<'_, Head>> {
+    /// A part: borrowed when resident, built from the weights when streamed.
+    fn part<'a, T>(
+        &'a self,
+        resident: impl FnOnce(&'a Resident) -> &'a T,
+        build: impl FnOnce(&VarBuilder<'static>, &UNetConfig) -> R<T>,
+    ) -> R<Held<'a, T>> {
         match &self.parts {
-            Parts::Resident(r) => Ok(Held::Ref(&r.head)),
-            Parts::Streamed(vb) => Ok(Held::Own(build_head(vb, &self.config)?)),
-        }
-    }
-
-    fn down(&self, i: usize) -> R<Held<'_, Level>> {
-        match &self.parts {
-            Parts::Resident(r) => Ok(Held::Ref(&r.down[i])),
-            Parts::Streamed(vb) => Ok(Held::Own(build_down(vb, &self.config, i)?)),
-        }
-    }
-
-    fn mid(&self) -> R<Held<'_, Mid>> {
-        match &self.parts {
-            Parts::Resident(r) => Ok(Held::Ref(&r.mid)),
-            Parts::Streamed(vb) => Ok(Held::Own(build_mid(vb, &self.config)?)),
-        }
-    }
-
-    fn up(&self, i: usize) -> R<Held<'_, Level>> {
-        match &self.parts {
-            Parts::Resident(r) => Ok(Held::Ref(&r.up[i])),
-            Parts::Streamed(vb) => Ok(Held::Own(build_up(vb, &self.config, i)?)),
-        }
-    }
-
-    fn tail(&self) -> R<Held<'_, Tail>> {
-        match &self.parts {
-            Parts::Resident(r) => Ok(Held::Ref(&r.tail)),
-            Parts::Streamed(vb) => Ok(Held::Own(build_tail(vb, &self.config)?)),
+            Parts::Resident(r) => Ok(Held::Ref(resident(r))),
+            Parts::Streamed(vb) => Ok(Held::Own(build(vb, &self.config)?)),
         }
     }
 
@@ -714,7 +691,9 @@ impl UNet {
         .to_dtype(dtype)?;
         let dev = sample.device();
         let (temb, mut x) = {
-            let head = scope("weights to device (lowvram)", dev, || self.head())?;
+            let head = scope("weights to device (lowvram)", dev, || {
+                self.part(|r| &r.head, build_head)
+            })?;
             let temb = scope("time embedding", dev, || {
                 head.time_linear_2
                     .forward(&candle_nn::ops::silu(&head.time_linear_1.forward(&t)?)?)
@@ -727,7 +706,9 @@ impl UNet {
 
         let mut skips = vec![x.clone()];
         for i in 0..n {
-            let level = scope("weights to device (lowvram)", dev, || self.down(i))?;
+            let level = scope("weights to device (lowvram)", dev, || {
+                self.part(|r| &r.down[i], |vb, c| build_down(vb, c, i))
+            })?;
             for (j, resnet) in level.resnets.iter().enumerate() {
                 x = resnet.forward(&x, &temb)?;
                 if let Some(attn) = level.attentions.get(j) {
@@ -747,14 +728,18 @@ impl UNet {
         }
 
         {
-            let mid = scope("weights to device (lowvram)", dev, || self.mid())?;
+            let mid = scope("weights to device (lowvram)", dev, || {
+                self.part(|r| &r.mid, build_mid)
+            })?;
             x = mid.resnets[0].forward(&x, &temb)?;
             x = mid.attention.forward(&x, context, slice)?;
             x = mid.resnets[1].forward(&x, &temb)?;
         }
 
         for i in 0..n {
-            let level = scope("weights to device (lowvram)", dev, || self.up(i))?;
+            let level = scope("weights to device (lowvram)", dev, || {
+                self.part(|r| &r.up[i], |vb, c| build_up(vb, c, i))
+            })?;
             for (j, resnet) in level.resnets.iter().enumerate() {
                 let skip = skips.pop().ok_or_else(|| {
                     candle_core::Error::Msg("unet: skip connections exhausted".into())
@@ -777,7 +762,9 @@ impl UNet {
             }
         }
 
-        let tail = scope("weights to device (lowvram)", dev, || self.tail())?;
+        let tail = scope("weights to device (lowvram)", dev, || {
+            self.part(|r| &r.tail, build_tail)
+        })?;
         let x = scope("groupnorm+silu", dev, || tail.norm_out.forward_silu(&x))?;
         let out = scope("conv 3x3", dev, || tail.conv_out.forward(&x))?;
         if out.dtype() != dtype {
