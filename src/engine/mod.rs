@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod clip;
 pub mod config;
+pub mod conv;
 pub mod error;
 pub mod fused;
 pub mod grid;

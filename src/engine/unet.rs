@@ -4,11 +4,10 @@
 //! down and up paths. Weight names follow diffusers exactly.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{
-    conv2d, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
 use super::config::UNetConfig;
+use super::conv::Conv2d;
 use super::profile::scope;
 
 type R<T> = candle_core::Result<T>;
@@ -73,17 +72,7 @@ fn conv(
     padding: usize,
     vb: VarBuilder,
 ) -> R<Conv2d> {
-    conv2d(
-        cin,
-        cout,
-        k,
-        Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
-        },
-        vb,
-    )
+    Conv2d::new(cin, cout, k, stride, padding, vb)
 }
 
 /// Sinusoidal timestep features, as diffusers' `get_timestep_embedding` (computed in f32).

@@ -1,0 +1,220 @@
+//! 2-D convolution for the UNet. On the CPU in f32 it is lowered to one matrix product per
+//! image, `W [cout, cin·kh·kw] × cols [cin·kh·kw, oh·ow]`, whose result is already NCHW:
+//! the column matrix is built row by row (each row is the input plane shifted by one kernel
+//! tap: contiguous copies, split over the CPU threads), and no transpose follows. candle's
+//! own CPU path (im2col as [oh·ow, cin·kh·kw], product, transpose back) measured about twice
+//! the time of its matrix product alone (see BENCHMARKS.md). Other devices and dtypes use
+//! candle's `conv2d`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+/// A convolution layer with diffusers' weight names (`weight`, `bias`).
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((cout, cin, k, k), "weight")?,
+            bias: Some(vb.get(cout, "bias")?),
+            stride,
+            padding,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = conv2d(x, &self.weight, self.stride, self.padding)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `SD_STUDIO_CANDLE_CONV=1`: candle's convolution everywhere (for A/B measurements).
+fn candle_only() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SD_STUDIO_CANDLE_CONV").is_ok_and(|v| v == "1"))
+}
+
+/// Output positions (oh·ow) from which the column layout is used (32×32 measured 1.5×
+/// faster than candle's path, 16×16 the same, 8×8 slower).
+const MIN_POSITIONS: usize = 512;
+
+/// `x` [b, cin, h, w] ⊛ `w` [cout, cin, kh, kw], no bias.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || candle_only()
+    {
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    let (b, cin, h, wd) = x.dims4()?;
+    let (cout, wcin, kh, kw) = w.dims4()?;
+    if wcin != cin || h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
+        // Let candle produce its own error message for bad shapes.
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    let oh = (h + 2 * padding - kh) / stride + 1;
+    let ow = (wd + 2 * padding - kw) / stride + 1;
+    if oh * ow < MIN_POSITIONS {
+        // Few output positions make a skinny product that candle's orientation (positions
+        // as rows) runs faster (measured: 8×8 ×1280 channels 99 ms candle, 118 ms here).
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    let k = cin * kh * kw;
+    let w2 = w.reshape((cout, k))?;
+    let cols = if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
+        x.reshape((b, cin, h * wd))?
+    } else {
+        x.contiguous()?.apply_op1_no_bwd(&Columns {
+            kh,
+            kw,
+            stride,
+            padding,
+        })?
+    };
+    w2.broadcast_matmul(&cols)?.reshape((b, cout, oh, ow))
+}
+
+/// [b, cin, h, w] → [b, cin·kh·kw, oh·ow]: row (ci·kh + ky)·kw + kx holds the input plane
+/// ci sampled at tap (ky, kx) for every output position, zero outside the picture.
+struct Columns {
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Columns {
+    /// Fills the rows of one input plane (`plane`: h × w) into `out` (kh·kw rows of oh·ow).
+    #[allow(clippy::too_many_arguments)]
+    fn plane(&self, plane: &[f32], h: usize, w: usize, oh: usize, ow: usize, out: &mut [f32]) {
+        let (s, p) = (self.stride, self.padding as isize);
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                let row = &mut out[(ky * self.kw + kx) * oh * ow..][..oh * ow];
+                for oy in 0..oh {
+                    let dst = &mut row[oy * ow..(oy + 1) * ow];
+                    let iy = (oy * s) as isize + ky as isize - p;
+                    if iy < 0 || iy >= h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    // Output columns whose input column ox·s + kx − p lies inside the row.
+                    let shift = kx as isize - p;
+                    let first = if shift < 0 {
+                        ((-shift) as usize).div_ceil(s)
+                    } else {
+                        0
+                    };
+                    let last = ((w as isize - 1 - shift).div_euclid(s as isize) + 1)
+                        .clamp(0, ow as isize) as usize;
+                    let first = first.min(last);
+                    dst[..first].fill(0.0);
+                    dst[last..].fill(0.0);
+                    if s == 1 {
+                        let start = (first as isize + shift) as usize;
+                        dst[first..last].copy_from_slice(&src[start..start + last - first]);
+                    } else {
+                        for (ox, d) in dst[first..last].iter_mut().enumerate() {
+                            *d = src[((first + ox) * s) + kx - self.padding];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Columns {
+    fn name(&self) -> &'static str {
+        "conv-columns"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("conv columns: f32 only, got {:?}", s.dtype());
+        };
+        let (b, cin, h, w) = l.shape().dims4()?;
+        let x = &data[l.start_offset()..l.start_offset() + b * cin * h * w];
+        let oh = (h + 2 * self.padding - self.kh) / self.stride + 1;
+        let ow = (w + 2 * self.padding - self.kw) / self.stride + 1;
+        let per_plane = self.kh * self.kw * oh * ow;
+        let mut out = vec![0f32; b * cin * per_plane];
+        let planes = b * cin;
+        let threads = candle_core::utils::get_num_threads().clamp(1, planes);
+        let chunk = planes.div_ceil(threads);
+        std::thread::scope(|scope| {
+            for (t, dst) in out.chunks_mut(chunk * per_plane).enumerate() {
+                scope.spawn(move || {
+                    for (i, dst) in dst.chunks_mut(per_plane).enumerate() {
+                        let plane = t * chunk + i;
+                        self.plane(&x[plane * h * w..(plane + 1) * h * w], h, w, oh, ow, dst);
+                    }
+                });
+            }
+        });
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((b, cin * self.kh * self.kw, oh * ow)),
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_candle_conv2d() {
+        let dev = Device::Cpu;
+        for (cin, cout, h, w, k, stride, padding) in [
+            (5, 7, 9, 11, 3, 1, 1),
+            (5, 7, 9, 11, 3, 2, 1),
+            (4, 6, 8, 8, 3, 2, 0),
+            (3, 4, 6, 7, 1, 1, 0),
+            (3, 4, 2, 3, 3, 1, 1),
+            (3, 4, 40, 30, 3, 1, 1),
+            (3, 4, 61, 47, 3, 2, 1),
+            (2, 3, 48, 48, 3, 2, 0),
+            (2, 3, 32, 32, 1, 1, 0),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev).unwrap();
+            let want = x.conv2d(&wt, padding, stride, 1, 1).unwrap();
+            let got = conv2d(&x, &wt, stride, padding).unwrap();
+            assert_eq!(got.dims(), want.dims(), "k{k} s{stride} p{padding}");
+            let e = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(e < 1e-4, "k{k} s{stride} p{padding}: max error {e}");
+        }
+    }
+}
