@@ -275,6 +275,13 @@ pub enum Event {
         step: usize,
         total: usize,
         elapsed: Duration,
+        /// The grid cells this step advanced (one lane: a model and a run of seeds); empty
+        /// means every cell of the job.
+        cells: Vec<usize>,
+        /// Those cells' own progress, 1-based (in compare mode a row has `total / rows`
+        /// steps).
+        cell_step: usize,
+        cell_total: usize,
     },
     /// A preview of one cell (delivered through [`PreviewSlots`], newest only).
     Preview {

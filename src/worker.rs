@@ -477,6 +477,9 @@ impl Worker {
                     step: done,
                     total,
                     elapsed: start.elapsed(),
+                    cells: lane.cells.clone(),
+                    cell_step: out.step,
+                    cell_total: out.total,
                 });
                 let due = out.step % every == 0 && out.step < out.total;
                 if let (Some(p), Some(x0), true) = (previewer, &out.pred_original, due) {

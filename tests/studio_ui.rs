@@ -87,6 +87,9 @@ fn play_job(h: &mut Harness<'_, StudioApp>, fake: &WorkerLink, j: &JobRequest) {
             step,
             total: 2,
             elapsed: Duration::from_millis(100 * step as u64),
+            cells: j.cells.clone(),
+            cell_step: step,
+            cell_total: 2,
         });
     }
     for &cell in &j.cells {
@@ -155,6 +158,9 @@ fn events_fill_the_cells_previews_then_finals() {
         step: 3,
         total: 10,
         elapsed: Duration::from_secs(1),
+        cells: Vec::new(),
+        cell_step: 0,
+        cell_total: 0,
     });
     fake.send(Event::Preview {
         job: j.id,
@@ -793,4 +799,38 @@ fn memory_mode_reaches_the_load_and_slicing_and_tiling_reach_the_job() {
     use sd_studio::engine::memory::{Slicing, Tiling};
     assert_eq!(job.attention_slicing, Slicing::Queries(256));
     assert_eq!(job.vae_tiling, Tiling::On);
+}
+
+#[test]
+fn compare_cells_show_their_own_rows_progress() {
+    let (mut h, fake) = studio();
+    type_prompt(&mut h, "a lighthouse at dusk");
+    click(&mut h, "Compare models");
+    click(&mut h, "Compare mode");
+    type_into(&mut h, "Model 1", "runwayml/stable-diffusion-v1-5");
+    type_into(&mut h, "Model 2", "/models/dreamshaper_8.safetensors");
+    {
+        let p = &mut h.state_mut().state.params;
+        (p.seed, p.seed_locked, p.steps) = (100, true, 8);
+    }
+    ctrl_enter(&mut h);
+    let j = generate_cmd(&fake);
+    fake.send(Event::Started { job: j.id });
+    // The worker steps the rows in turn: job step 3 of 16 is row 1's second step.
+    for (step, cells, own) in [(1, 0..4, 1), (2, 4..8, 1), (3, 0..4, 2)] {
+        fake.send(Event::Step {
+            job: j.id,
+            step,
+            total: 16,
+            elapsed: Duration::from_millis(100 * step as u64),
+            cells: cells.collect(),
+            cell_step: own,
+            cell_total: 8,
+        });
+    }
+    h.run_steps(3);
+    h.get_by_role_and_label(Role::Button, "Cell 1: seed 100, step 2/8");
+    h.get_by_role_and_label(Role::Button, "Cell 5: seed 100, step 1/8");
+    // The status bar keeps the whole job's count.
+    h.get_by_label_contains("step 3/16");
 }

@@ -326,6 +326,27 @@ fn compare_jobs_step_the_models_in_turn_and_label_every_cell() {
         &order[..first_done],
         ["step 1/6", "step 2/6", "step 3/6", "step 4/6", "step 5/6", "step 6/6"]
     );
+    // Each step names the row it advanced and that row's own progress (3 steps each).
+    let lanes: Vec<(usize, usize)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step {
+                cells,
+                cell_step,
+                cell_total: 3,
+                ..
+            } => Some((cells[0], *cell_step)),
+            _ => None,
+        })
+        .take(6)
+        .collect();
+    let rows: Vec<usize> = lanes.iter().map(|l| l.0).collect();
+    assert_eq!(
+        lanes.iter().map(|l| l.1).collect::<Vec<_>>(),
+        [1, 1, 2, 2, 3, 3]
+    );
+    assert_ne!(rows[0], rows[1], "rows alternate: {lanes:?}");
+    assert_eq!((rows[0], rows[1]), (rows[2], rows[3]));
     let cells = cell_images(&events);
     let labels: Vec<(usize, &str)> = cells.iter().map(|c| (c.0, c.1.as_str())).collect();
     assert_eq!(

@@ -58,11 +58,7 @@ const MIN_POSITIONS: usize = 512;
 
 /// `x` [b, cin, h, w] ⊛ `w` [cout, cin, kh, kw], no bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if !x.device().is_cpu()
-        || x.dtype() != DType::F32
-        || w.dtype() != DType::F32
-        || candle_only()
-    {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 || candle_only() {
         return x.conv2d(w, padding, stride, 1, 1);
     }
     let (b, cin, h, wd) = x.dims4()?;

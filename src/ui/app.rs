@@ -818,6 +818,9 @@ impl StudioApp {
                 step,
                 total,
                 elapsed,
+                cells,
+                cell_step,
+                cell_total,
             } => {
                 // Compare mode loads its models inside the job: once steps run, they are in.
                 if self.model.ready {
@@ -835,12 +838,25 @@ impl StudioApp {
                     j.elapsed = elapsed;
                 }
                 self.timings.step_arrived = Some((step, now, elapsed));
-                for c in self.cells.iter_mut().filter(|c| c.job == Some(job)) {
+                // Each cell shows its own lane's progress (a compare row has fewer steps
+                // than the whole job).
+                let (own_step, own_total) = if cells.is_empty() {
+                    (step, total)
+                } else {
+                    (cell_step, cell_total)
+                };
+                for (i, c) in self.cells.iter_mut().enumerate() {
+                    if c.job != Some(job) || !(cells.is_empty() || cells.contains(&i)) {
+                        continue;
+                    }
                     if matches!(c.status, CellStatus::Waiting | CellStatus::Running { .. }) {
-                        c.status = if step % total.max(1) == 0 && step > 0 {
+                        c.status = if own_step >= own_total.max(1) {
                             CellStatus::Decoding
                         } else {
-                            CellStatus::Running { step, total }
+                            CellStatus::Running {
+                                step: own_step,
+                                total: own_total,
+                            }
                         };
                     }
                 }
