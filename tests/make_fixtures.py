@@ -1165,6 +1165,77 @@ def make_single_file_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
     print(f"  single file {path.name}: {len(sd)} tensors, checked with diffusers' converters")
 
 
+def make_single_file_sd2(pipes: dict[str, StableDiffusionPipeline]) -> None:
+    """tiny-sd2v as an SD 2.x original checkpoint: OpenCLIP text encoder (packed q/k/v in
+    ``attn.in_proj_*``, ``c_fc``/``c_proj``, ``ln_1``/``ln_2``, ``positional_embedding``)
+    with one more resblock than diffusers keeps (SD 2.x conditions on the penultimate layer,
+    so loaders drop the last one), plus ``text_projection`` and ``logit_scale`` (unused)."""
+    pipe = pipes["tiny-sd2v"]
+    lpb = pipe.unet.config.layers_per_block
+    n_levels = len(pipe.unet.config.block_out_channels)
+    sd = {}
+    for k, v in pipe.unet.state_dict().items():
+        sd["model.diffusion_model." + _orig_unet_key(k, lpb, n_levels)] = v
+    vae_levels = len(pipe.vae.config.block_out_channels)
+    for k, v in pipe.vae.state_dict().items():
+        if any(x in k for x in ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) and "mid_block" in k:
+            v = v[:, :, None, None]
+        sd["first_stage_model." + _orig_vae_key(k, vae_levels)] = v
+    # transformers 5 names keys without the `text_model.` prefix that 4.x (and diffusers'
+    # converter) use: compare without it.
+    te = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
+    oc = "cond_stage_model.model."
+    sd[oc + "token_embedding.weight"] = te["embeddings.token_embedding.weight"]
+    sd[oc + "positional_embedding"] = te["embeddings.position_embedding.weight"]
+    sd[oc + "ln_final.weight"] = te["final_layer_norm.weight"]
+    sd[oc + "ln_final.bias"] = te["final_layer_norm.bias"]
+    layers = pipe.text_encoder.config.num_hidden_layers
+    g = torch.Generator("cpu").manual_seed(5)
+    for i in range(layers + 1):
+        p = f"encoder.layers.{i}."
+        r = f"{oc}transformer.resblocks.{i}."
+        if i == layers:  # the dropped last layer: random, shaped like the others
+            src = {k[len("encoder.layers.0."):]: torch.randn(v.shape, generator=g)
+                   for k, v in te.items() if k.startswith("encoder.layers.0.")}
+        else:
+            src = {k[len(p):]: v for k, v in te.items() if k.startswith(p)}
+        for kind in ("weight", "bias"):
+            sd[r + f"attn.in_proj_{kind}"] = torch.cat(
+                [src[f"self_attn.{n}.{kind}"] for n in ("q_proj", "k_proj", "v_proj")], 0)
+            sd[r + f"attn.out_proj.{kind}"] = src[f"self_attn.out_proj.{kind}"]
+            sd[r + f"ln_1.{kind}"] = src[f"layer_norm1.{kind}"]
+            sd[r + f"ln_2.{kind}"] = src[f"layer_norm2.{kind}"]
+            sd[r + f"mlp.c_fc.{kind}"] = src[f"mlp.fc1.{kind}"]
+            sd[r + f"mlp.c_proj.{kind}"] = src[f"mlp.fc2.{kind}"]
+    hidden = pipe.text_encoder.config.hidden_size
+    sd[oc + "text_projection"] = torch.randn((hidden, hidden), generator=g)
+    sd[oc + "logit_scale"] = torch.tensor(4.6052)
+    sd["alphas_cumprod"] = pipe.scheduler.alphas_cumprod.clone()
+    sd = {k: (v.half() if v.is_floating_point() and k != "alphas_cumprod" else v).contiguous() for k, v in sd.items()}
+    path = FIXTURES / "single" / "tiny-sd2v.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    save_file(sd, path)
+    # Check with diffusers' own converters: UNet, VAE and the OpenCLIP text encoder.
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+
+    loaded = {k: v.float() for k, v in sorted(load_file(path).items())}
+    for name, conv in (("unet", convert_ldm_unet_checkpoint), ("vae", convert_ldm_vae_checkpoint)):
+        ref = getattr(pipe, name).state_dict()
+        got = conv(loaded, dict(getattr(pipe, name).config))
+        assert set(got) == set(ref), f"{name}: keys differ: {sorted(set(got) ^ set(ref))[:6]}"
+        for k in ref:
+            assert torch.equal(ref[k].float(), got[k].reshape(ref[k].shape)), f"{name}.{k} differs after conversion"
+    got = {k.removeprefix("text_model."): v
+           for k, v in convert_open_clip_checkpoint(pipe.text_encoder, loaded).items()}
+    for k, v in te.items():
+        if k in got:
+            assert torch.equal(v.float(), got[k].float().reshape(v.shape)), f"text encoder {k} differs"
+    missing = [k for k in te if k not in got and "position_ids" not in k]
+    assert not missing, f"text encoder keys diffusers did not convert: {missing[:6]}"
+    print(f"  single file {path.name}: {len(sd)} tensors, checked with diffusers' converters")
+
+
 def check_no_nan_files() -> list[str]:
     problems = []
     for p in sorted(FIXTURES.rglob("*.safetensors")):
@@ -1224,7 +1295,8 @@ def main() -> None:
     if args.only:
         pipes = {"tiny-sd15": load_pipe("tiny-sd15", None), "tiny-sd2v": load_pipe("tiny-sd2v", "fp16")}
         {"prompts": make_prompt_refs, "img2img": make_img2img_refs, "inpaint": make_inpaint_refs,
-         "single": make_single_file_refs, "memory": make_memory_refs}[args.only](pipes)
+         "single": lambda p: (make_single_file_refs(p), make_single_file_sd2(p)),
+         "memory": make_memory_refs}[args.only](pipes)
         return
 
     bpe = find_bpe(args.bpe)
@@ -1251,6 +1323,7 @@ def main() -> None:
     make_img2img_refs(pipes)
     make_inpaint_refs(pipes)
     make_single_file_refs(pipes)
+    make_single_file_sd2(pipes)
     make_memory_refs(pipes)
     problems += make_pipeline_refs(pipes)
     make_taesd()

@@ -151,3 +151,31 @@ fn cli_loads_a_single_file_and_refuses_unrelated_files() {
         "{e}"
     );
 }
+
+#[test]
+fn sd2_single_file_with_open_clip_text_encoder_gives_the_folders_image() {
+    // tiny-sd2v in the original SD 2.x layout: OpenCLIP with packed q/k/v and one extra
+    // (unused) last layer, checked against diffusers' converters by the reference script.
+    let path = common::fixtures()
+        .join("single")
+        .join("tiny-sd2v.safetensors");
+    let files =
+        ModelFiles::from_single_file(&path, None, Some(&common::model_dir("tiny-sd2v"))).unwrap();
+    assert_eq!(
+        files.clip_config.num_hidden_layers, 2,
+        "last OpenCLIP layer dropped"
+    );
+    let mut single = StableDiffusion::load(files, Device::Cpu, DType::F32).unwrap();
+    let mut folder = common::load_model("tiny-sd2v");
+    let req = GenerateRequest {
+        scheduler: SchedulerKind::Ddim,
+        ..request()
+    };
+    let a = single.generate(&req, &mut |_| Ok(())).unwrap();
+    let b = folder.generate(&req, &mut |_| Ok(())).unwrap();
+    assert_eq!(common::max_pixel_diff(&a[0].rgb, &b[0].rgb), 0);
+    // Without --config the architecture still comes from the shapes (OpenCLIP found).
+    let inferred = ModelFiles::from_single_file(&path, None, None).unwrap();
+    assert_eq!(inferred.clip_config.num_hidden_layers, 2);
+    assert_eq!(inferred.clip_config.vocab_size, 49408);
+}
