@@ -958,40 +958,68 @@ fn bench(a: &BenchArgs) -> Result<()> {
         crate::engine::profile::set_enabled(false);
         let t = t?;
         let parts = crate::engine::profile::take();
+        // UNet parts against the steps' time, VAE parts ("vae …") against the decode's.
+        let (vae, unet): (Vec<_>, Vec<_>) = parts.iter().partition(|p| p.0.starts_with("vae "));
         let steps = t.steps.len().max(1) as f64;
         let total: f64 = t.steps.iter().sum();
-        let measured: f64 = parts.iter().map(|p| p.2).sum();
-        let mut rows: Vec<(String, f64, f64)> = parts
-            .iter()
-            .map(|(name, calls, secs)| (name.to_string(), *calls as f64 / steps, *secs))
-            .collect();
-        rows.push((
-            "rest of the step (sampler, CFG, casts, untimed glue)".into(),
-            0.0,
-            (total - measured).max(0.0),
-        ));
-        rows.sort_by(|x, y| y.2.total_cmp(&x.2));
-        eprintln!(
-            "profile, batch {batch}: {:.2} ms per step with synchronisation after every part",
-            total / steps * 1e3
-        );
-        eprintln!("{:>9} {:>7} {:>8}  part", "ms/step", "share", "calls");
-        let mut json_rows = Vec::new();
-        for (name, calls, secs) in &rows {
-            let share = if total > 0.0 { secs / total } else { 0.0 };
+        let table = |what: &str,
+                     parts: &[&(&'static str, u64, f64)],
+                     total: f64,
+                     per: f64,
+                     unit: &str,
+                     rest: &str| {
+            let measured: f64 = parts.iter().map(|p| p.2).sum();
+            let mut rows: Vec<(String, f64, f64)> = parts
+                .iter()
+                .map(|(name, calls, secs)| (name.to_string(), *calls as f64 / per, *secs))
+                .collect();
+            rows.push((rest.to_string(), 0.0, (total - measured).max(0.0)));
+            rows.sort_by(|x, y| y.2.total_cmp(&x.2));
             eprintln!(
-                "{:>9.3} {:>6.1}% {:>8.0}  {name}",
-                secs / steps * 1e3,
-                share * 100.0,
-                calls
+                "profile, batch {batch}, {what}: {:.2} ms per {unit} with synchronisation after every part",
+                total / per * 1e3
             );
-            json_rows.push(serde_json::json!({
-                "part": name, "calls_per_step": calls, "ms_per_step": secs / steps * 1e3, "share": share,
-            }));
-        }
+            eprintln!(
+                "{:>9} {:>7} {:>8}  part",
+                format!("ms/{unit}"),
+                "share",
+                "calls"
+            );
+            let mut json_rows = Vec::new();
+            for (name, calls, secs) in &rows {
+                let share = if total > 0.0 { secs / total } else { 0.0 };
+                eprintln!(
+                    "{:>9.3} {:>6.1}% {:>8.0}  {name}",
+                    secs / per * 1e3,
+                    share * 100.0,
+                    calls
+                );
+                json_rows.push(serde_json::json!({
+                    "part": name, "calls_per_step": calls, "ms_per_step": secs / per * 1e3, "share": share,
+                }));
+            }
+            json_rows
+        };
+        let unet_rows = table(
+            "UNet step",
+            &unet,
+            total,
+            steps,
+            "step",
+            "rest of the step (sampler, CFG, casts, untimed glue)",
+        );
+        let images = batch as f64;
+        let vae_rows = table(
+            "VAE decode",
+            &vae,
+            t.decode,
+            images,
+            "image",
+            "rest of the decode (casts, copies to the host)",
+        );
         let line = serde_json::json!({
-            "case": "profile", "batch": batch, "step_s": total / steps, "parts": json_rows,
-            "decode_per_image_s": t.decode / batch as f64,
+            "case": "profile", "batch": batch, "step_s": total / steps, "parts": unet_rows,
+            "decode_per_image_s": t.decode / images, "decode_parts": vae_rows,
         });
         println!("{line}");
         cases.push(line);

@@ -645,6 +645,17 @@ fn bench_reports_every_batch_and_the_grid_as_json() {
     }
     let shares: f64 = parts.iter().map(|p| p["share"].as_f64().unwrap()).sum();
     assert!((shares - 1.0).abs() < 0.05, "shares add up to {shares}");
+    // The VAE decode has its own table, its shares covering the decode.
+    let dparts = cases[3]["decode_parts"].as_array().unwrap();
+    assert!(
+        dparts.iter().any(|p| p["part"] == "vae conv 3x3"),
+        "{dparts:?}"
+    );
+    let shares: f64 = dparts.iter().map(|p| p["share"].as_f64().unwrap()).sum();
+    assert!(
+        (shares - 1.0).abs() < 0.05,
+        "decode shares add up to {shares}"
+    );
     assert!(cases[2]["preview_per_step_s"].as_f64().unwrap() > 0.0);
     assert_eq!(summary["memory"], "full");
     // Bad batch lists are named.

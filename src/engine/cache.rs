@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
+use super::vae_decoder::VaeDecoder;
 use candle_core::DType;
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 use super::clip::ClipTextModel;
 use super::hash;
@@ -95,7 +95,7 @@ pub struct ModelCache {
     entries: Vec<(LoadOptions, Arc<CachedModel>)>,
     text: HashMap<PartKey, Weak<Part<ClipTextModel>>>,
     unet: HashMap<PartKey, Weak<Part<UNet>>>,
-    vae: HashMap<PartKey, Weak<Part<AutoEncoderKL>>>,
+    vae: HashMap<PartKey, Weak<Part<VaeDecoder>>>,
     bytes_of: HashMap<PartKey, u64>,
     pub stats: CacheStats,
 }

@@ -10,7 +10,8 @@
 //! `SD_STUDIO_FUSED_GROUPNORM=1` until it has been measured and checked on a GPU.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
 
 /// Whether the UNet uses the fused kernel on `device`.
 pub fn enabled_on(device: &Device) -> bool {
@@ -34,6 +35,63 @@ pub fn group_norm(
     let x = x.contiguous()?;
     let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
     x.apply_op3_no_bwd(&weight, &bias, &GroupNormOp { groups, eps, silu })
+}
+
+/// GroupNorm with diffusers' weight names: this module's kernel when enabled for the device,
+/// else candle's own (then SiLU as a separate op).
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    plain: candle_nn::GroupNorm,
+}
+
+pub fn group_norm_layer(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> Result<GroupNorm> {
+    let weight = vb.get(channels, "weight")?;
+    let bias = vb.get(channels, "bias")?;
+    let plain = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(GroupNorm {
+        weight,
+        bias,
+        groups,
+        eps,
+        plain,
+    })
+}
+
+impl GroupNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if enabled_on(x.device()) {
+            return super::fused::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            );
+        }
+        let y = self.plain.forward(x)?;
+        if silu {
+            candle_nn::ops::silu(&y)
+        } else {
+            Ok(y)
+        }
+    }
 }
 
 struct GroupNormOp {

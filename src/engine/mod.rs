@@ -24,6 +24,7 @@ pub mod single_file;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae_decoder;
 pub mod vae_encoder;
 
 pub use error::{Error, Result};

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 
 use super::clip::ClipTextModel;
 use super::config::{ClipConfig, JsonConfig, UNetConfig, VaeConfig};
@@ -17,6 +16,7 @@ use super::schedulers::SchedulerConfig;
 use super::single_file::{SingleFile, VaeFile};
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
+use super::vae_decoder::VaeDecoder;
 
 pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 
@@ -619,20 +619,10 @@ impl ModelFiles {
         }
     }
 
-    fn vae_builder(&self) -> impl Fn(VarBuilder<'static>) -> Result<AutoEncoderKL> + Send + Sync {
-        let c = &self.vae_config;
-        let cfg = AutoEncoderKLConfig {
-            block_out_channels: c.block_out_channels.clone(),
-            layers_per_block: c.layers_per_block,
-            latent_channels: c.latent_channels,
-            norm_num_groups: c.norm_num_groups,
-            use_quant_conv: c.use_quant_conv,
-            use_post_quant_conv: c.use_post_quant_conv,
-        };
-        let (cin, cout) = (c.in_channels, c.out_channels);
-        let path = self.vae_weights[0].clone();
+    fn vae_builder(&self) -> impl Fn(VarBuilder<'static>) -> Result<VaeDecoder> + Send + Sync {
+        let (config, path) = (self.vae_config.clone(), self.vae_weights[0].clone());
         move |vb| {
-            AutoEncoderKL::new(vb, cin, cout, cfg.clone()).map_err(|e| Error::Weights {
+            VaeDecoder::new(vb, &config).map_err(|e| Error::Weights {
                 component: "vae",
                 path: path.clone(),
                 reason: candle_msg(&e),
@@ -656,7 +646,7 @@ impl ModelFiles {
         self.unet_builder()(self.unet_vb(dtype, device)?)
     }
 
-    pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<AutoEncoderKL> {
+    pub fn load_vae(&self, dtype: DType, device: &Device) -> Result<VaeDecoder> {
         self.vae_builder()(self.vae_vb(dtype, device)?)
     }
 
@@ -728,7 +718,7 @@ impl ModelFiles {
         dtype: DType,
         device: &Device,
         offload: Offload,
-    ) -> Result<Part<AutoEncoderKL>> {
+    ) -> Result<Part<VaeDecoder>> {
         self.part(
             offload,
             dtype,

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use super::vae_decoder::VaeDecoder;
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 use super::clip::ClipTextModel;
 use super::error::{Context, Error, Result};
@@ -267,12 +267,12 @@ pub struct StableDiffusion {
     tokenizer: ClipTokenizer,
     text_encoder: Arc<Part<ClipTextModel>>,
     unet: Arc<Part<UNet>>,
-    vae: Arc<Part<AutoEncoderKL>>,
+    vae: Arc<Part<VaeDecoder>>,
     /// Where the components live (fixed at load).
     pub offload: Offload,
     /// Attention slicing and VAE tiling for the next jobs.
     memory: Mutex<MemoryOptions>,
-    vae_f32: OnceLock<Result<AutoEncoderKL, String>>,
+    vae_f32: OnceLock<Result<VaeDecoder, String>>,
     vae_encoder: OnceLock<Result<VaeEncoder, String>>,
     pub last_timings: Timings,
 }
@@ -321,7 +321,7 @@ impl StableDiffusion {
         dtype: DType,
         text_encoder: Arc<Part<ClipTextModel>>,
         unet: Arc<Part<UNet>>,
-        vae: Arc<Part<AutoEncoderKL>>,
+        vae: Arc<Part<VaeDecoder>>,
         offload: Offload,
     ) -> Result<Self> {
         let tokenizer = files.load_tokenizer()?;
@@ -357,7 +357,7 @@ impl StableDiffusion {
     }
 
     /// The VAE on the device (with medvram, the text encoder and UNet leave it first).
-    pub fn vae(&self) -> Result<Arc<AutoEncoderKL>> {
+    pub fn vae(&self) -> Result<Arc<VaeDecoder>> {
         self.text_encoder.release();
         self.unet.release();
         self.vae.get()
@@ -370,7 +370,7 @@ impl StableDiffusion {
     }
 
     /// The components, for tests and the status line: (text encoder, UNet, VAE).
-    pub fn parts(&self) -> (&Part<ClipTextModel>, &Part<UNet>, &Part<AutoEncoderKL>) {
+    pub fn parts(&self) -> (&Part<ClipTextModel>, &Part<UNet>, &Part<VaeDecoder>) {
         (&self.text_encoder, &self.unet, &self.vae)
     }
 
@@ -964,11 +964,7 @@ impl StableDiffusion {
 /// `tiled_decode`: tiles start every ¾ tile, each is blended into the one above and the one
 /// to its left over ¼ tile (linear ramps, in raster order, with the neighbours already
 /// blended), then cropped to ¾ tile.
-pub fn decode_with(
-    vae: &AutoEncoderKL,
-    z: &Tensor,
-    tile: Option<(usize, usize)>,
-) -> Result<Tensor> {
+pub fn decode_with(vae: &VaeDecoder, z: &Tensor, tile: Option<(usize, usize)>) -> Result<Tensor> {
     let whole = |z: &Tensor| {
         vae.decode(z)
             .and_then(|x| x.to_dtype(DType::F32))

@@ -8,61 +8,10 @@ use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilde
 
 use super::config::UNetConfig;
 use super::conv::Conv2d;
+use super::fused::{group_norm_layer as group_norm, GroupNorm};
 use super::profile::scope;
 
 type R<T> = candle_core::Result<T>;
-
-/// GroupNorm with diffusers' weight names; [`super::fused`] when enabled for the device,
-/// else candle's own (then SiLU as a separate op).
-struct GroupNorm {
-    weight: Tensor,
-    bias: Tensor,
-    groups: usize,
-    eps: f64,
-    plain: candle_nn::GroupNorm,
-}
-
-fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R<GroupNorm> {
-    let weight = vb.get(channels, "weight")?;
-    let bias = vb.get(channels, "bias")?;
-    let plain = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
-    Ok(GroupNorm {
-        weight,
-        bias,
-        groups,
-        eps,
-        plain,
-    })
-}
-
-impl GroupNorm {
-    fn forward(&self, x: &Tensor) -> R<Tensor> {
-        self.apply(x, false)
-    }
-
-    fn forward_silu(&self, x: &Tensor) -> R<Tensor> {
-        self.apply(x, true)
-    }
-
-    fn apply(&self, x: &Tensor, silu: bool) -> R<Tensor> {
-        if super::fused::enabled_on(x.device()) {
-            return super::fused::group_norm(
-                x,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
-                silu,
-            );
-        }
-        let y = self.plain.forward(x)?;
-        if silu {
-            candle_nn::ops::silu(&y)
-        } else {
-            Ok(y)
-        }
-    }
-}
 
 fn conv(
     cin: usize,
