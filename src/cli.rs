@@ -84,6 +84,10 @@ pub struct ModelArgs {
     /// fit), on or off.
     #[arg(long, default_value = "auto")]
     pub vae_tiling: String,
+    /// Keep recently used models loaded up to this many GiB together (compare mode)
+    /// [default: half the free RAM for the CPU, 16 GiB on a GPU].
+    #[arg(long)]
+    pub cache_gib: Option<f64>,
 }
 
 impl ModelArgs {
@@ -402,6 +406,14 @@ fn prepare(model: &str, m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
         return Err(Error::invalid("batch", "must be at least 1"));
     }
     let memory = m.memory_options()?;
+    if let Some(g) = m.cache_gib {
+        if !g.is_finite() || g <= 0.0 {
+            return Err(Error::invalid(
+                "cache-gib",
+                format!("{g} is not a positive number of GiB"),
+            ));
+        }
+    }
     let dtype = engine::dtype(&m.dtype)?;
     let device = engine::device(&m.device)?;
     let mut files = ModelFiles::open(
@@ -633,7 +645,10 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         clip_skip: a.clip_skip,
         spacing: st.spacing,
     };
-    let mut cache = ModelCache::new(ModelCache::default_budget(&a.model.device));
+    let mut cache = ModelCache::new(match a.model.cache_gib {
+        Some(g) => (g * (1u64 << 30) as f64) as u64,
+        None => ModelCache::default_budget(&a.model.device),
+    });
     let (sampler, schedule_type) = st.scheduler.a1111_name();
     let compare = a.model.model.len() > 1;
     let mut rows: Vec<(String, Vec<Picture>)> = Vec::new();

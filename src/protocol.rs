@@ -66,6 +66,10 @@ pub struct ModelSpec {
     /// Where the weights live: auto, full, medvram or lowvram (a change reloads).
     #[serde(default)]
     pub memory: MemoryMode,
+    /// Keep recently used models loaded up to this many bytes together; `None`: automatic
+    /// (half the free RAM for CPU models, 16 GiB on a GPU).
+    #[serde(default)]
+    pub cache_bytes: Option<u64>,
 }
 
 /// A single-channel image (0 = keep, 255 = repaint), row-major, `width * height` bytes.

@@ -280,6 +280,10 @@ impl Worker {
         }
         self.model = None;
         self.spec = Some(spec.clone());
+        self.cache.set_budget(match spec.cache_bytes {
+            Some(b) if b > 0 => b,
+            _ => ModelCache::default_budget(&spec.device),
+        });
         self.link.send(Event::ModelLoading {
             message: format!("loading {}", spec.model),
             progress: None,

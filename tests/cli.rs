@@ -194,6 +194,10 @@ fn bad_inputs_give_one_clear_line_and_no_output() {
             "attention slicing",
         ),
         (vec!["--vae-tiling".into(), "maybe".into()], "VAE tiling"),
+        (
+            vec!["--cache-gib".into(), "0".into()],
+            "cache-gib: 0 is not a positive number of GiB",
+        ),
     ];
     for (extra, needle) in cases {
         let args: Vec<&str> = extra.iter().map(String::as_str).collect();

@@ -769,10 +769,12 @@ fn memory_mode_reaches_the_load_and_slicing_and_tiling_reach_the_job() {
     h.run_steps(2);
     type_into(&mut h, "Model", "runwayml/stable-diffusion-v1-5");
     click(&mut h, "Load");
-    assert_eq!(
-        load_cmd(&fake).memory,
-        sd_studio::engine::memory::MemoryMode::Medvram
-    );
+    let spec = load_cmd(&fake);
+    assert_eq!(spec.memory, sd_studio::engine::memory::MemoryMode::Medvram);
+    assert_eq!(spec.cache_bytes, None, "0 GiB means automatic");
+    h.state_mut().state.settings.cache_gib = 6.0;
+    click(&mut h, "Load");
+    assert_eq!(load_cmd(&fake).cache_bytes, Some(6 << 30));
     fake.send(Event::ModelReady {
         name: "stable-diffusion-v1-5".into(),
         device: "cuda".into(),

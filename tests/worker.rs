@@ -43,6 +43,7 @@ fn start(taesd: bool) -> Rig {
         taesd: taesd.then(|| common::model_dir("tiny-taesd").display().to_string()),
         vae: None,
         memory: Default::default(),
+        cache_bytes: None,
     }));
     let ready = next(&engine, |e| {
         matches!(e, Event::ModelReady { .. } | Event::ModelFailed { .. })
@@ -261,6 +262,7 @@ fn queued_jobs_can_be_removed_bad_jobs_fail_clearly_and_the_worker_carries_on() 
         taesd: None,
         vae: None,
         memory: Default::default(),
+        cache_bytes: None,
     }));
     match next(&rig.engine, |e| matches!(e, Event::ModelFailed { .. })) {
         Event::ModelFailed { message } => assert!(message.contains("not found"), "{message}"),
@@ -474,6 +476,7 @@ fn memory_mode_reloads_the_model_and_job_options_reach_the_decoder() {
         taesd: None,
         vae: None,
         memory: sd_studio::engine::memory::MemoryMode::Lowvram,
+        cache_bytes: Some(2 << 30),
     }));
     match next(&rig.engine, |e| {
         matches!(e, Event::ModelReady { .. } | Event::ModelFailed { .. })

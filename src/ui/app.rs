@@ -310,6 +310,7 @@ impl StudioApp {
             taesd: (!s.taesd.trim().is_empty()).then(|| s.taesd.trim().to_string()),
             vae: (!s.vae.trim().is_empty()).then(|| s.vae.trim().to_string()),
             memory: s.memory.mode,
+            cache_bytes: (s.cache_gib > 0.0).then_some((s.cache_gib * (1u64 << 30) as f64) as u64),
         };
         self.state.model = model.clone();
         self.state.remember_model(&model);

@@ -75,6 +75,26 @@ pub fn models_folder_ui(ui: &mut egui::Ui, s: &mut Settings, scan: &ScanState) -
                     ui.spinner();
                 }
             });
+            ui.horizontal(|ui| {
+                let label = ui.label("Keep loaded");
+                ui.add(
+                    egui::DragValue::new(&mut s.cache_gib)
+                        .range(0.0..=512.0)
+                        .speed(0.5)
+                        .custom_formatter(|v, _| {
+                            if v <= 0.0 {
+                                "auto".into()
+                            } else {
+                                format!("{v:.1} GiB")
+                            }
+                        }),
+                )
+                .labelled_by(label.id)
+                .on_hover_text(
+                    "Recently used models stay loaded up to this size together (0 = auto: half \
+                     the free RAM for CPU models, 16 GiB on a GPU); applies at the next load",
+                );
+            });
             if let Some(e) = &scan.error {
                 ui.colored_label(ui.visuals().error_fg_color, e);
             }

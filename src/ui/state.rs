@@ -87,6 +87,8 @@ pub struct Settings {
     /// Memory mode (applies at the next load), attention slicing and tiled VAE decode
     /// (apply to the next job).
     pub memory: MemoryOptions,
+    /// Model cache size in GiB; 0: automatic.
+    pub cache_gib: f64,
 }
 
 impl Default for Settings {
@@ -102,6 +104,7 @@ impl Default for Settings {
             models_dir: PathBuf::new(),
             brush_size: 32.0,
             memory: MemoryOptions::default(),
+            cache_gib: 0.0,
         }
     }
 }
