@@ -1,10 +1,11 @@
-//! 2-D convolution for the UNet. On the CPU in f32 it is lowered to one matrix product per
-//! image, `W [cout, cin·kh·kw] × cols [cin·kh·kw, oh·ow]`, whose result is already NCHW:
-//! the column matrix is built row by row (each row is the input plane shifted by one kernel
-//! tap: contiguous copies, split over the CPU threads), and no transpose follows. candle's
-//! own CPU path (im2col as [oh·ow, cin·kh·kw], product, transpose back) measured about twice
-//! the time of its matrix product alone (see BENCHMARKS.md). Other devices and dtypes use
-//! candle's `conv2d`.
+//! 2-D convolution for the UNet and the VAE decoder. On the CPU in f32 it is lowered to one
+//! matrix product per image, `W [cout, cin·kh·kw] × cols [cin·kh·kw, oh·ow]`, whose result
+//! is already NCHW: the column matrix is built row by row (each row is the input plane
+//! shifted by one kernel tap: contiguous copies, split over the CPU threads), and no
+//! transpose follows. With few output positions the product is turned around
+//! (`colsᵀ × Wᵀ`, then the small result transposed). candle's own CPU path measured up to
+//! 3× the time of its matrix product alone (see BENCHMARKS.md). Other devices and dtypes
+//! use candle's `conv2d`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
@@ -52,8 +53,10 @@ fn candle_only() -> bool {
     *ON.get_or_init(|| std::env::var("SD_STUDIO_CANDLE_CONV").is_ok_and(|v| v == "1"))
 }
 
-/// Output positions (oh·ow) from which the column layout is used (32×32 measured 1.5×
-/// faster than candle's path, 16×16 the same, 8×8 slower).
+/// Output positions (oh·ow) from which `W × cols` is computed directly (32×32 measured 1.5×
+/// faster than candle's path, 16×16 the same, 8×8 slower); below, `colsᵀ × Wᵀ` (8×8 ×1280
+/// channels: about 3× faster than candle's path). Above it, copying colsᵀ costs more than
+/// it saves (a 256² VAE decode took 2.4× longer that way).
 const MIN_POSITIONS: usize = 512;
 
 /// `x` [b, cin, h, w] ⊛ `w` [cout, cin, kh, kw], no bias.
@@ -69,11 +72,6 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     }
     let oh = (h + 2 * padding - kh) / stride + 1;
     let ow = (wd + 2 * padding - kw) / stride + 1;
-    if oh * ow < MIN_POSITIONS {
-        // Few output positions make a skinny product that candle's orientation (positions
-        // as rows) runs faster (measured: 8×8 ×1280 channels 99 ms candle, 118 ms here).
-        return x.conv2d(w, padding, stride, 1, 1);
-    }
     let k = cin * kh * kw;
     let w2 = w.reshape((cout, k))?;
     let cols = if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
@@ -86,7 +84,18 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
             padding,
         })?
     };
-    w2.broadcast_matmul(&cols)?.reshape((b, cout, oh, ow))
+    if oh * ow >= MIN_POSITIONS {
+        return w2.broadcast_matmul(&cols)?.reshape((b, cout, oh, ow));
+    }
+    // Few output positions: `W × cols` would be a skinny product; `colsᵀ × Wᵀ` (positions
+    // as rows; colsᵀ copied, it is small; Wᵀ read transposed in place) runs near full speed,
+    // and the small result is transposed back to NCHW.
+    cols.transpose(1, 2)?
+        .contiguous()?
+        .broadcast_matmul(&w2.t()?)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, cout, oh, ow))
 }
 
 /// [b, cin, h, w] → [b, cin·kh·kw, oh·ow]: row (ci·kh + ky)·kw + kx holds the input plane
