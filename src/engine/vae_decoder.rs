@@ -16,7 +16,7 @@ use super::profile::scope;
 
 const EPS: f64 = 1e-6;
 
-struct Resnet {
+pub(crate) struct Resnet {
     norm1: GroupNorm,
     conv1: Conv2d,
     norm2: GroupNorm,
@@ -25,7 +25,7 @@ struct Resnet {
 }
 
 impl Resnet {
-    fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<Self> {
         Ok(Self {
             norm1: group_norm_layer(groups, cin, EPS, vb.pp("norm1"))?,
             conv1: Conv2d::new(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
@@ -39,7 +39,7 @@ impl Resnet {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dev = x.device();
         let h = scope("vae groupnorm+silu", dev, || self.norm1.forward_silu(x))?;
         let h = scope("vae conv 3x3", dev, || self.conv1.forward(&h))?;
@@ -66,7 +66,7 @@ fn projection(vb: VarBuilder, channels: usize) -> Result<Linear> {
 
 /// The middle block's attention: one head over every position, in f32 (as diffusers upcasts
 /// it), residual added.
-struct Attention {
+pub(crate) struct Attention {
     norm: GroupNorm,
     q: Linear,
     k: Linear,
@@ -75,7 +75,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
         let (q, k, v, o) = if vb.contains_tensor("to_q.weight") {
             ("to_q", "to_k", "to_v", "to_out.0")
         } else {
@@ -90,7 +90,7 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let dtype = x.dtype();
         let t = self
