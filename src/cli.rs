@@ -649,7 +649,6 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         Some(g) => (g * (1u64 << 30) as f64) as u64,
         None => ModelCache::default_budget(&a.model.device),
     });
-    let (sampler, schedule_type) = st.scheduler.a1111_name();
     let compare = a.model.model.len() > 1;
     let mut rows: Vec<(String, Vec<Picture>)> = Vec::new();
     let mut first_params: Option<Parameters> = None;
@@ -687,25 +686,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         let elapsed = start.elapsed().as_secs_f64();
         let mut pictures = Vec::new();
         for img in images {
-            let params = Parameters {
-                prompt: req.prompt.clone(),
-                negative_prompt: req.negative_prompt.clone(),
-                steps: req.steps,
-                sampler: sampler.into(),
-                schedule_type: schedule_type.map(str::to_string),
-                cfg_scale: req.guidance,
-                seed: img.seed,
-                width: img.width,
-                height: img.height,
-                model: m.label.clone(),
-                model_hash: m.hash.clone(),
-                vae: m.vae.as_ref().map(|v| v.0.clone()),
-                vae_hash: m.vae.as_ref().map(|v| v.1.clone()),
-                variation: img.variation_seed.zip(req.variation.map(|v| v.strength)),
-                denoising_strength: req.init_image.as_ref().map(|i| i.strength),
-                clip_skip: (req.clip_skip > 1).then_some(req.clip_skip),
-                rng: rng.a1111_name().map(str::to_string),
-            };
+            let params = m.parameters(&req, &img);
             let png = encode_png(&img.rgb, img.width, img.height, &params.to_a1111())?;
             let mut stem = match img.variation_seed {
                 Some(v) => format!("{}-{v}", img.seed),

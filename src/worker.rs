@@ -532,29 +532,11 @@ impl Worker {
 
     fn finish_lane(&mut self, job: &JobRequest, lane: Lane) -> eng::Result<()> {
         let Lane { model, cells, run } = lane;
+        let req = run.request().clone();
         let (images, _) = model.sd.finish(run)?;
-        let (sampler, schedule_type) = job.scheduler.a1111_name();
         for (img, &cell) in images.into_iter().zip(&cells) {
             self.link.previews.clear(cell);
-            let params = Parameters {
-                prompt: job.prompt.clone(),
-                negative_prompt: job.negative_prompt.clone(),
-                steps: job.steps,
-                sampler: sampler.into(),
-                schedule_type: schedule_type.map(str::to_string),
-                cfg_scale: job.guidance,
-                seed: img.seed,
-                width: img.width,
-                height: img.height,
-                model: model.label.clone(),
-                model_hash: model.hash.clone(),
-                vae: model.vae.as_ref().map(|v| v.0.clone()),
-                vae_hash: model.vae.as_ref().map(|v| v.1.clone()),
-                denoising_strength: job.init.as_ref().map(|i| i.strength),
-                clip_skip: (job.clip_skip > 1).then_some(job.clip_skip),
-                rng: RngKind::TorchCuda.a1111_name().map(str::to_string),
-                ..Default::default()
-            };
+            let params = model.parameters(&req, &img);
             // Compare mode: several models draw each seed, so the file name says which.
             let stem = if job.models.is_empty() {
                 img.seed.to_string()

@@ -12,15 +12,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
-use super::vae_decoder::VaeDecoder;
 use candle_core::DType;
 
 use super::clip::ClipTextModel;
 use super::hash;
 use super::memory::{self, MemoryMode, Part};
+use super::metadata::Parameters;
 use super::model::ModelFiles;
-use super::pipeline::StableDiffusion;
+use super::pipeline::{GenerateRequest, GeneratedImage, StableDiffusion};
 use super::unet::UNet;
+use super::vae_decoder::VaeDecoder;
 use super::{Error, Result};
 
 /// What to load: a model and the options that change its weights.
@@ -70,6 +71,32 @@ pub struct CachedModel {
     /// Where its weights live, and why (for the status line).
     pub placement: String,
     parts: [PartKey; 3],
+}
+
+impl CachedModel {
+    /// A1111's parameters for `img`, made by this model from `req`.
+    pub fn parameters(&self, req: &GenerateRequest, img: &GeneratedImage) -> Parameters {
+        let (sampler, schedule_type) = req.scheduler.a1111_name();
+        Parameters {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            steps: req.steps,
+            sampler: sampler.into(),
+            schedule_type: schedule_type.map(str::to_string),
+            cfg_scale: req.guidance,
+            seed: img.seed,
+            width: img.width,
+            height: img.height,
+            model: self.label.clone(),
+            model_hash: self.hash.clone(),
+            vae: self.vae.as_ref().map(|v| v.0.clone()),
+            vae_hash: self.vae.as_ref().map(|v| v.1.clone()),
+            variation: img.variation_seed.zip(req.variation.map(|v| v.strength)),
+            denoising_strength: req.init_image.as_ref().map(|i| i.strength),
+            clip_skip: (req.clip_skip > 1).then_some(req.clip_skip),
+            rng: req.rng.a1111_name().map(str::to_string),
+        }
+    }
 }
 
 /// A component's identity: content ids of its weights, then config, dtype, device.
