@@ -1128,9 +1128,8 @@ def _orig_vae_key(k: str, n_levels: int) -> str:
     return k
 
 
-@torch.no_grad()
-def make_single_file_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
-    pipe = pipes["tiny-sd15"]
+def _orig_unet_and_vae(pipe: StableDiffusionPipeline) -> dict:
+    """The pipeline's UNet and VAE under original-checkpoint names."""
     lpb = pipe.unet.config.layers_per_block
     n_levels = len(pipe.unet.config.block_out_channels)
     sd = {}
@@ -1141,6 +1140,28 @@ def make_single_file_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
         if any(x in k for x in ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) and "mid_block" in k:
             v = v[:, :, None, None]  # the original VAE's attention uses 1x1 convolutions
         sd["first_stage_model." + _orig_vae_key(k, vae_levels)] = v
+    return sd
+
+
+def _check_unet_and_vae(pipe: StableDiffusionPipeline, path: Path) -> dict:
+    """Converts the saved file's UNet and VAE back with diffusers' own converters and checks
+    they equal the pipeline's; returns the file's tensors in f32."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    loaded = {k: v.float() for k, v in sorted(load_file(path).items())}
+    for name, conv in (("unet", convert_ldm_unet_checkpoint), ("vae", convert_ldm_vae_checkpoint)):
+        ref = getattr(pipe, name).state_dict()
+        got = conv(loaded, dict(getattr(pipe, name).config))
+        assert set(got) == set(ref), f"{name}: keys differ: {sorted(set(got) ^ set(ref))[:6]}"
+        for k in ref:
+            assert torch.equal(ref[k].float(), got[k].reshape(ref[k].shape)), f"{name}.{k} differs after conversion"
+    return loaded
+
+
+@torch.no_grad()
+def make_single_file_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
+    pipe = pipes["tiny-sd15"]
+    sd = _orig_unet_and_vae(pipe)
     for k, v in pipe.text_encoder.state_dict().items():
         sd["cond_stage_model.transformer.text_model." + k] = v
     # Things real checkpoints carry that loaders must ignore.
@@ -1153,15 +1174,7 @@ def make_single_file_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
     save_file(sd, path)
     # Check the layout with diffusers' own single-file converters (UNet, VAE); the text
     # encoder is the transformers state dict under a prefix.
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
-    loaded = {k: v.float() for k, v in sorted(load_file(path).items())}
-    for name, conv in (("unet", convert_ldm_unet_checkpoint), ("vae", convert_ldm_vae_checkpoint)):
-        ref = getattr(pipe, name).state_dict()
-        got = conv(loaded, dict(getattr(pipe, name).config))
-        assert set(got) == set(ref), f"{name}: keys differ: {sorted(set(got) ^ set(ref))[:6]}"
-        for k in ref:
-            assert torch.equal(ref[k].float(), got[k].reshape(ref[k].shape)), f"{name}.{k} differs after conversion"
+    loaded = _check_unet_and_vae(pipe, path)
     print(f"  single file {path.name}: {len(sd)} tensors, checked with diffusers' converters")
 
 
@@ -1171,16 +1184,7 @@ def make_single_file_sd2(pipes: dict[str, StableDiffusionPipeline]) -> None:
     with one more resblock than diffusers keeps (SD 2.x conditions on the penultimate layer,
     so loaders drop the last one), plus ``text_projection`` and ``logit_scale`` (unused)."""
     pipe = pipes["tiny-sd2v"]
-    lpb = pipe.unet.config.layers_per_block
-    n_levels = len(pipe.unet.config.block_out_channels)
-    sd = {}
-    for k, v in pipe.unet.state_dict().items():
-        sd["model.diffusion_model." + _orig_unet_key(k, lpb, n_levels)] = v
-    vae_levels = len(pipe.vae.config.block_out_channels)
-    for k, v in pipe.vae.state_dict().items():
-        if any(x in k for x in ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) and "mid_block" in k:
-            v = v[:, :, None, None]
-        sd["first_stage_model." + _orig_vae_key(k, vae_levels)] = v
+    sd = _orig_unet_and_vae(pipe)
     # transformers 5 names keys without the `text_model.` prefix that 4.x (and diffusers'
     # converter) use: compare without it.
     te = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
@@ -1216,16 +1220,9 @@ def make_single_file_sd2(pipes: dict[str, StableDiffusionPipeline]) -> None:
     path.parent.mkdir(exist_ok=True)
     save_file(sd, path)
     # Check with diffusers' own converters: UNet, VAE and the OpenCLIP text encoder.
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-    loaded = {k: v.float() for k, v in sorted(load_file(path).items())}
-    for name, conv in (("unet", convert_ldm_unet_checkpoint), ("vae", convert_ldm_vae_checkpoint)):
-        ref = getattr(pipe, name).state_dict()
-        got = conv(loaded, dict(getattr(pipe, name).config))
-        assert set(got) == set(ref), f"{name}: keys differ: {sorted(set(got) ^ set(ref))[:6]}"
-        for k in ref:
-            assert torch.equal(ref[k].float(), got[k].reshape(ref[k].shape)), f"{name}.{k} differs after conversion"
+    loaded = _check_unet_and_vae(pipe, path)
     got = {k.removeprefix("text_model."): v
            for k, v in convert_open_clip_checkpoint(pipe.text_encoder, loaded).items()}
     for k, v in te.items():
