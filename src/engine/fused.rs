@@ -15,11 +15,17 @@ use candle_nn::VarBuilder;
 
 /// Whether the UNet uses the fused kernel on `device`.
 pub fn enabled_on(device: &Device) -> bool {
-    match std::env::var("SD_STUDIO_FUSED_GROUPNORM").ok().as_deref() {
-        Some("0") => false,
-        Some("1") => true,
-        _ => device.is_cpu(),
-    }
+    // Read once: this is asked for every norm of every step.
+    static SETTING: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let setting =
+        SETTING.get_or_init(
+            || match std::env::var("SD_STUDIO_FUSED_GROUPNORM").ok().as_deref() {
+                Some("0") => Some(false),
+                Some("1") => Some(true),
+                _ => None,
+            },
+        );
+    setting.unwrap_or_else(|| device.is_cpu())
 }
 
 /// GroupNorm of `x` [n, c, …] with per-channel `weight` and `bias` [c], then SiLU when
