@@ -168,12 +168,13 @@ pub fn viewer_ui(
     out
 }
 
-fn single_body_ui(ui: &mut egui::Ui, v: &mut ViewerState, cells: &[Cell], side: f32) {
-    let Some(c) = cells.get(v.cell) else { return };
-    ui.horizontal(|ui| {
-        ui.strong(super::grid::cell_caption(v.cell, c));
-        ui.label(format!("zoom {:.0}%", v.zoom * 100.0));
-    });
+/// The zoomable, pannable area the large view draws in, cleared: its rect, response and
+/// painter.
+fn canvas(
+    ui: &mut egui::Ui,
+    v: &mut ViewerState,
+    side: f32,
+) -> (egui::Rect, egui::Response, egui::Painter) {
     let (rect, resp) = ui.allocate_exact_size(
         egui::vec2(ui.available_width(), side),
         egui::Sense::click_and_drag(),
@@ -181,6 +182,16 @@ fn single_body_ui(ui: &mut egui::Ui, v: &mut ViewerState, cells: &[Cell], side: 
     zoom_pan(ui, &resp, v);
     let painter = ui.painter_at(rect);
     painter.rect_filled(rect, 0.0, ui.visuals().extreme_bg_color);
+    (rect, resp, painter)
+}
+
+fn single_body_ui(ui: &mut egui::Ui, v: &mut ViewerState, cells: &[Cell], side: f32) {
+    let Some(c) = cells.get(v.cell) else { return };
+    ui.horizontal(|ui| {
+        ui.strong(super::grid::cell_caption(v.cell, c));
+        ui.label(format!("zoom {:.0}%", v.zoom * 100.0));
+    });
+    let (rect, _, painter) = canvas(ui, v, side);
     if let Some(t) = &c.texture {
         painter.image(
             t.id(),
@@ -273,13 +284,7 @@ fn compare_body_ui(
     let (ta, tb) = (tex(a), tex(b));
     let label_a = layout.row_label(v.compare.row_a).unwrap_or_default();
     let label_b = layout.row_label(v.compare.row_b).unwrap_or_default();
-    let (rect, resp) = ui.allocate_exact_size(
-        egui::vec2(ui.available_width(), side),
-        egui::Sense::click_and_drag(),
-    );
-    zoom_pan(ui, &resp, v);
-    let painter = ui.painter_at(rect);
-    painter.rect_filled(rect, 0.0, ui.visuals().extreme_bg_color);
+    let (rect, resp, painter) = canvas(ui, v, side);
     let (zoom, pan) = (v.zoom, v.pan);
     let draw = |p: &egui::Painter, t: &Option<egui::TextureHandle>, area: egui::Rect| {
         if let Some(t) = t {
