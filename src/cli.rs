@@ -53,11 +53,12 @@ pub struct ModelArgs {
     /// at the same seeds (settings come from the first model's preset).
     #[arg(long, default_value = DEFAULT_MODEL, action = clap::ArgAction::Append)]
     pub model: Vec<String>,
-    /// Compute device: cpu or cuda (needs a build with --features cuda).
-    #[arg(long, default_value = "cpu")]
+    /// Compute device: auto (CUDA when this build has it and a GPU answers, else the CPU),
+    /// cpu or cuda (needs a build with --features cuda).
+    #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Weights and compute precision: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
+    /// Weights and compute precision: auto (f16 on a GPU, f32 on the CPU), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// For a single-file checkpoint: a diffusers folder or hub id whose config files describe
     /// its architecture (default: inferred from the tensor shapes).
@@ -208,10 +209,10 @@ pub struct StudioArgs {
     /// Model to load at start: diffusers folder or hub id (default: the last one used).
     #[arg(long)]
     pub model: Option<String>,
-    /// Compute device: cpu or cuda.
+    /// Compute device: auto, cpu or cuda.
     #[arg(long)]
     pub device: Option<String>,
-    /// Precision: f32, f16 or bf16.
+    /// Precision: auto (f16 on a GPU, f32 on the CPU), f32, f16 or bf16.
     #[arg(long)]
     pub dtype: Option<String>,
     /// Prompt to start with.
@@ -414,8 +415,8 @@ fn prepare(model: &str, m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
             ));
         }
     }
-    let dtype = engine::dtype(&m.dtype)?;
     let device = engine::device(&m.device)?;
+    let dtype = engine::dtype_for(&m.dtype, &device)?;
     let mut files = ModelFiles::open(
         model,
         dtype != DType::F32,
@@ -653,9 +654,16 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     let mut rows: Vec<(String, Vec<Picture>)> = Vec::new();
     let mut first_params: Option<Parameters> = None;
     let stdout = std::io::stdout();
-    for model in &a.model.model {
+    // Compared models are named so that no two rows, files or JSON lines look alike.
+    let labels =
+        crate::protocol::distinct_labels(&a.model.model, crate::engine::cache::model_label);
+    for (model, label) in a.model.model.iter().zip(&labels) {
         let start = Instant::now();
-        eprintln!("loading {model} ({:?}, {:?})", p.device, p.dtype);
+        eprintln!(
+            "loading {model} (device {}, {:?})",
+            engine::device_name(&p.device),
+            p.dtype
+        );
         let mut last = String::new();
         let m = cache.get(&a.model.load_options(model), &mut |msg, _| {
             if msg != last {
@@ -693,7 +701,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
                 None => img.seed.to_string(),
             };
             if compare {
-                stem = format!("{}-{stem}", crate::worker::file_safe(&m.label));
+                stem = format!("{}-{stem}", crate::worker::file_safe(label));
             }
             let path = output_path(&a.out, &stem);
             write_atomic(&path, &png)?;
@@ -701,7 +709,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
                 "seed": img.seed,
                 "variation_seed": img.variation_seed,
                 "path": path,
-                "model": m.label,
+                "model": label,
                 "model_hash": m.hash,
                 "vae": m.vae.as_ref().map(|v| &v.0),
                 "scheduler": st.scheduler.cli_name(),
@@ -719,7 +727,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
                 rgb: img.rgb,
             });
         }
-        rows.push((m.label.clone(), pictures));
+        rows.push((label.clone(), pictures));
     }
     if let Some(path) = &a.grid {
         let cols: Vec<String> = (0..req.batch)

@@ -416,10 +416,88 @@ pub fn link(waker: Waker) -> (EngineLink, WorkerLink) {
     )
 }
 
+/// Names for several models that tell them apart: each model's `base` label (a file's stem,
+/// a folder's name, a hub id), and for those that share one, the end of the path they were
+/// given, one more folder at a time until they differ (`foo` beside `foo.safetensors`;
+/// `a/model.safetensors` beside `b/model.safetensors`). The same spec twice keeps one name.
+pub fn distinct_labels(specs: &[String], base: impl Fn(&str) -> String) -> Vec<String> {
+    let mut labels: Vec<String> = specs.iter().map(|s| base(s)).collect();
+    let parts: Vec<Vec<&str>> = specs
+        .iter()
+        .map(|s| {
+            s.trim()
+                .trim_end_matches(['/', '\\'])
+                .split(['/', '\\'])
+                .filter(|p| !p.is_empty() && *p != ".")
+                .collect()
+        })
+        .collect();
+    let tail = |i: usize, k: usize| {
+        let p = &parts[i];
+        p[p.len().saturating_sub(k)..].join("/")
+    };
+    for k in 1.. {
+        let clash: Vec<usize> = (0..specs.len())
+            .filter(|&i| {
+                (0..specs.len())
+                    .any(|j| j != i && labels[j] == labels[i] && specs[j].trim() != specs[i].trim())
+            })
+            .collect();
+        if clash.is_empty() || clash.iter().all(|&i| k > parts[i].len()) {
+            break;
+        }
+        for &i in &clash {
+            labels[i] = tail(i, k);
+        }
+    }
+    labels
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compare_labels_tell_models_apart() {
+        let stem = |s: &str| {
+            let p = std::path::Path::new(s.trim_end_matches('/'));
+            match p.extension() {
+                Some(_) => p.file_stem(),
+                None => p.file_name(),
+            }
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| s.to_string())
+        };
+        let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            distinct_labels(&v(&["models/foo", "models/single/foo.safetensors"]), stem),
+            v(&["foo", "foo.safetensors"])
+        );
+        assert_eq!(
+            distinct_labels(
+                &v(&["a/model.safetensors", "/x/b/model.safetensors/"]),
+                stem
+            ),
+            v(&["a/model.safetensors", "b/model.safetensors"])
+        );
+        // Different names stay short; one model twice keeps one name.
+        assert_eq!(
+            distinct_labels(
+                &v(&["a/x.safetensors", "owner/repo", "a/x.safetensors"]),
+                stem
+            ),
+            v(&["x", "repo", "x"])
+        );
+        // Three-way: two share a parent name too.
+        assert_eq!(
+            distinct_labels(
+                &v(&["p/a/m.safetensors", "q/a/m.safetensors", "b/m.safetensors"]),
+                stem
+            ),
+            v(&["p/a/m.safetensors", "q/a/m.safetensors", "b/m.safetensors"])
+        );
+    }
 
     fn preview(cell: usize, step: usize) -> Event {
         Event::Preview {

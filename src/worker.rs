@@ -43,6 +43,8 @@ pub struct Worker {
 /// One batched run inside a job: a model, its seeds' cells, and the run between steps.
 struct Lane {
     model: Arc<CachedModel>,
+    /// The model's name in this job (told apart from the other compared models').
+    label: String,
     cells: Vec<usize>,
     run: Run,
 }
@@ -325,13 +327,7 @@ impl Worker {
                 .map(|t| TokenCounter(Arc::new(t)));
         self.link.send(Event::ModelReady {
             name: m.label.clone(),
-            device: if m.sd.device.is_cuda() {
-                "cuda".into()
-            } else if m.sd.device.is_metal() {
-                "metal".into()
-            } else {
-                "cpu".into()
-            },
+            device: eng::device_name(&m.sd.device).into(),
             dtype: format!("{:?}", m.sd.dtype).to_lowercase(),
             previewer: if self.taesd.is_some() {
                 "TAESD"
@@ -432,6 +428,11 @@ impl Worker {
                 ..m.sd.memory_options()
             });
         }
+        let labels = if job.models.is_empty() {
+            models.iter().map(|m| m.label.clone()).collect()
+        } else {
+            crate::protocol::distinct_labels(&job.models, eng::cache::model_label)
+        };
         let mut lanes: Vec<Lane> = Vec::new();
         for (mi, model) in models.iter().enumerate() {
             let idx: Vec<usize> = (0..job.seeds.len())
@@ -458,6 +459,7 @@ impl Worker {
                 let run = model.sd.begin(&req)?;
                 lanes.push(Lane {
                     model: model.clone(),
+                    label: labels[mi].clone(),
                     cells: idx[first..first + len]
                         .iter()
                         .map(|&i| job.cells[i])
@@ -531,7 +533,12 @@ impl Worker {
     }
 
     fn finish_lane(&mut self, job: &JobRequest, lane: Lane) -> eng::Result<()> {
-        let Lane { model, cells, run } = lane;
+        let Lane {
+            model,
+            label,
+            cells,
+            run,
+        } = lane;
         let req = run.request().clone();
         let (images, _) = model.sd.finish(run)?;
         for (img, &cell) in images.into_iter().zip(&cells) {
@@ -541,7 +548,7 @@ impl Worker {
             let stem = if job.models.is_empty() {
                 img.seed.to_string()
             } else {
-                format!("{}-{}", file_safe(&model.label), img.seed)
+                format!("{}-{}", file_safe(&label), img.seed)
             };
             let path = match save(&job.output_dir, &stem, &params, &img.rgb) {
                 Ok(p) => Some(p),
@@ -556,7 +563,7 @@ impl Worker {
                 job: job.id,
                 cell,
                 seed: img.seed,
-                model: model.label.clone(),
+                model: label.clone(),
                 image: rgb(img.width, img.height, img.rgb),
                 path,
             });

@@ -140,6 +140,18 @@ SD21_SCHEDULER_JSON = """{
 }
 """
 
+# A scheduler config with only the keys a minimal one has (class, training betas): every
+# other field takes the class default, which is where samplers differ most (DDIM and DDPM
+# clip x0 by default, PNDM runs its Runge-Kutta warm-up, the spacings differ).
+MINIMAL_SCHEDULER_JSON = """{
+  "_class_name": "DDIMScheduler",
+  "_diffusers_version": "0.42.1",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085
+}
+"""
+
 SCHEDULER_NAMES = ["euler", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras", "pndm"]
 # Added with the full scheduler set (issue 4); kept separate so the first cases keep their order.
 MORE_SCHEDULERS = [
@@ -785,6 +797,74 @@ def make_pipeline_refs(pipes: dict[str, StableDiffusionPipeline]) -> list[str]:
     return problems
 
 
+@torch.no_grad()
+def make_minimal_scheduler_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
+    """Every sampler built from MINIMAL_SCHEDULER_JSON as a diffusers user runs it: the
+    pipeline constructed with the scheduler loaded from the folder (StableDiffusionPipeline
+    rewrites steps_offset to 1 and clip_sample to False on it), used as it is for its own
+    class (DDIM), and ``X.from_config(pipe.scheduler.config)`` for every other sampler
+    (keys the file lacks take X's defaults: DDPM clips, PNDM runs its Runge-Kutta warm-up).
+    On tiny-sd15 at 13 steps (a count that does not divide 1000) and at 8."""
+    cfg_dir = FIXTURES / "minimal-scheduler"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    (cfg_dir / "scheduler_config.json").write_text(MINIMAL_SCHEDULER_JSON)
+    loaded = DDIMScheduler.from_pretrained(cfg_dir)
+    pipe = StableDiffusionPipeline(**{**pipes["tiny-sd15"].components, "scheduler": loaded})
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.clip_sample is False and pipe.scheduler.config.steps_offset == 1
+    saved = pipe.scheduler
+    img_dir = REFS / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    cases = []
+    try:
+        for sched in ALL_SCHEDULERS:
+            for steps in (13, 8):
+                pipe.scheduler = saved if sched == "ddim" else make_scheduler(sched, saved.config)
+                seeds = [31]
+                images = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
+                              width=64, height=64, num_images_per_prompt=1,
+                              generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                              output_type="np").images
+                name = f"minsched_{sched}_{steps}st"
+                rel = f"refs/images/{name}_seed{seeds[0]}.png"
+                Image.fromarray(to_uint8(images[0])).save(FIXTURES / rel, optimize=True)
+                conf = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+                cases.append(dict(name=name, model="tiny-sd15", scheduler=sched, steps=steps, guidance=7.5,
+                                  prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, seeds=seeds,
+                                  init_latents=None, timestep_spacing=None, images=[rel],
+                                  scheduler_config="minimal-scheduler/scheduler_config.json",
+                                  timesteps=_floats(pipe.scheduler.timesteps), config=_finite_json(conf)))
+                print(f"  minimal-config {name}: mean {images.mean():.4f}")
+    finally:
+        pipe.scheduler = saved
+    # The same minimal file naming PNDM (SD 1.x's class): PNDM is now the pipeline's own
+    # (Runge-Kutta warm-up, steps_offset 1) and DDIM comes from from_config (clips x0).
+    pndm_dir = FIXTURES / "minimal-scheduler-pndm"
+    pndm_dir.mkdir(parents=True, exist_ok=True)
+    (pndm_dir / "scheduler_config.json").write_text(MINIMAL_SCHEDULER_JSON.replace("DDIMScheduler", "PNDMScheduler"))
+    pipe2 = StableDiffusionPipeline(**{**pipes["tiny-sd15"].components,
+                                       "scheduler": PNDMScheduler.from_pretrained(pndm_dir)})
+    pipe2.set_progress_bar_config(disable=True)
+    own = pipe2.scheduler
+    for sched in ("pndm", "ddim"):
+        pipe2.scheduler = own if sched == "pndm" else make_scheduler(sched, own.config)
+        images = pipe2(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=13, guidance_scale=7.5,
+                       width=64, height=64, generator=[torch.Generator("cpu").manual_seed(31)],
+                       output_type="np").images
+        name = f"minsched-pndm_{sched}_13st"
+        rel = f"refs/images/{name}_seed31.png"
+        Image.fromarray(to_uint8(images[0])).save(FIXTURES / rel, optimize=True)
+        conf = {k: v for k, v in pipe2.scheduler.config.items() if not k.startswith("_")}
+        cases.append(dict(name=name, model="tiny-sd15", scheduler=sched, steps=13, guidance=7.5,
+                          prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, seeds=[31],
+                          init_latents=None, timestep_spacing=None, images=[rel],
+                          scheduler_config="minimal-scheduler-pndm/scheduler_config.json",
+                          timesteps=_floats(pipe2.scheduler.timesteps), config=_finite_json(conf)))
+        print(f"  minimal-config {name}: mean {images.mean():.4f} clip {conf.get('clip_sample')}")
+    with open(REFS / "minimal_scheduler_cases.json", "w") as f:
+        json.dump(cases, f, indent=1)
+
+
 # --------------------------------------------------------------------------
 # A1111 prompt syntax: a second, independent implementation in Python of the semantics
 # of AUTOMATIC1111's prompt parser and CLIP chunking ("Original" emphasis), used to make
@@ -1276,7 +1356,7 @@ def summary() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bpe", help="path to bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip)")
-    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd", "memory"],
+    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd", "memory", "minsched"],
                     help="only remake one set of references from the committed models")
     args = ap.parse_args()
     if args.only == "taesd":
@@ -1293,7 +1373,7 @@ def main() -> None:
         pipes = {"tiny-sd15": load_pipe("tiny-sd15", None), "tiny-sd2v": load_pipe("tiny-sd2v", "fp16")}
         {"prompts": make_prompt_refs, "img2img": make_img2img_refs, "inpaint": make_inpaint_refs,
          "single": lambda p: (make_single_file_refs(p), make_single_file_sd2(p)),
-         "memory": make_memory_refs}[args.only](pipes)
+         "memory": make_memory_refs, "minsched": make_minimal_scheduler_refs}[args.only](pipes)
         return
 
     bpe = find_bpe(args.bpe)
@@ -1323,6 +1403,7 @@ def main() -> None:
     make_single_file_sd2(pipes)
     make_memory_refs(pipes)
     problems += make_pipeline_refs(pipes)
+    make_minimal_scheduler_refs(pipes)
     make_taesd()
     problems += check_no_nan_files()
 

@@ -148,9 +148,14 @@ impl ModelCache {
     }
 
     /// A budget from the machine: half the available RAM for CPU models, else 16 GiB.
+    /// `device` as the user gave it (`auto` resolves to what it would run on).
     pub fn default_budget(device: &str) -> u64 {
-        match (device, available_ram()) {
-            ("cpu", Some(free)) => free / 2,
+        let cpu = match device {
+            "auto" => !candle_core::utils::cuda_is_available(),
+            d => d == "cpu",
+        };
+        match (cpu, available_ram()) {
+            (true, Some(free)) => free / 2,
             _ => 16 << 30,
         }
     }
@@ -209,8 +214,8 @@ impl ModelCache {
     }
 
     fn load(&mut self, opts: &LoadOptions, progress: Progress) -> Result<CachedModel> {
-        let dtype = super::dtype(&opts.dtype)?;
         let device = super::device(&opts.device)?;
+        let dtype = super::dtype_for(&opts.dtype, &device)?;
         let fp16 = dtype != DType::F32;
         progress(&format!("reading {}", opts.model), Some(0.0));
         let files = ModelFiles::open(

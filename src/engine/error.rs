@@ -54,6 +54,16 @@ pub enum Error {
     #[error("{context}: {message}")]
     Tensor { context: String, message: String },
 
+    /// A request refused before it allocates: it would not fit in free memory.
+    #[error("{what} needs about {needs} of {place} but {free} is free: {advice}")]
+    WontFit {
+        what: String,
+        needs: String,
+        place: &'static str,
+        free: String,
+        advice: String,
+    },
+
     /// The device ran out of memory.
     #[error("out of memory ({message}): try a smaller batch or image size, or a lower-memory mode (Memory: medvram or lowvram; attention slicing on; tiled VAE decode)")]
     OutOfMemory { message: String },

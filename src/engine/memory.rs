@@ -248,6 +248,113 @@ pub fn tile_decode(t: Tiling, free: Option<u64>, width: usize, height: usize, el
     }
 }
 
+/// The largest image side and batch a request may ask for. Larger requests are refused
+/// outright (16384² is 4× A1111's largest slider; a batch of 64 is 8 full grids).
+pub const MAX_SIDE: usize = 16384;
+pub const MAX_BATCH: usize = 64;
+
+/// The shape of one job, as the memory estimate needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct JobShape {
+    /// Images in the batch.
+    pub batch: usize,
+    /// UNet batch rows (2 × batch with classifier-free guidance).
+    pub rows: usize,
+    pub width: usize,
+    pub height: usize,
+    /// Bytes per element of the model dtype.
+    pub elt: usize,
+}
+
+/// What a job needs in device memory beside the weights, by part, in bytes. An estimate
+/// from the architecture (the tensors alive at the worst moment, rounded up), used to
+/// refuse a job before it allocates rather than be killed by the OS half-way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobNeeds {
+    /// Latents, noise and the sampler's history of them (f32).
+    pub latents: u64,
+    /// UNet activations: the skip connections kept for the up path plus the working set
+    /// of the largest level (ResNet and transformer temporaries, the GEGLU feed-forward).
+    pub unet: u64,
+    /// The largest attention score matrix (scores and probabilities) at the chosen slicing.
+    pub attention: u64,
+    /// The VAE decode of one image (whole or one tile; images are decoded one at a time)
+    /// and the batch's decoded pictures.
+    pub decode: u64,
+}
+
+impl JobNeeds {
+    /// Denoising and decoding never overlap: the peak is the larger of the two.
+    pub fn peak(&self) -> u64 {
+        self.latents + (self.unet + self.attention).max(self.decode)
+    }
+}
+
+/// The estimate for `shape` on a UNet/VAE pair, with `slice` queries per attention slice
+/// (None: whole) and the decode `tiled` or not.
+pub fn job_needs(
+    unet: &crate::engine::config::UNetConfig,
+    vae: &crate::engine::config::VaeConfig,
+    shape: JobShape,
+    slice: Option<usize>,
+    tiled: bool,
+) -> JobNeeds {
+    let f = vae.scale_factor().max(1);
+    let (lh, lw) = ((shape.height / f) as u64, (shape.width / f) as u64);
+    let (rows, batch, elt) = (shape.rows as u64, shape.batch as u64, shape.elt as u64);
+    let cells = lh * lw;
+    let latents = rows * vae.latent_channels as u64 * cells * 4 * 12;
+    let mut skips = 0u64;
+    let mut working = 0u64;
+    let mut attention = 0u64;
+    for (l, &c) in unet.block_out_channels.iter().enumerate() {
+        let tokens = (lh >> l).max(1) * (lw >> l).max(1);
+        let c = c as u64;
+        skips += c * tokens * (unet.layers_per_block as u64 + 1);
+        let attn = unet.cross_attn.get(l).copied().unwrap_or(false);
+        // ResNet: input, norm, conv out, skip; transformer: q, k, v, out and a GEGLU
+        // feed-forward of 8c then 4c channels; up blocks concatenate a skip (2c).
+        working = working.max(c * tokens * if attn { 24 } else { 10 });
+        if attn {
+            let heads = unet.num_heads.get(l).copied().unwrap_or(8) as u64;
+            let q = slice.map_or(tokens, |s| (s as u64).min(tokens));
+            attention = attention.max(heads * q * tokens * elt * 3);
+        }
+    }
+    let unet_bytes = rows * elt * (skips + working);
+    let attention = rows * attention;
+    // One image through the decoder: ~6 live tensors of the widest full-resolution block,
+    // and the mid block's single-head attention over every latent cell (f32).
+    let (dh, dw) = if tiled {
+        let (_, px) = vae.tile();
+        (px.min(shape.height) as u64, px.min(shape.width) as u64)
+    } else {
+        (shape.height as u64, shape.width as u64)
+    };
+    let widest = vae.block_out_channels.iter().copied().max().unwrap_or(512) as u64;
+    let top = vae.block_out_channels.first().copied().unwrap_or(128) as u64;
+    let mid_cells = dh * dw / (f * f) as u64;
+    let decode_one = (dh * dw * elt * 6 * (2 * top).max(widest / 2))
+        .max(mid_cells * mid_cells * 4 * 2 + mid_cells * widest * elt * 6);
+    // Decoded pictures: f32 [3, h, w] and RGB8 for every image of the batch.
+    let pictures = batch * shape.height as u64 * shape.width as u64 * 3 * 5;
+    JobNeeds {
+        latents,
+        unet: unet_bytes,
+        attention,
+        decode: decode_one + pictures,
+    }
+}
+
+/// Bytes as "3.2 GiB" / "410 MiB".
+pub fn human_bytes(b: u64) -> String {
+    if b >= GIB {
+        format!("{:.1} GiB", b as f64 / GIB as f64)
+    } else {
+        format!("{} MiB", b.div_ceil(MIB))
+    }
+}
+
 /// Peak device memory in use while it runs: a thread polls free VRAM (CUDA) every 100 µs;
 /// on the CPU it reads the process's peak resident set (VmHWM), which cannot be reset.
 pub struct PeakMemory {

@@ -26,14 +26,21 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae_decoder;
 pub mod vae_encoder;
+pub mod weights;
 
 pub use error::{Error, Result};
 
 use candle_core::{DType, Device};
 
-/// `--device cpu|cuda` → a candle device, with a clear error when CUDA is not built in.
+/// `--device auto|cpu|cuda` → a candle device, with a clear error when CUDA is not built
+/// in. `auto`: the first CUDA GPU when the build has CUDA and one answers, else the CPU.
 pub fn device(name: &str) -> Result<Device> {
     match name {
+        "auto" => Ok(if candle_core::utils::cuda_is_available() {
+            Device::new_cuda(0).unwrap_or(Device::Cpu)
+        } else {
+            Device::Cpu
+        }),
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
             if !candle_core::utils::cuda_is_available() {
@@ -46,8 +53,29 @@ pub fn device(name: &str) -> Result<Device> {
         }
         other => Err(Error::invalid(
             "device",
-            format!("{other:?} is not cpu or cuda"),
+            format!("{other:?} is not auto, cpu or cuda"),
         )),
+    }
+}
+
+/// The device's name as the status bar and `generate` report it.
+pub fn device_name(d: &Device) -> &'static str {
+    if d.is_cuda() {
+        "cuda"
+    } else if d.is_metal() {
+        "metal"
+    } else {
+        "cpu"
+    }
+}
+
+/// `--dtype auto|f32|f16|bf16` for `device`: `auto` is f16 on a GPU, f32 on the CPU (where
+/// half precision is slower and only emulated).
+pub fn dtype_for(name: &str, device: &Device) -> Result<DType> {
+    match name {
+        "auto" if device.is_cpu() => Ok(DType::F32),
+        "auto" => Ok(DType::F16),
+        other => dtype(other),
     }
 }
 
@@ -59,7 +87,7 @@ pub fn dtype(name: &str) -> Result<DType> {
         "bf16" => Ok(DType::BF16),
         other => Err(Error::invalid(
             "dtype",
-            format!("{other:?} is not f32, f16 or bf16"),
+            format!("{other:?} is not auto, f32, f16 or bf16"),
         )),
     }
 }

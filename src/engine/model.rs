@@ -271,15 +271,16 @@ pub fn var_builder(
             return Err(Error::Pickle { path: f.clone() });
         }
     }
-    // SAFETY: the files are mapped read-only; like every safetensors loader we rely on no
-    // other process truncating them while the model is loaded.
-    #[allow(unsafe_code)]
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) };
-    vb.map_err(|e| Error::Weights {
+    let backend = super::weights::Checked::open(files).map_err(|e| Error::Weights {
         component,
         path: files.first().cloned().unwrap_or_default(),
-        reason: candle_msg(&e),
-    })
+        reason: e.to_string(),
+    })?;
+    Ok(VarBuilder::from_backend(
+        Box::new(backend),
+        dtype,
+        device.clone(),
+    ))
 }
 
 /// Everything in a model folder, parsed but not yet loaded.

@@ -286,11 +286,27 @@ fn in_unit_range(what: &'static str, x: f64) -> Result<()> {
     }
 }
 
+/// Whether every value of `t` is finite (one reduction: a NaN or infinity anywhere makes the
+/// sum non-finite).
+fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(t.sum_all()
+        .and_then(|s| s.to_dtype(DType::F32))
+        .and_then(|s| s.to_scalar::<f32>())
+        .ctx("finite check")?
+        .is_finite())
+}
+
 fn dims_ok(what: &'static str, v: usize, multiple: usize) -> Result<()> {
     if v == 0 || !v.is_multiple_of(multiple) {
         return Err(Error::invalid(
             what,
             format!("{v} is not a positive multiple of {multiple}"),
+        ));
+    }
+    if v > memory::MAX_SIDE {
+        return Err(Error::invalid(
+            what,
+            format!("{v} is larger than {} pixels", memory::MAX_SIDE),
         ));
     }
     Ok(())
@@ -383,23 +399,98 @@ impl StableDiffusion {
         *self.memory.lock().unwrap_or_else(|p| p.into_inner()) = m;
     }
 
-    /// Queries per attention slice for a job: the largest self-attention (the first level
-    /// with attention, heads × tokens²) checked against the working budget.
-    fn attention_slice(&self, rows: usize, width: usize, height: usize) -> Option<usize> {
+    /// The memory plan of a job with `rows` UNet batch rows: queries per attention slice
+    /// (the largest self-attention checked against the working budget) and whether the
+    /// decode is tiled, with the estimate of what it needs. Refuses the job, before anything
+    /// is allocated, when that is more than the device has free.
+    pub fn plan_memory(&self, req: &GenerateRequest, rows: usize) -> Result<Option<usize>> {
         let c = &self.files.unet_config;
         let f = self.scale_factor();
-        let (lh, lw) = (height / f, width / f);
-        let level = (0..c.block_out_channels.len()).find(|&i| c.cross_attn[i])?;
-        let tokens = (lh >> level).max(1) * (lw >> level).max(1);
-        let budget = memory::work_budget(memory::free_memory(&self.device));
-        memory::attention_slice(
-            self.memory_options().attention,
-            budget,
+        let (lh, lw) = (req.height / f, req.width / f);
+        let free = memory::free_memory(&self.device);
+        let opts = self.memory_options();
+        let elt = self.dtype.size_in_bytes();
+        let slice = (0..c.block_out_channels.len())
+            .find(|&i| c.cross_attn[i])
+            .and_then(|level| {
+                let tokens = (lh >> level).max(1) * (lw >> level).max(1);
+                memory::attention_slice(
+                    opts.attention,
+                    memory::work_budget(free),
+                    rows,
+                    c.num_heads[level],
+                    tokens,
+                    elt,
+                )
+            });
+        let tiled = memory::tile_decode(opts.vae_tiling, free, req.width, req.height, elt);
+        let shape = memory::JobShape {
+            batch: req.batch,
             rows,
-            c.num_heads[level],
-            tokens,
-            self.dtype.size_in_bytes(),
-        )
+            width: req.width,
+            height: req.height,
+            elt,
+        };
+        let needs = memory::job_needs(c, &self.files.vae_config, shape, slice, tiled);
+        let Some(free) = free else {
+            return Ok(slice);
+        };
+        if needs.peak() <= free {
+            return Ok(slice);
+        }
+        let mut advice = vec![if req.batch > 1 {
+            "a smaller batch or image size"
+        } else {
+            "a smaller image size"
+        }
+        .to_string()];
+        if needs.attention > needs.unet / 2 {
+            advice.push(match opts.attention {
+                memory::Slicing::Off => "attention slicing on".to_string(),
+                _ => "a smaller attention slice (e.g. 64)".to_string(),
+            });
+        }
+        if needs.decode > needs.unet + needs.attention && !tiled {
+            advice.push("tiled VAE decode on".to_string());
+        }
+        let on_gpu = !matches!(self.device, Device::Cpu);
+        if on_gpu && self.offload == memory::Offload::Full {
+            advice.push("Memory: medvram or lowvram".to_string());
+        }
+        Err(Error::WontFit {
+            what: format!(
+                "{} image{} at {}x{}",
+                req.batch,
+                if req.batch == 1 { "" } else { "s" },
+                req.width,
+                req.height
+            ),
+            needs: format!(
+                "{} (UNet {}, attention {}, VAE decode {})",
+                memory::human_bytes(needs.peak()),
+                memory::human_bytes(needs.unet),
+                memory::human_bytes(needs.attention),
+                memory::human_bytes(needs.decode)
+            ),
+            place: if on_gpu { "GPU memory" } else { "RAM" },
+            free: memory::human_bytes(free),
+            advice: format!("try {}", advice.join(", or ")),
+        })
+    }
+
+    /// The error for a component whose output holds NaN or infinity: its weights do, or it
+    /// overflows in reduced precision.
+    fn non_finite(&self, component: &'static str, files: &[PathBuf], what: String) -> Error {
+        let hint = if self.dtype == DType::F32 {
+            String::new()
+        } else {
+            format!(", or it overflows in {:?} (try f32)", self.dtype)
+        };
+        Error::Weights {
+            component,
+            path: files.first().cloned().unwrap_or_default(),
+            reason: format!("its {what} is not finite (NaN or infinity): the weights hold non-finite values{hint}"),
+        }
     }
 
     /// Pixels per latent cell.
@@ -424,6 +515,13 @@ impl StableDiffusion {
             let z = text_encoder
                 .forward_skip(&ids, clip_skip)
                 .ctx("text encoder")?;
+            if !all_finite(&z)? {
+                return Err(self.non_finite(
+                    "text encoder",
+                    &self.files.text_encoder_weights,
+                    "output".into(),
+                ));
+            }
             parts.push(if chunk.weights.iter().all(|&w| w == 1.0) {
                 z
             } else {
@@ -446,6 +544,16 @@ impl StableDiffusion {
         dims_ok("height", req.height, f)?;
         if req.batch == 0 {
             return Err(Error::invalid("batch", "must be at least 1"));
+        }
+        if req.batch > memory::MAX_BATCH {
+            return Err(Error::invalid(
+                "batch",
+                format!(
+                    "{} is more than {} images in one run; run several",
+                    req.batch,
+                    memory::MAX_BATCH
+                ),
+            ));
         }
         if req.steps == 0 {
             return Err(Error::invalid("steps", "must be at least 1"));
@@ -511,8 +619,11 @@ impl StableDiffusion {
     /// initial latents. The returned [`Run`] is advanced by [`Self::step`] and ended by
     /// [`Self::finish`], so a caller can interleave the steps of several runs (compare mode).
     pub fn begin(&self, req: &GenerateRequest) -> Result<Run> {
-        // 1. Check inputs.
+        // 1. Check inputs, and that the job fits in memory (before allocating any of it).
         self.check(req)?;
+        let guided = req.guidance > 1.0;
+        let attention_slice =
+            self.plan_memory(req, if guided { 2 * req.batch } else { req.batch })?;
         let f = self.scale_factor();
         let (lh, lw) = (req.height / f, req.width / f);
         let channels = self.files.vae_config.latent_channels;
@@ -522,7 +633,6 @@ impl StableDiffusion {
 
         // 2. Encode the prompt; guidance > 1 adds the negative prompt as a batch half.
         let t0 = Instant::now();
-        let guided = req.guidance > 1.0;
         let cond = self
             .encode_prompt(&req.prompt, req.clip_skip)?
             .repeat((n, 1, 1))
@@ -623,11 +733,6 @@ impl StableDiffusion {
                 "this is an inpainting model (9 input channels): give an init image and a mask",
             ));
         }
-        let rows = match &context {
-            Conditioning::Batched(_) => 2 * n,
-            _ => n,
-        };
-        let attention_slice = self.attention_slice(rows, req.width, req.height);
         Ok(Run {
             req: req.clone(),
             context,
@@ -689,6 +794,13 @@ impl StableDiffusion {
                 cfg(unet(latents, uncond)?, unet(latents, cond)?)?
             }
         };
+        if !all_finite(&pred)? {
+            return Err(self.non_finite(
+                "unet",
+                &self.files.unet_weights,
+                format!("output at step {}", i + 1 - run.start),
+            ));
+        }
         let shape = latents.dims4().ctx("latents")?;
         let (streams, dev) = (&mut run.streams, &self.device);
         let mut noise = || draw_noise(streams, shape, dev);
@@ -938,8 +1050,10 @@ impl StableDiffusion {
             .ctx("vae decode")?
             .iter()
             .all(|v| v.is_finite());
-        let img = if finite || self.dtype == DType::F32 {
+        let img = if finite {
             img
+        } else if self.dtype == DType::F32 {
+            return Err(self.non_finite("vae", &self.files.vae_weights, "decoded image".into()));
         } else {
             let vae32 = self.vae_f32.get_or_init(|| {
                 eprintln!(

@@ -3,8 +3,6 @@
 //! `.safetensors` file is classified from its header alone (a few KB), so a scan of a folder
 //! of multi-GB files is quick.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
 use super::{Error, Result};
@@ -12,8 +10,6 @@ use crate::protocol::FoundModel;
 
 /// How deep below the scanned folder to look (A1111 users keep sub-folders per family).
 const MAX_DEPTH: usize = 4;
-/// Headers larger than this are not safetensors headers we want to parse.
-const MAX_HEADER: u64 = 100 << 20;
 
 /// What a `.safetensors` file holds, judged by its tensor names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,38 +24,9 @@ pub enum FileKind {
 
 /// The tensors (name, shape) in a `.safetensors` header; the data is not read.
 pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
-    let mut f = File::open(path).map_err(|e| Error::read(path, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .map_err(|e| Error::read(path, format!("not a safetensors file ({e})")))?;
-    let len = u64::from_le_bytes(len);
-    if len > MAX_HEADER {
-        return Err(Error::read(
-            path,
-            format!("not a safetensors file (header of {len} bytes)"),
-        ));
-    }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header)
-        .map_err(|e| Error::read(path, format!("truncated safetensors header ({e})")))?;
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| Error::read(path, format!("bad safetensors header: {e}")))?;
-    Ok(map
+    Ok(super::weights::read_header(path)?
         .into_iter()
-        .filter(|(k, _)| k != "__metadata__")
-        .map(|(k, v)| {
-            let shape = v
-                .get("shape")
-                .and_then(|s| s.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|d| d.as_u64())
-                        .map(|d| d as usize)
-                        .collect()
-                })
-                .unwrap_or_default();
-            (k, shape)
-        })
+        .map(|t| (t.name, t.shape))
         .collect())
 }
 

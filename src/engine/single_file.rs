@@ -96,7 +96,8 @@ pub struct VaeFile {
 
 impl VaeFile {
     pub fn open(path: &Path) -> Result<Self> {
-        // SAFETY: read-only map; see model::var_builder.
+        super::weights::read_header(path)?;
+        // SAFETY: read-only map; the files are never written while loaded.
         #[allow(unsafe_code)]
         let st = unsafe { MmapedSafetensors::new(path) }
             .map_err(|e| Error::read(path, super::model::candle_msg(&e)))?;
@@ -393,7 +394,8 @@ fn open_clip_names(k: &str, layers: usize) -> Vec<(String, Src)> {
 
 impl SingleFile {
     pub fn open(path: &Path, v_prediction: Option<bool>) -> Result<(Self, SchedulerConfig)> {
-        // SAFETY: read-only map; see model::var_builder.
+        super::weights::read_header(path)?;
+        // SAFETY: read-only map; the files are never written while loaded.
         #[allow(unsafe_code)]
         let st = unsafe { MmapedSafetensors::new(path) }
             .map_err(|e| Error::read(path, super::model::candle_msg(&e)))?;
@@ -635,9 +637,9 @@ impl Renamed {
                 "{}: missing weight {name} (not in this checkpoint)",
                 self.path.display()
             ),
-            Some(Src::Same(s)) => self.st.load(s, dev),
+            Some(Src::Same(s)) => super::weights::load_float(&self.st, &self.path, s, dev),
             Some(Src::Third(s, part)) => {
-                let t = self.st.load(s, dev)?;
+                let t = super::weights::load_float(&self.st, &self.path, s, dev)?;
                 let rows = t.dim(0)? / 3;
                 t.narrow(0, part * rows, rows)
             }

@@ -792,12 +792,9 @@ impl StudioApp {
                         }
                         self.layout = l.clone();
                     }
+                    let labels = crate::protocol::distinct_labels(&r.models, compare::model_label);
                     for (k, (&seed, &cell)) in r.seeds.iter().zip(&r.cells).enumerate() {
-                        let model = r
-                            .model_of
-                            .get(k)
-                            .and_then(|&m| r.models.get(m))
-                            .map(|m| compare::model_label(m));
+                        let model = r.model_of.get(k).and_then(|&m| labels.get(m)).cloned();
                         if let Some(c) = self.cells.get_mut(cell) {
                             *c = Cell {
                                 job: Some(job),
@@ -917,12 +914,10 @@ impl StudioApp {
                     let model = if j.request.models.is_empty() {
                         self.model.name.clone()
                     } else {
-                        let names: Vec<String> = j
-                            .request
-                            .models
-                            .iter()
-                            .map(|m| compare::model_label(m))
-                            .collect();
+                        let names = crate::protocol::distinct_labels(
+                            &j.request.models,
+                            compare::model_label,
+                        );
                         format!("compare: {}", names.join(", "))
                     };
                     self.state.push_history(HistoryEntry {

@@ -60,9 +60,8 @@ impl GridLayout {
 
     /// The row's label: "Row 1: sd15.safetensors"; `None` in the plain grid.
     pub fn row_label(&self, row: usize) -> Option<String> {
-        self.models
-            .get(row)
-            .map(|m| format!("Row {}: {}", row + 1, model_label(m)))
+        let labels = crate::protocol::distinct_labels(&self.models, model_label);
+        labels.get(row).map(|m| format!("Row {}: {m}", row + 1))
     }
 }
 

@@ -16,6 +16,34 @@ pub fn vae_label(vae: &str) -> String {
     }
 }
 
+/// The models dropdown: recent models first, then the default hub model (so a first run
+/// can Load without knowing a hub id), then what the models-folder scan found. (spec, text)
+pub fn model_choices(state: &Persisted, scan: &ScanState) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = state
+        .recent_models
+        .iter()
+        .map(|m| (m.clone(), m.clone()))
+        .collect();
+    let default = crate::engine::model::DEFAULT_MODEL;
+    if !state.recent_models.iter().any(|m| m == default) {
+        out.push((
+            default.to_string(),
+            format!("Stable Diffusion 1.5 ({default}, downloads 5 GB)"),
+        ));
+    }
+    for m in scan
+        .models
+        .iter()
+        .filter(|m| m.loadable && !super::models_folder::is_vae(m))
+    {
+        let spec = m.path.to_string_lossy().into_owned();
+        if !out.iter().any(|(s, _)| *s == spec) {
+            out.push((spec, format!("{} ({})", m.name, m.kind)));
+        }
+    }
+    out
+}
+
 /// What the memory dropdown shows.
 pub fn memory_label(m: MemoryMode) -> &'static str {
     match m {
@@ -103,7 +131,9 @@ pub fn model_picker_ui(
         let r = ui
             .add(
                 egui::TextEdit::singleline(input)
-                    .hint_text("hub id (owner/name) or diffusers folder")
+                    .hint_text(
+                        "hub id (owner/name), diffusers folder or .safetensors: see Models ▾",
+                    )
                     .desired_width(320.0),
             )
             .labelled_by(label.id);
@@ -126,22 +156,24 @@ pub fn model_picker_ui(
             out.push(UiCommand::BrowseModelFile);
         }
         egui::ComboBox::from_id_salt("recent")
-            .selected_text("Recent")
+            .selected_text("Models")
             .show_ui(ui, |ui| {
-                for m in &state.recent_models {
-                    if ui.selectable_label(false, m).clicked() {
-                        out.push(UiCommand::LoadModel(m.clone()));
+                for (spec, text) in model_choices(state, scan) {
+                    if ui.selectable_label(false, text).clicked() {
+                        *input = spec.clone();
+                        out.push(UiCommand::LoadModel(spec));
                     }
                 }
             })
             .response
-            .widget_info(|| egui::WidgetInfo::labeled(egui::Role::ComboBox, true, "Recent models"));
+            .on_hover_text("The default model, recent models and the models folder's checkpoints")
+            .widget_info(|| egui::WidgetInfo::labeled(egui::Role::ComboBox, true, "Models"));
         ui.separator();
         egui::ComboBox::from_id_salt("device")
             .selected_text(state.settings.device.clone())
             .width(60.0)
             .show_ui(ui, |ui| {
-                for d in ["cpu", "cuda"] {
+                for d in ["auto", "cpu", "cuda"] {
                     ui.selectable_value(&mut state.settings.device, d.to_string(), d);
                 }
             })
@@ -151,7 +183,7 @@ pub fn model_picker_ui(
             .selected_text(state.settings.dtype.clone())
             .width(60.0)
             .show_ui(ui, |ui| {
-                for d in ["f32", "f16", "bf16"] {
+                for d in ["auto", "f32", "f16", "bf16"] {
                     ui.selectable_value(&mut state.settings.dtype, d.to_string(), d);
                 }
             })

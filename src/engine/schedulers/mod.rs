@@ -195,7 +195,30 @@ impl SchedulerKind {
             })
     }
 
+    /// The diffusers class that implements this sampler.
+    pub fn diffusers_class(self) -> &'static str {
+        match self {
+            Self::Euler => "EulerDiscreteScheduler",
+            Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            Self::Heun => "HeunDiscreteScheduler",
+            Self::Lms | Self::LmsKarras => "LMSDiscreteScheduler",
+            Self::Dpm2 => "KDPM2DiscreteScheduler",
+            Self::Dpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
+            Self::DpmPp2M | Self::DpmPp2MKarras | Self::DpmPp2MSde | Self::DpmPp2MSdeKarras => {
+                "DPMSolverMultistepScheduler"
+            }
+            Self::Ddim => "DDIMScheduler",
+            Self::Pndm => "PNDMScheduler",
+            Self::UniPc => "UniPCMultistepScheduler",
+            Self::Ddpm => "DDPMScheduler",
+            Self::Lcm => "LCMScheduler",
+        }
+    }
+
+    /// Builds the sampler for `steps` from the model's config, as diffusers runs it (see
+    /// [`SchedulerConfig::as_loaded_for`]).
     pub fn build(self, cfg: &SchedulerConfig, steps: usize) -> Result<Box<dyn Scheduler>> {
+        let cfg = &cfg.as_loaded_for(self)?;
         if steps == 0 {
             return Err(Error::invalid("steps", "must be at least 1"));
         }
@@ -310,6 +333,37 @@ impl SchedulerConfig {
             alphas_cumprod,
             raw,
         })
+    }
+
+    /// The config as a diffusers user runs `kind` with it: `StableDiffusionPipeline` loads
+    /// the model's scheduler and rewrites two outdated settings — `steps_offset` ≠ 1 becomes
+    /// 1 and `clip_sample` true becomes false (with a deprecation warning) — and another
+    /// sampler is made with `Kind.from_config(pipe.scheduler.config)`, which keeps the keys
+    /// the file had (rewritten) and gives the rest the new class's own defaults. So:
+    /// - the file's own keys: rewritten as the pipeline does, for every sampler;
+    /// - keys the file lacks: for the sampler the file names (`_class_name`) the pipeline's
+    ///   values (steps_offset 1, clip_sample false); for any other sampler its defaults
+    ///   (DDIM and DDPM then clip x0 to ±1, as diffusers does).
+    pub fn as_loaded_for(&self, kind: SchedulerKind) -> Result<Self> {
+        let raw = &self.raw;
+        let native = raw.str_or("_class_name", "")? == kind.diffusers_class();
+        let mut map = raw.map.clone();
+        let offset_set = raw.get("steps_offset").is_some();
+        if (offset_set && raw.usize_or("steps_offset", 0)? != 1) || (!offset_set && native) {
+            map.insert("steps_offset".into(), 1.into());
+        }
+        let clip_set = raw.get("clip_sample").is_some();
+        if (clip_set && raw.bool_or("clip_sample", false)?) || (!clip_set && native) {
+            map.insert("clip_sample".into(), false.into());
+        }
+        if map == raw.map {
+            return Ok(self.clone());
+        }
+        let json = JsonConfig {
+            path: raw.path.clone(),
+            map,
+        };
+        Ok(Self::from_json(json)?.with_spacing(self.timestep_spacing))
     }
 
     /// Overrides the config's spacing (the CLI's `--timestep-spacing`).
