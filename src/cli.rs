@@ -401,10 +401,26 @@ fn prepare(model: &str, m: &ModelArgs, s: &SamplingArgs) -> Result<Prepared> {
                     format!("{v} is not a positive multiple of 8"),
                 ));
             }
+            if v > engine::memory::MAX_SIDE {
+                return Err(Error::invalid(
+                    what,
+                    format!("{v} is larger than {} pixels", engine::memory::MAX_SIDE),
+                ));
+            }
         }
     }
     if s.batch == 0 {
         return Err(Error::invalid("batch", "must be at least 1"));
+    }
+    if s.batch > engine::memory::MAX_BATCH {
+        return Err(Error::invalid(
+            "batch",
+            format!(
+                "{} is more than {} images in one run; run several",
+                s.batch,
+                engine::memory::MAX_BATCH
+            ),
+        ));
     }
     let memory = m.memory_options()?;
     if let Some(g) = m.cache_gib {
@@ -653,6 +669,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     let compare = a.model.model.len() > 1;
     let mut rows: Vec<(String, Vec<Picture>)> = Vec::new();
     let mut first_params: Option<Parameters> = None;
+    crate::engine::metadata::clean_stale_temps(&a.out);
     let stdout = std::io::stdout();
     // Compared models are named so that no two rows, files or JSON lines look alike.
     let labels =

@@ -38,6 +38,9 @@ pub struct Worker {
     running: Option<JobId>,
     cancel_running: bool,
     shutdown: bool,
+    /// Output folders already rid of a killed run's temporary files.
+    cleaned: std::collections::HashSet<PathBuf>,
+    faults: Faults,
 }
 
 /// One batched run inside a job: a model, its seeds' cells, and the run between steps.
@@ -52,10 +55,28 @@ struct Lane {
 /// Starts the generation thread (supervised: a panic restarts it). Ends on
 /// [`Command::Shutdown`] or when the window's end of the channel is dropped.
 pub fn spawn(link: WorkerLink) -> std::io::Result<std::thread::JoinHandle<()>> {
+    spawn_with(link, Faults::default())
+}
+
+/// Faults to inject, for the tests of the supervisor (never set by the studio or the CLI).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Panic inside this job, after its first denoising step.
+    pub panic_in_job: Option<JobId>,
+}
+
+/// [`spawn`] with injected faults (tests only).
+#[doc(hidden)]
+pub fn spawn_with(
+    link: WorkerLink,
+    faults: Faults,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("sd-worker".into())
         .spawn(move || {
             let mut w = Worker::new(link);
+            w.faults = faults;
             supervise(
                 &mut w,
                 |w| w.run(),
@@ -176,6 +197,8 @@ impl Worker {
             running: None,
             cancel_running: false,
             shutdown: false,
+            cleaned: Default::default(),
+            faults: Faults::default(),
         }
     }
 
@@ -348,6 +371,9 @@ impl Worker {
         };
         self.running = Some(job.id);
         self.cancel_running = false;
+        if self.cleaned.insert(job.output_dir.clone()) {
+            crate::engine::metadata::clean_stale_temps(&job.output_dir);
+        }
         self.link.send(Event::Started { job: job.id });
         let start = Instant::now();
         let previewer = match (job.preview, self.taesd.take()) {
@@ -477,6 +503,9 @@ impl Worker {
             for lane in lanes.iter_mut().filter(|l| !l.run.is_done()) {
                 let out = lane.model.sd.step(&mut lane.run)?;
                 done += 1;
+                if self.faults.panic_in_job == Some(job.id) {
+                    panic!("injected fault in job {}", job.id);
+                }
                 self.poll()?;
                 self.link.send(Event::Step {
                     job: job.id,
@@ -550,23 +579,18 @@ impl Worker {
             } else {
                 format!("{}-{}", file_safe(&label), img.seed)
             };
-            let path = match save(&job.output_dir, &stem, &params, &img.rgb) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    self.link.send(Event::Warning {
-                        message: format!("image not saved: {e}"),
-                    });
-                    None
-                }
-            };
+            // A write that fails (read-only folder, disk full) fails the job: the cell still
+            // shows its image, the images saved before it stay, the next job runs.
+            let saved = save(&job.output_dir, &stem, &params, &img.rgb);
             self.link.send(Event::CellDone {
                 job: job.id,
                 cell,
                 seed: img.seed,
                 model: label.clone(),
                 image: rgb(img.width, img.height, img.rgb),
-                path,
+                path: saved.as_ref().ok().cloned(),
             });
+            saved?;
         }
         Ok(())
     }

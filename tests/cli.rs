@@ -674,3 +674,355 @@ fn bench_reports_every_batch_and_the_grid_as_json() {
         stderr(&o)
     );
 }
+
+#[test]
+fn requests_that_cannot_fit_are_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // Over the documented bounds: refused outright, before the model loads.
+    assert_fails(
+        &out,
+        &generate(&out, &["--width", "65536", "--height", "65536"]),
+        "larger than 16384",
+    );
+    assert_fails(
+        &out,
+        &generate(&out, &["--height", "262144"]),
+        "larger than 16384",
+    );
+    assert_fails(
+        &out,
+        &generate(&out, &["--batch", "100000"]),
+        "more than 64",
+    );
+    // Within the bounds but far beyond this machine's memory: the estimate refuses it
+    // (what it needs, what is free, what to try) instead of the OS killing the process.
+    for args in [
+        &["--width", "16384", "--height", "16384"][..],
+        &["--width", "4096", "--height", "4096", "--batch", "64"][..],
+    ] {
+        let o = generate(&out, args);
+        assert_fails(&out, &o, "of RAM but");
+        let err = stderr(&o);
+        assert!(
+            err.contains("needs about") && err.contains("try a smaller"),
+            "{err}"
+        );
+    }
+    // Attention slicing off at a size whose unsliced scores do not fit: slicing is suggested.
+    let o = generate(
+        &out,
+        &[
+            "--width",
+            "8192",
+            "--height",
+            "8192",
+            "--attention-slicing",
+            "off",
+        ],
+    );
+    assert_fails(&out, &o, "attention slicing on");
+}
+
+/// A copy of tiny-sd15 whose UNet file is rewritten by `edit`.
+fn with_broken_unet(
+    dir: &Path,
+    edit: impl FnOnce(&mut common::RawSafetensors) -> Option<String>,
+) -> PathBuf {
+    let model = dir.join("broken");
+    common::copy_dir(&common::model_dir("tiny-sd15"), &model);
+    let file = model
+        .join("unet")
+        .join("diffusion_pytorch_model.safetensors");
+    let mut st = common::RawSafetensors::read(&file);
+    let text = edit(&mut st);
+    st.write(&file, text);
+    model
+}
+
+#[test]
+fn corrupt_weights_are_refused_naming_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = |model: &Path| generate(&out, &["--model", model.to_str().unwrap()]);
+
+    // An integer dtype where a float weight belongs (same byte size, so the header is
+    // otherwise consistent).
+    let m = with_broken_unet(&dir.path().join("a"), |st| {
+        st.header["conv_in.weight"]["dtype"] = "I16".into();
+        None
+    });
+    let o = run(&m);
+    assert_fails(&out, &o, "conv_in.weight is stored as I16");
+    assert!(
+        stderr(&o).contains("diffusion_pytorch_model.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A shape whose byte size does not match its offsets.
+    let m = with_broken_unet(&dir.path().join("b"), |st| {
+        st.header["conv_out.bias"]["shape"] = serde_json::json!([5]);
+        None
+    });
+    assert_fails(
+        &out,
+        &run(&m),
+        "tensor conv_out.bias: F16 [5] takes 10 bytes",
+    );
+
+    // The same name twice (a JSON map would silently keep one).
+    let m = with_broken_unet(&dir.path().join("c"), |st| {
+        let text = serde_json::to_string(&st.header).unwrap();
+        let entry = serde_json::to_string(&st.header["conv_in.bias"]).unwrap();
+        Some(format!("{{\"conv_in.bias\":{entry},{}", &text[1..]))
+    });
+    assert_fails(&out, &run(&m), "conv_in.bias is listed twice");
+
+    // A file cut short.
+    let m = with_broken_unet(&dir.path().join("d"), |st| {
+        st.data.truncate(st.data.len() / 2);
+        None
+    });
+    assert_fails(&out, &run(&m), "truncated");
+
+    // NaN weights: named at the first output they poison.
+    let m = with_broken_unet(&dir.path().join("e"), |st| {
+        let r = st.range("conv_out.weight");
+        for pair in st.data[r].chunks_mut(2) {
+            pair.copy_from_slice(&0x7e00u16.to_le_bytes()); // f16 NaN
+        }
+        None
+    });
+    let o = run(&m);
+    assert_fails(&out, &o, "not finite");
+    assert!(
+        stderr(&o).contains("unet weights in") && stderr(&o).contains("step 1"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn compared_models_with_the_same_name_are_told_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_lines = |o: &Output| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    // Two diffusers folders both called `foo` (different models: SD 1.5 and SD 2.x).
+    let (a, b) = (dir.path().join("a/foo"), dir.path().join("b/foo"));
+    common::copy_dir(&common::model_dir("tiny-sd15"), &a);
+    common::copy_dir(&common::model_dir("tiny-sd2v"), &b);
+    let out = dir.path().join("out");
+    let grid = dir.path().join("grid.png");
+    let o = generate(
+        &out,
+        &[
+            "--model",
+            a.to_str().unwrap(),
+            "--model",
+            b.to_str().unwrap(),
+            "--batch",
+            "2",
+            "--grid",
+            grid.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = json_lines(&o);
+    let models: Vec<&str> = lines[..4]
+        .iter()
+        .map(|l| l["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(models, ["a/foo", "a/foo", "b/foo", "b/foo"]);
+    assert_eq!(lines[4]["rows"], serde_json::json!(["a/foo", "b/foo"]));
+    assert_eq!(pngs(&out).len(), 4, "every image under its own name");
+
+    // Two single files both called `model.safetensors`, in folders x/ and y/.
+    let single = common::fixtures()
+        .join("single")
+        .join("tiny-sd15.safetensors");
+    for d in ["x", "y"] {
+        std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        std::fs::copy(&single, dir.path().join(d).join("model.safetensors")).unwrap();
+    }
+    let (x, y) = (
+        dir.path().join("x/model.safetensors"),
+        dir.path().join("y/model.safetensors"),
+    );
+    let out2 = dir.path().join("out2");
+    let config = common::model_dir("tiny-sd15");
+    let o = generate(
+        &out2,
+        &[
+            "--model",
+            x.to_str().unwrap(),
+            "--model",
+            y.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let models: Vec<String> = json_lines(&o)
+        .iter()
+        .map(|l| l["model"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(models, ["x/model.safetensors", "y/model.safetensors"]);
+    assert_eq!(pngs(&out2).len(), 2);
+}
+
+/// Every PNG under its final name decodes completely.
+fn assert_all_pngs_whole(dir: &Path) -> usize {
+    let mut n = 0;
+    for p in pngs(dir)
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+    {
+        let bytes = std::fs::read(p).unwrap();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+            .read_info()
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader
+            .next_frame(&mut buf)
+            .unwrap_or_else(|e| panic!("{} is partial: {e}", p.display()));
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn kill_9_while_writing_never_leaves_a_partial_png_and_temps_are_cleaned() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let model = tiny();
+    let mut killed = 0;
+    // 8 images of 256² each: the writes take long enough for kills to land among them.
+    for (i, delay_ms) in [300u64, 450, 600, 750, 900, 1100, 1300, 1600]
+        .into_iter()
+        .enumerate()
+    {
+        let mut child = bin()
+            .args([
+                "generate", "--model", &model, "--prompt", "a cat", "--steps", "1",
+            ])
+            .args([
+                "--width",
+                "256",
+                "--height",
+                "256",
+                "--batch",
+                "8",
+                "--guidance",
+                "1",
+            ])
+            .args([
+                "--seed",
+                &(100 * i).to_string(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            killed += 1;
+        }
+        child.wait().unwrap();
+        assert_all_pngs_whole(&out);
+    }
+    eprintln!(
+        "killed {killed} of 8 runs; {} whole PNGs",
+        assert_all_pngs_whole(&out)
+    );
+    // The next run removes what killed runs left behind: here also a half-written
+    // temporary file of a process that is gone (pids never reach 2^22 + 99 on Linux).
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join(".1234.png.4194403.tmp"), b"\x89PNG half").unwrap();
+    let temps_before = std::fs::read_dir(&out)
+        .map(|r| {
+            r.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+                .count()
+        })
+        .unwrap_or(0);
+    let o = generate(&out, &["--seed", "9999"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(temps_before >= 1);
+    let temps: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    eprintln!(
+        "temporary files before the next run: {temps_before} (one planted), after it: {}",
+        temps.len()
+    );
+    assert!(temps.is_empty(), "left over: {temps:?}");
+}
+
+/// A small tmpfs mounted for the test (root in a sandbox can mount one; elsewhere None),
+/// unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, options: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn disk_full_and_read_only_outputs_fail_with_the_reason_and_keep_earlier_images() {
+    let dir = tempfile::tempdir().unwrap();
+    // Disk full: a 24 KiB filesystem holds a few 64² PNGs (~12 KB each) of a batch of 8.
+    let full = dir.path().join("full");
+    match Tmpfs::mount(&full, "size=24k") {
+        Some(_fs) => {
+            let o = generate(&full, &["--batch", "8"]);
+            assert!(!o.status.success());
+            let err = stderr(&o);
+            assert!(err.contains("cannot write") && err.contains("No space left"), "{err}");
+            let kept = assert_all_pngs_whole(&full);
+            assert!((1..8).contains(&kept), "{kept} images kept");
+            let left: Vec<_> = std::fs::read_dir(&full).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+            assert!(left.is_empty(), "a failed write left its temporary file");
+        }
+        None => eprintln!("cannot mount a tmpfs here: disk-full case skipped (the read-only case simulates the write error)"),
+    }
+    // Read-only: a read-only mount, or (without mount) a path under a file.
+    let ro = dir.path().join("ro");
+    let (_fs, target) = match Tmpfs::mount(&ro, "ro,size=64k") {
+        Some(fs) => (Some(fs), ro.clone()),
+        None => {
+            std::fs::write(&ro, b"x").unwrap();
+            (None, ro.join("sub"))
+        }
+    };
+    let o = generate(&target, &[]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.starts_with("error: cannot write"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -516,6 +516,52 @@ fn load_cmd(fake: &WorkerLink) -> ModelSpec {
 }
 
 #[test]
+fn a_first_run_offers_the_default_model_and_scanned_ones_and_defaults_to_auto_device() {
+    let (mut h, fake) = studio();
+    h.get_by_role_and_label(Role::ComboBox, "Models").click();
+    h.run_steps(2);
+    h.get_by_label_contains("Stable Diffusion 1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5")
+        .click();
+    h.run_steps(2);
+    let spec = load_cmd(&fake);
+    assert_eq!(spec.model, "stable-diffusion-v1-5/stable-diffusion-v1-5");
+    // Device and precision default to auto (CUDA + f16 when there is a GPU, else CPU + f32).
+    assert_eq!(
+        (spec.device.as_str(), spec.dtype.as_str()),
+        ("auto", "auto")
+    );
+    // Scanned checkpoints join the list (not VAEs, not pickles).
+    fake.send(Event::ModelsFound {
+        dir: "/sd/models".into(),
+        models: vec![
+            found(
+                "dreamshaper_8.safetensors",
+                "single file",
+                2_132_000_000,
+                true,
+            ),
+            found("vae-ft-mse.safetensors", "VAE", 335_000_000, true),
+            found("old.ckpt", "pickle (refused)", 4_200_000_000, false),
+        ],
+        error: None,
+    });
+    h.run_steps(2);
+    h.get_by_role_and_label(Role::ComboBox, "Models").click();
+    h.run_steps(2);
+    assert!(h
+        .query_by_label_contains("vae-ft-mse.safetensors (VAE)")
+        .is_none());
+    assert!(h.query_by_label_contains("old.ckpt").is_none());
+    h.get_by_label("dreamshaper_8.safetensors (single file)")
+        .click();
+    h.run_steps(2);
+    assert_eq!(
+        load_cmd(&fake).model,
+        "/sd/models/dreamshaper_8.safetensors"
+    );
+}
+
+#[test]
 fn the_models_folder_scan_lists_checkpoints_and_loads_or_compares_them() {
     let (mut h, fake) = studio();
     click(&mut h, "Models folder");

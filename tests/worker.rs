@@ -26,6 +26,10 @@ struct Rig {
 }
 
 fn start(taesd: bool) -> Rig {
+    start_with(taesd, Default::default())
+}
+
+fn start_with(taesd: bool, faults: sd_studio::worker::Faults) -> Rig {
     let slots: Arc<OnceLock<Arc<PreviewSlots>>> = Arc::new(OnceLock::new());
     let previews = Arc::new(Mutex::new(Vec::new()));
     let (s, p) = (slots.clone(), previews.clone());
@@ -35,7 +39,7 @@ fn start(taesd: bool) -> Rig {
         }
     }));
     let _ = slots.set(engine.previews.clone());
-    sd_studio::worker::spawn(worker).unwrap();
+    sd_studio::worker::spawn_with(worker, faults).unwrap();
     engine.send(Command::LoadModel(ModelSpec {
         model: common::model_dir("tiny-sd15").display().to_string(),
         device: "cpu".into(),
@@ -241,19 +245,21 @@ fn queued_jobs_can_be_removed_bad_jobs_fail_clearly_and_the_worker_carries_on() 
     next(&rig.engine, |e| matches!(e, Event::JobDone { job: 1, .. }));
     rig.engine.send(Command::Generate(job(&rig, 4, vec![4], 2)));
     next(&rig.engine, |e| matches!(e, Event::JobDone { job: 4, .. }));
-    // An unwritable output folder: the image still arrives, with a warning.
+    // An unwritable output folder: the image still arrives in its cell, and the job fails
+    // with the reason; the next job runs.
     let mut j = job(&rig, 5, vec![9], 2);
     let blocker = rig.out.path().join("file");
     std::fs::write(&blocker, b"x").unwrap();
     j.output_dir = blocker.join("sub");
     rig.engine.send(Command::Generate(j));
     let events = collect(&rig.engine, 5);
-    assert!(events
-        .iter()
-        .any(|e| matches!(e, Event::Warning { message } if message.contains("not saved"))));
+    assert!(events.iter().any(|e| matches!(e,
+        Event::Failed { job: Some(5), message } if message.contains("cannot write"))));
     assert!(events
         .iter()
         .any(|e| matches!(e, Event::CellDone { path: None, .. })));
+    rig.engine.send(Command::Generate(job(&rig, 6, vec![6], 1)));
+    next(&rig.engine, |e| matches!(e, Event::JobDone { job: 6, .. }));
     // A model that is not there.
     rig.engine.send(Command::LoadModel(ModelSpec {
         model: "/no/such/model".into(),
@@ -510,4 +516,147 @@ fn memory_mode_reloads_the_model_and_job_options_reach_the_decoder() {
     let tiled = sd.generate(&req, &mut |_| Ok(())).unwrap().remove(0).rgb;
     assert_ne!(whole, tiled);
     assert_eq!(cells[0].2, tiled, "the job's image is the tiled decode");
+}
+
+#[test]
+fn a_job_that_cannot_fit_fails_alone_and_the_queue_goes_on() {
+    let rig = start(false);
+    // The studio's largest size with attention slicing off: terabytes of attention scores.
+    let mut huge = job(&rig, 1, vec![1], 2);
+    (huge.width, huge.height) = (4096, 4096);
+    huge.attention_slicing = sd_studio::engine::memory::Slicing::Off;
+    let mut wide = job(&rig, 2, vec![2], 2);
+    wide.width = 65536;
+    rig.engine.send(Command::Generate(huge));
+    rig.engine.send(Command::Generate(wide));
+    rig.engine.send(Command::Generate(job(&rig, 3, vec![3], 2)));
+    match next(&rig.engine, |e| {
+        matches!(e, Event::Failed { job: Some(1), .. })
+    }) {
+        Event::Failed { message, .. } => {
+            assert!(
+                message.contains("needs about") && message.contains("is free"),
+                "{message}"
+            )
+        }
+        _ => unreachable!(),
+    }
+    match next(&rig.engine, |e| {
+        matches!(e, Event::Failed { job: Some(2), .. })
+    }) {
+        Event::Failed { message, .. } => {
+            assert!(
+                message.contains("width") && message.contains("65536"),
+                "{message}"
+            )
+        }
+        _ => unreachable!(),
+    }
+    next(&rig.engine, |e| matches!(e, Event::JobDone { job: 3, .. }));
+    rig.engine.send(Command::Shutdown);
+}
+
+#[test]
+fn a_panic_inside_a_job_is_reported_and_the_next_job_succeeds() {
+    let rig = start_with(
+        false,
+        sd_studio::worker::Faults {
+            panic_in_job: Some(1),
+        },
+    );
+    rig.engine.send(Command::Generate(job(&rig, 1, vec![1], 3)));
+    rig.engine.send(Command::Generate(job(&rig, 2, vec![2], 2)));
+    match next(&rig.engine, |e| {
+        matches!(e, Event::Failed { job: Some(1), .. })
+    }) {
+        Event::Failed { message, .. } => {
+            assert!(
+                message.contains("crashed") && message.contains("injected fault"),
+                "{message}"
+            )
+        }
+        _ => unreachable!(),
+    }
+    let events = collect(&rig.engine, 2);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::JobDone { job: 2, .. })),
+        "{events:?}"
+    );
+    assert_eq!(
+        cell_images(&events).len(),
+        1,
+        "the job after the crash made its image"
+    );
+    rig.engine.send(Command::Shutdown);
+}
+
+/// Resident set size of this process, from /proc (Linux).
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[test]
+fn soak_500_jobs_keep_memory_flat_and_a_cancel_storm_ends_idle() {
+    let rig = start(true);
+    let mut rss = Vec::new();
+    let total = 500u64;
+    let small = |id: u64| {
+        let mut j = job(&rig, id, vec![id], 1);
+        j.guidance = 1.0;
+        j
+    };
+    for id in 1..=total {
+        rig.engine.send(Command::Generate(small(id)));
+    }
+    rss.push(rss_bytes());
+    let mut done = 0;
+    while done < total {
+        match next(&rig.engine, |e| {
+            matches!(e, Event::JobDone { .. } | Event::Failed { .. })
+        }) {
+            Event::JobDone { .. } => done += 1,
+            other => panic!("a soak job failed: {other:?}"),
+        }
+        if done == 100 {
+            rss.push(rss_bytes());
+        }
+        rig.previews.lock().unwrap().clear();
+    }
+    rss.push(rss_bytes());
+    let mb = |b: Option<u64>| b.map(|b| b as f64 / 1e6);
+    eprintln!(
+        "soak RSS MB: start {:?}, after 100 jobs {:?}, after {total} {:?}",
+        mb(rss[0]),
+        mb(rss[1]),
+        mb(rss[2])
+    );
+    if let (Some(a), Some(b)) = (rss[1], rss[2]) {
+        assert!(
+            b < a + 16_000_000,
+            "RSS grew {} MB over 400 jobs",
+            (b as f64 - a as f64) / 1e6
+        );
+    }
+    // Cancel storm: generate and cancel at once, 200 times; then the worker answers a job.
+    for k in 0..200u64 {
+        let id = 10_000 + k;
+        rig.engine.send(Command::Generate(small(id)));
+        rig.engine.send(Command::Cancel(id));
+    }
+    let last = 20_000;
+    rig.engine.send(Command::Generate(small(last)));
+    let t = std::time::Instant::now();
+    let events = collect(&rig.engine, last);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::JobDone { job, .. } if *job == last)));
+    eprintln!(
+        "cancel storm: the job after 200 generate/cancel pairs finished {:.2} s later",
+        t.elapsed().as_secs_f64()
+    );
+    rig.engine.send(Command::Shutdown);
 }

@@ -132,7 +132,7 @@ pub fn model_picker_ui(
             .add(
                 egui::TextEdit::singleline(input)
                     .hint_text(
-                        "hub id (owner/name), diffusers folder or .safetensors: see Models ▾",
+                        "hub id (owner/name), diffusers folder or .safetensors (or pick from Models)",
                     )
                     .desired_width(320.0),
             )

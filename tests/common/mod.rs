@@ -109,3 +109,37 @@ pub fn max_pixel_diff(a: &[u8], b: &[u8]) -> u8 {
         .max()
         .unwrap_or(0)
 }
+
+/// A safetensors file split into its header (as JSON) and its data section.
+pub struct RawSafetensors {
+    pub header: serde_json::Map<String, serde_json::Value>,
+    pub data: Vec<u8>,
+}
+
+impl RawSafetensors {
+    pub fn read(path: &std::path::Path) -> Self {
+        let bytes = std::fs::read(path).expect("read safetensors");
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = serde_json::from_slice(&bytes[8..8 + n]).expect("header json");
+        Self {
+            header,
+            data: bytes[8 + n..].to_vec(),
+        }
+    }
+
+    /// Writes the file with `header_text` as the header verbatim (for headers JSON maps
+    /// cannot hold, such as a name twice), else the header map.
+    pub fn write(&self, path: &std::path::Path, header_text: Option<String>) {
+        let text = header_text.unwrap_or_else(|| serde_json::to_string(&self.header).unwrap());
+        let mut out = (text.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(&self.data);
+        std::fs::write(path, out).expect("write safetensors");
+    }
+
+    /// The byte range of tensor `name` in the data section.
+    pub fn range(&self, name: &str) -> std::ops::Range<usize> {
+        let o = &self.header[name]["data_offsets"];
+        o[0].as_u64().unwrap() as usize..o[1].as_u64().unwrap() as usize
+    }
+}
