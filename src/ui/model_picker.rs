@@ -170,8 +170,8 @@ pub fn model_picker_ui(
             .widget_info(|| egui::WidgetInfo::labeled(egui::Role::ComboBox, true, "Models"));
         ui.separator();
         egui::ComboBox::from_id_salt("device")
-            .selected_text(state.settings.device.clone())
-            .width(60.0)
+            .selected_text(format!("device: {}", state.settings.device))
+            .width(100.0)
             .show_ui(ui, |ui| {
                 for d in ["auto", "cpu", "cuda"] {
                     ui.selectable_value(&mut state.settings.device, d.to_string(), d);
@@ -180,8 +180,8 @@ pub fn model_picker_ui(
             .response
             .widget_info(|| egui::WidgetInfo::labeled(egui::Role::ComboBox, true, "Device"));
         egui::ComboBox::from_id_salt("dtype")
-            .selected_text(state.settings.dtype.clone())
-            .width(60.0)
+            .selected_text(format!("precision: {}", state.settings.dtype))
+            .width(110.0)
             .show_ui(ui, |ui| {
                 for d in ["auto", "f32", "f16", "bf16"] {
                     ui.selectable_value(&mut state.settings.dtype, d.to_string(), d);
