@@ -88,10 +88,11 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -866,6 +867,166 @@ def make_minimal_scheduler_refs(pipes: dict[str, StableDiffusionPipeline]) -> No
 
 
 # --------------------------------------------------------------------------
+# SDXL: a tiny random StableDiffusionXLPipeline in the diffusers layout, its UNet following
+# the conventions real checkpoints follow (64-wide attention heads, 32 normalisation
+# groups; the text encoders are narrower than that to stay small: their token embeddings
+# alone are 49408 rows), and diffusers' outputs for it.
+# --------------------------------------------------------------------------
+
+SDXL_SCHEDULER_JSON = """{
+  "_class_name": "EulerDiscreteScheduler",
+  "_diffusers_version": "0.19.0.dev0",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "clip_sample": false,
+  "interpolation_type": "linear",
+  "num_train_timesteps": 1000,
+  "prediction_type": "epsilon",
+  "sample_max_value": 1.0,
+  "set_alpha_to_one": false,
+  "skip_prk_steps": true,
+  "steps_offset": 1,
+  "timestep_spacing": "leading",
+  "trained_betas": null,
+  "use_karras_sigmas": false
+}
+"""
+
+
+def build_sdxl_components() -> dict:
+    torch.manual_seed(3001)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(1, 1),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=16 + 32,
+        norm_num_groups=32,
+    )
+    vae = build_vae(3002)
+    vae.register_to_config(scaling_factor=0.13025)
+    torch.manual_seed(3003)
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        hidden_act="quick_gelu", projection_dim=16, pad_token_id=49407, **common))
+    torch.manual_seed(3004)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=1,
+        hidden_act="gelu", projection_dim=32, pad_token_id=1, **common))
+    scheduler = EulerDiscreteScheduler.from_config(json.loads(SDXL_SCHEDULER_JSON))
+    for i, m in enumerate((unet, vae, text_encoder, text_encoder_2)):
+        randomize_norms(m, 3010 + i)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, scheduler=scheduler)
+
+
+def save_sdxl(name: str) -> None:
+    out = FIXTURES / name
+    if out.exists():
+        shutil.rmtree(out)
+    comps = build_sdxl_components()
+    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny-sd15" / "tokenizer")
+    tok2 = CLIPTokenizer.from_pretrained(FIXTURES / "tiny-sd2v" / "tokenizer")
+    pipe = StableDiffusionXLPipeline(tokenizer=tok, tokenizer_2=tok2, force_zeros_for_empty_prompt=True, **comps)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # The tokenizer files exactly as the hub repos ship them (SDXL's tokenizer_2 pads with "!").
+    for sub, src in (("tokenizer", "tiny-sd15"), ("tokenizer_2", "tiny-sd2v")):
+        shutil.rmtree(out / sub)
+        shutil.copytree(FIXTURES / src / "tokenizer", out / sub)
+    (out / "scheduler" / "scheduler_config.json").write_text(SDXL_SCHEDULER_JSON)
+
+
+def load_sdxl(name: str) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_pretrained(FIXTURES / name, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SDXL_SCHEDULERS = ["euler", "euler-a", "dpm++2m-karras", "ddim"]
+
+
+@torch.no_grad()
+def make_sdxl_refs() -> None:
+    save_sdxl("tiny-sdxl")
+    pipe = load_sdxl("tiny-sdxl")
+    # Components: both encoders' penultimate hidden states and the pooled projection, the
+    # UNet with its added conditions.
+    ids1 = pipe.tokenizer([PROMPT, ""], padding="max_length", max_length=77, truncation=True,
+                          return_tensors="pt").input_ids
+    ids2 = pipe.tokenizer_2([PROMPT, ""], padding="max_length", max_length=77, truncation=True,
+                            return_tensors="pt").input_ids
+    o1 = pipe.text_encoder(ids1, output_hidden_states=True)
+    o2 = pipe.text_encoder_2(ids2, output_hidden_states=True)
+    context = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
+    sample = torch.randn((2, 4, 8, 12), generator=torch.Generator("cpu").manual_seed(0))
+    time_ids = torch.tensor([[64.0, 96.0, 0.0, 0.0, 64.0, 96.0], [128.0, 128.0, 16.0, 8.0, 64.0, 96.0]])
+    unet_out = pipe.unet(sample, 781, encoder_hidden_states=context,
+                         added_cond_kwargs={"text_embeds": o2.text_embeds, "time_ids": time_ids}).sample
+    tensors = dict(ids1=ids1.to(torch.int64), ids2=ids2.to(torch.int64), hidden1=o1.hidden_states[-2],
+                   hidden2=o2.hidden_states[-2], pooled=o2.text_embeds, unet_sample=sample,
+                   unet_time_ids=time_ids, unet_out=unet_out)
+    for k, v in tensors.items():
+        assert torch.isfinite(v.float()).all(), k
+    save_file({k: v.contiguous() for k, v in tensors.items()}, REFS / "components_tiny-sdxl.safetensors")
+
+    init_latents = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(100))
+    cases = []
+
+    def add(sched, steps, seeds, guidance=5.0, negative=NEGATIVE, width=64, height=64, spacing=None,
+            init=False):
+        name = (f"sdxl_{sched}_{steps}st_{width}x{height}_g{guidance:g}_" + "-".join(map(str, seeds))
+                + ("_noneg" if not negative else "") + (f"_{spacing}" if spacing else "") + ("_init" if init else ""))
+        cases.append(dict(name=name, model="tiny-sdxl", scheduler=sched, steps=steps, guidance=guidance,
+                          prompt=PROMPT, negative_prompt=negative, width=width, height=height, seeds=seeds,
+                          timestep_spacing=spacing,
+                          init_latents="refs/latents_64x64.safetensors" if init else None))
+
+    for sched in SDXL_SCHEDULERS:
+        add(sched, 8, [42, 43])
+    add("euler", 8, [7], width=96, height=64)
+    add("dpm++2m-karras", 8, [8], negative="")  # force_zeros_for_empty_prompt
+    add("euler-a", 1, [3], guidance=0.0, negative="", spacing="trailing")  # SDXL-Turbo style
+    add("euler", 8, [0], init=True)
+    own = pipe.scheduler
+    img_dir = REFS / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        sched = make_scheduler(case["scheduler"], own.config)
+        if case["timestep_spacing"]:
+            sched = type(sched).from_config(sched.config, timestep_spacing=case["timestep_spacing"])
+        pipe.scheduler = sched
+        kwargs = dict(negative_prompt=case["negative_prompt"] or None, num_inference_steps=case["steps"],
+                      guidance_scale=case["guidance"], width=case["width"], height=case["height"],
+                      num_images_per_prompt=len(case["seeds"]),
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in case["seeds"]], output_type="np")
+        if case["init_latents"]:
+            kwargs["latents"] = init_latents.clone()
+        images = pipe(case["prompt"], **kwargs).images
+        assert np.isfinite(images).all(), case["name"]
+        paths = []
+        for seed, img in zip(case["seeds"], images):
+            rel = f"refs/images/{case['name']}_seed{seed}.png"
+            Image.fromarray(to_uint8(img)).save(FIXTURES / rel, optimize=True)
+            paths.append(rel)
+        case["images"] = paths
+        print(f"  sdxl case {case['name']}: mean {images.mean():.4f} std {images.std():.4f}")
+    pipe.scheduler = own
+    with open(REFS / "sdxl_cases.json", "w") as f:
+        json.dump(cases, f, indent=1)
+
+
+# --------------------------------------------------------------------------
 # A1111 prompt syntax: a second, independent implementation in Python of the semantics
 # of AUTOMATIC1111's prompt parser and CLIP chunking ("Original" emphasis), used to make
 # reference conditioning tensors with transformers' CLIP.
@@ -1356,12 +1517,18 @@ def summary() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bpe", help="path to bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip)")
-    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd", "memory", "minsched"],
+    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd", "memory", "minsched", "sdxl"],
                     help="only remake one set of references from the committed models")
     args = ap.parse_args()
     if args.only == "taesd":
         torch.set_num_threads(2)
         make_taesd()
+        return
+    if args.only == "sdxl":
+        torch.set_num_threads(2)
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+        make_sdxl_refs()
         return
 
     torch.set_num_threads(2)
@@ -1404,6 +1571,7 @@ def main() -> None:
     make_memory_refs(pipes)
     problems += make_pipeline_refs(pipes)
     make_minimal_scheduler_refs(pipes)
+    make_sdxl_refs()
     make_taesd()
     problems += check_no_nan_files()
 

@@ -1,32 +1,21 @@
 //! The generation engine: models, samplers, noise and the txt2img pipeline. Never imports
-//! egui; talks to the outside through plain data.
+//! egui; talks to the outside through plain data. Grouped by layer: `models/` (networks),
+//! `loading/` (files to weights), `text/` (prompts to tokens), `sampling/` (the pipeline and
+//! samplers), `output/` (PNGs and grids).
 
-pub mod cache;
-pub mod clip;
-pub mod config;
-pub mod conv;
 pub mod error;
-pub mod fused;
-pub mod grid;
-pub mod hash;
-pub mod image_ops;
-pub mod memory;
-pub mod metadata;
-pub mod model;
-pub mod pipeline;
-pub mod presets;
-pub mod profile;
-pub mod prompt;
-pub mod rng;
-pub mod scan;
-pub mod schedulers;
-pub mod single_file;
-pub mod taesd;
-pub mod tokenizer;
-pub mod unet;
-pub mod vae_decoder;
-pub mod vae_encoder;
-pub mod weights;
+pub mod loading;
+pub mod models;
+pub mod output;
+pub mod sampling;
+pub mod text;
+
+// Every module also answers at `engine::NAME`, the path the rest of the crate uses.
+pub use loading::{cache, config, hash, model, scan, single_file, weights};
+pub use models::{clip, conv, fused, taesd, unet, vae_decoder, vae_encoder};
+pub use output::{grid, image_ops, metadata};
+pub use sampling::{memory, pipeline, presets, profile, rng, schedulers};
+pub use text::{prompt, tokenizer};
 
 pub use error::{Error, Result};
 

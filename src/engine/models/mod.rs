@@ -1,0 +1,9 @@
+//! The networks: CLIP text encoder, UNet, VAE decoder and encoder, TAESD previews, and the
+//! CPU convolution and fused GroupNorm they are built from.
+pub mod clip;
+pub mod conv;
+pub mod fused;
+pub mod taesd;
+pub mod unet;
+pub mod vae_decoder;
+pub mod vae_encoder;
