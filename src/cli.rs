@@ -195,6 +195,15 @@ pub struct GenerateArgs {
     /// How far towards the variation seed's noise, 0..1.
     #[arg(long, allow_negative_numbers = true)]
     pub variation_strength: Option<f64>,
+    /// SDXL size condition: the "original" size WxH the model is told (default: the image's).
+    #[arg(long, value_parser = parse_wxh)]
+    pub original_size: Option<(usize, usize)>,
+    /// SDXL crop condition X,Y: the top-left corner of the crop the model is told (default 0,0).
+    #[arg(long, value_parser = parse_xy)]
+    pub crops_coords_top_left: Option<(usize, usize)>,
+    /// SDXL size condition: the target size WxH (default: the image's).
+    #[arg(long, value_parser = parse_wxh)]
+    pub target_size: Option<(usize, usize)>,
     /// Output folder (created if missing).
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
@@ -661,6 +670,11 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         variation,
         clip_skip: a.clip_skip,
         spacing: st.spacing,
+        size_conditions: crate::engine::pipeline::SizeConditions {
+            original: a.original_size,
+            crop: a.crops_coords_top_left.unwrap_or((0, 0)),
+            target: a.target_size,
+        },
     };
     let mut cache = ModelCache::new(match a.model.cache_gib {
         Some(g) => (g * (1u64 << 30) as f64) as u64,
@@ -843,6 +857,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         None => None,
     };
     let req = |batch: usize| GenerateRequest {
+        size_conditions: Default::default(),
         prompt: "a photograph of an astronaut riding a horse".into(),
         negative_prompt: String::new(),
         seed: 0,
@@ -1060,4 +1075,28 @@ fn bench(a: &BenchArgs) -> Result<()> {
     });
     println!("{summary}");
     Ok(())
+}
+
+/// `WxH` → (width, height), both positive.
+fn parse_wxh(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT"))?;
+    match (w.trim().parse::<usize>(), h.trim().parse::<usize>()) {
+        (Ok(w), Ok(h)) if w > 0 && h > 0 => Ok((w, h)),
+        _ => Err(format!(
+            "{s:?} is not WIDTHxHEIGHT with positive whole numbers"
+        )),
+    }
+}
+
+/// `X,Y` → (x, y).
+fn parse_xy(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (x, y) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?} is not X,Y"))?;
+    match (x.trim().parse::<usize>(), y.trim().parse::<usize>()) {
+        (Ok(x), Ok(y)) => Ok((x, y)),
+        _ => Err(format!("{s:?} is not X,Y with whole numbers")),
+    }
 }

@@ -60,6 +60,7 @@ fn sliced_attention_matches_diffusers_unet() {
                 &refs["text_out"],
                 Forward {
                     attention_slice: Some(q),
+                    ..Default::default()
                 },
             )
             .unwrap();

@@ -26,6 +26,7 @@ fn req(seed: u64, variation: Option<Variation>) -> GenerateRequest {
         clip_skip: 1,
         init_image: None,
         spacing: None,
+        size_conditions: Default::default(),
     }
 }
 

@@ -4,6 +4,7 @@
 //! samplers), `output/` (PNGs and grids).
 
 pub mod error;
+pub mod family;
 pub mod loading;
 pub mod models;
 pub mod output;

@@ -208,6 +208,17 @@ pub struct UNetConfig {
     pub downsample_padding: usize,
     pub mid_block_scale_factor: f64,
     pub sample_size: usize,
+    /// SDXL's added conditions (`addition_embed_type: "text_time"`).
+    pub added: Option<AddedConditions>,
+}
+
+/// SDXL's `text_time` added conditions: six size/crop numbers, each through sinusoidal
+/// features of `time_dim`, concatenated with the pooled text embedding (`in_dim` in all)
+/// and projected into the timestep embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddedConditions {
+    pub time_dim: usize,
+    pub in_dim: usize,
 }
 
 impl UNetConfig {
@@ -266,7 +277,19 @@ impl UNetConfig {
         c.expect_str_in("act_fn", &["silu"])?;
         c.expect_str_in("resnet_time_scale_shift", &["default"])?;
         c.expect_absent("class_embed_type")?;
-        c.expect_absent("addition_embed_type")?;
+        let added = match c.get("addition_embed_type").and_then(|v| v.as_str()) {
+            None => None,
+            Some("text_time") => Some(AddedConditions {
+                time_dim: c.usize_req("addition_time_embed_dim")?,
+                in_dim: c.usize_req("projection_class_embeddings_input_dim")?,
+            }),
+            Some(other) => {
+                return Err(c.err(
+                    "addition_embed_type",
+                    format!("{other:?} is not supported (text_time: SDXL)"),
+                ))
+            }
+        };
         c.expect_absent("encoder_hid_dim")?;
         c.expect_absent("time_cond_proj_dim")?;
         if c.bool_or("dual_cross_attention", false)? {
@@ -338,6 +361,7 @@ impl UNetConfig {
             downsample_padding: c.usize_or("downsample_padding", 1)?,
             mid_block_scale_factor: c.f64_or("mid_block_scale_factor", 1.0)?,
             sample_size: c.usize_or("sample_size", 64)?,
+            added,
         })
     }
 }

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use crate::engine::clip::ClipTextModel;
 use crate::engine::config::{ClipConfig, JsonConfig, UNetConfig, VaeConfig};
 use crate::engine::error::{Error, Result};
+use crate::engine::family::Family;
 use crate::engine::memory::{self, Offload, Part};
 use crate::engine::schedulers::SchedulerConfig;
 use crate::engine::single_file::{SingleFile, VaeFile};
@@ -299,6 +300,20 @@ pub struct ModelFiles {
     pub config_root: Option<PathBuf>,
     /// A VAE replacing the model's own (`--vae`).
     pub vae_override: Option<VaeOverride>,
+    pub family: Family,
+    /// SDXL's second text encoder (`text_encoder_2/`, with `tokenizer_2/`).
+    pub text_encoder_2: Option<SecondEncoder>,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (SDXL): an empty negative
+    /// prompt conditions on zeros instead of the encoded empty string.
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+/// The second text encoder of a dual-encoder family.
+#[derive(Clone)]
+pub struct SecondEncoder {
+    pub config: ClipConfig,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: PathBuf,
 }
 
 /// A VAE from elsewhere: a diffusers VAE folder, or a standalone single file.
@@ -451,6 +466,13 @@ impl ModelFiles {
             unet_weights: vec![path.to_path_buf()],
             vae_weights: vec![path.to_path_buf()],
             text_encoder_weights: vec![path.to_path_buf()],
+            family: if file.is_sd2 {
+                Family::Sd2
+            } else {
+                Family::Sd1
+            },
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
             single: Some(std::sync::Arc::new(file)),
             vae_override: None,
         })
@@ -461,21 +483,26 @@ impl ModelFiles {
         if root.is_file() {
             return Self::from_single_file(root, None, None);
         }
-        let index = root.join("model_index.json");
-        if index.is_file() {
-            let c = JsonConfig::load(&index)?;
+        let index_path = root.join("model_index.json");
+        let mut index = None;
+        if index_path.is_file() {
+            let c = JsonConfig::load(&index_path)?;
             let class = c.str_or("_class_name", "StableDiffusionPipeline")?;
-            if class.contains("XL") || class.contains("StableDiffusion3") || class.contains("Flux")
+            if class.contains("StableDiffusion3")
+                || class.contains("Flux")
+                || class.contains("Refiner")
+                || class.contains("Kandinsky")
             {
                 return Err(c.err(
                     "_class_name",
-                    format!("{class} is not supported (Stable Diffusion 1.x/2.x only)"),
+                    format!("{class} is not supported (Stable Diffusion 1.x/2.x and SDXL)"),
                 ));
             }
+            index = Some(c);
         } else if !root.join("unet").is_dir() {
             return Err(Error::NotFound {
                 what: "diffusers model (model_index.json)".into(),
-                path: index,
+                path: index_path,
             });
         }
         let unet_config =
@@ -488,13 +515,40 @@ impl ModelFiles {
         let scheduler_config = SchedulerConfig::from_json(JsonConfig::load(
             &root.join("scheduler").join("scheduler_config.json"),
         )?)?;
-        if clip_config.hidden_size != unet_config.cross_attention_dim {
+        let family = Family::of_folder(index.as_ref(), &unet_config, &clip_config);
+        let text_encoder_2 = if family.dual_text_encoders() {
+            let dir = root.join("text_encoder_2");
+            let config = ClipConfig::from_json(&JsonConfig::load(&dir.join("config.json"))?)?;
+            let tokenizer = root.join("tokenizer_2");
+            if !tokenizer.is_dir() {
+                return Err(Error::NotFound {
+                    what: "SDXL's second tokenizer (tokenizer_2/)".into(),
+                    path: tokenizer,
+                });
+            }
+            Some(SecondEncoder {
+                weights: find_weights(&dir, prefer_fp16)?,
+                config,
+                tokenizer,
+            })
+        } else {
+            None
+        };
+        let context_width =
+            clip_config.hidden_size + text_encoder_2.as_ref().map_or(0, |t| t.config.hidden_size);
+        let force_zeros_for_empty_prompt = index
+            .as_ref()
+            .map(|c| c.bool_or("force_zeros_for_empty_prompt", family == Family::Sdxl))
+            .transpose()?
+            .unwrap_or(family == Family::Sdxl);
+        if context_width != unet_config.cross_attention_dim {
             return Err(Error::Config {
                 path: root.join("unet").join("config.json"),
                 field: "cross_attention_dim".into(),
                 reason: format!(
-                    "{} does not match the text encoder's hidden_size {}",
-                    unet_config.cross_attention_dim, clip_config.hidden_size
+                    "{} does not match the text encoder{}'s width {context_width}",
+                    unet_config.cross_attention_dim,
+                    if text_encoder_2.is_some() { "s" } else { "" }
                 ),
             });
         }
@@ -519,6 +573,9 @@ impl ModelFiles {
             vae_config,
             clip_config,
             scheduler_config,
+            family,
+            text_encoder_2,
+            force_zeros_for_empty_prompt,
         })
     }
 
@@ -695,6 +752,51 @@ impl ModelFiles {
             |t, d| self.text_vb(t, d),
             self.text_builder(),
         )
+    }
+
+    /// SDXL's second text encoder (`CLIPTextModelWithProjection`) for `offload`.
+    pub fn text2_part(
+        &self,
+        dtype: DType,
+        device: &Device,
+        offload: Offload,
+    ) -> Result<Option<Part<ClipTextModel>>> {
+        let Some(t) = &self.text_encoder_2 else {
+            return Ok(None);
+        };
+        let (config, path) = (t.config.clone(), t.weights[0].clone());
+        let build = move |vb: VarBuilder<'static>| {
+            let m = ClipTextModel::new(vb, &config).map_err(|e| Error::Weights {
+                component: "text encoder 2",
+                path: path.clone(),
+                reason: candle_msg(&e),
+            })?;
+            if !m.has_projection() {
+                return Err(Error::Weights {
+                    component: "text encoder 2",
+                    path: path.clone(),
+                    reason: "no text_projection.weight (SDXL's second encoder is a CLIPTextModelWithProjection)".into(),
+                });
+            }
+            Ok(m)
+        };
+        let weights = t.weights.clone();
+        self.part(
+            offload,
+            dtype,
+            device,
+            move |dt, d| var_builder(&weights, dt, d, "text encoder 2"),
+            build,
+        )
+        .map(Some)
+    }
+
+    /// SDXL's second tokenizer (pads with "!").
+    pub fn load_tokenizer_2(&self) -> Result<Option<ClipTokenizer>> {
+        self.text_encoder_2
+            .as_ref()
+            .map(|t| ClipTokenizer::from_dir(&t.tokenizer))
+            .transpose()
     }
 
     /// The UNet for `offload`: on the device (full), staged in RAM and built whole while

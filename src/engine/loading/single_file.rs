@@ -479,6 +479,7 @@ impl SingleFile {
             } else {
                 64
             },
+            added: None,
         };
         if c0 != block_out[0] {
             return Err(Error::Weights {

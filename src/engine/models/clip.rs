@@ -89,10 +89,14 @@ pub struct ClipTextModel {
     layers: Vec<EncoderLayer>,
     final_norm: LayerNorm,
     max_positions: usize,
+    /// `CLIPTextModelWithProjection`'s `text_projection` (SDXL's second encoder): pooled
+    /// output → text embedding.
+    projection: Option<Linear>,
 }
 
 impl ClipTextModel {
     pub fn new(vb: VarBuilder, c: &ClipConfig) -> candle_core::Result<Self> {
+        let top = vb.clone();
         // Hub checkpoints prefix every weight with `text_model.`; transformers 5 saves without.
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
@@ -108,12 +112,27 @@ impl ClipTextModel {
             .map(|i| EncoderLayer::new(vb.pp("encoder").pp("layers").pp(i), c))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let final_norm = layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        // The projection sits beside `text_model`, at the top of the file.
+        let projection = if top.contains_tensor("text_projection.weight") {
+            let w = top.get_unchecked("text_projection.weight")?;
+            let (out, inp) = w.dims2()?;
+            if inp != c.hidden_size {
+                candle_core::bail!(
+                    "text_projection.weight is [{out}, {inp}], expected [_, {}]",
+                    c.hidden_size
+                );
+            }
+            Some(Linear::new(w, None))
+        } else {
+            None
+        };
         Ok(Self {
             token_embedding,
             position_embedding,
             layers,
             final_norm,
             max_positions: c.max_position_embeddings,
+            projection,
         })
     }
 
@@ -151,6 +170,57 @@ impl ClipTextModel {
             xs = layer.forward(&xs, &mask)?;
         }
         self.final_norm.forward(&xs)
+    }
+
+    /// SDXL's use (diffusers' `hidden_states[-(skip + 1)]`): the output of all but the last
+    /// `skip` layers, *without* the final layer norm (`skip` 1: the penultimate layer), and,
+    /// for an encoder with a projection, the pooled text embedding: the final-normed last
+    /// layer at the first end-of-text token (the largest id), projected.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        skip: usize,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let (_, t) = ids.dims2()?;
+        if t > self.max_positions {
+            candle_core::bail!(
+                "{t} tokens exceed the text encoder's {} positions",
+                self.max_positions
+            );
+        }
+        let keep = self.layers.len().saturating_sub(skip.max(1)).max(1);
+        let pos = self.position_embedding.narrow(0, 0, t)?;
+        let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&pos)?;
+        let mask = Self::causal_mask(t, xs.dtype(), xs.device())?;
+        let mut hidden = None;
+        let last = if self.projection.is_some() {
+            self.layers.len()
+        } else {
+            keep
+        };
+        for (i, layer) in self.layers[..last].iter().enumerate() {
+            xs = layer.forward(&xs, &mask)?;
+            if i + 1 == keep {
+                hidden = Some(xs.clone());
+            }
+        }
+        let hidden = hidden.unwrap_or_else(|| xs.clone());
+        let Some(proj) = &self.projection else {
+            return Ok((hidden, None));
+        };
+        let normed = self.final_norm.forward(&xs)?;
+        let eos = ids.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let rows = eos
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| normed.get(i)?.get(p as usize)?.unsqueeze(0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let pooled = proj.forward(&Tensor::cat(&rows, 0)?)?;
+        Ok((hidden, Some(pooled)))
+    }
+
+    pub fn has_projection(&self) -> bool {
+        self.projection.is_some()
     }
 
     pub fn hidden_size(&self) -> usize {

@@ -3,7 +3,7 @@
 //! self- and cross-attention in the levels the config names, skip connections between the
 //! down and up paths. Weight names follow diffusers exactly.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
 use crate::engine::config::UNetConfig;
@@ -33,11 +33,16 @@ fn timestep_features(
     shift: f64,
     dev: &candle_core::Device,
 ) -> R<Tensor> {
+    Tensor::from_vec(sinusoid(t as f32, dim, flip, shift), (1, dim), dev)?.repeat((batch, 1))
+}
+
+/// One value's sinusoidal features (`dim` of them; odd `dim` ends in a zero, as diffusers pads).
+fn sinusoid(t: f32, dim: usize, flip: bool, shift: f64) -> Vec<f32> {
     let half = dim / 2;
     let mut row = vec![0f32; dim];
     for i in 0..half {
         let exponent = (-(10000f32.ln()) * i as f32) / (half as f32 - shift as f32);
-        let arg = t as f32 * exponent.exp();
+        let arg = t * exponent.exp();
         let (s, c) = (arg.sin(), arg.cos());
         if flip {
             row[i] = c;
@@ -47,7 +52,7 @@ fn timestep_features(
             row[half + i] = c;
         }
     }
-    Tensor::from_vec(row, (1, dim), dev)?.repeat((batch, 1))
+    row
 }
 
 struct ResnetBlock {
@@ -330,11 +335,12 @@ struct Level {
     sampler: Option<Conv2d>,
 }
 
-/// Input convolution and timestep embedding.
+/// Input convolution and timestep embedding (plus SDXL's added-condition embedding).
 struct Head {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    add_linear: Option<(Linear, Linear)>,
 }
 
 struct Mid {
@@ -381,9 +387,12 @@ impl<T> std::ops::Deref for Held<'_, T> {
 
 /// Per-call options.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Forward {
+pub struct Forward<'a> {
     /// Attention slicing: queries per score matrix.
     pub attention_slice: Option<usize>,
+    /// SDXL's added conditions: the pooled text embedding [b, p] and the six time ids
+    /// [b, 6] (original size, crop top-left, target size, each as (height, width)).
+    pub added: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// The whole UNet.
@@ -415,6 +424,13 @@ fn build_head(vb: &VarBuilder, c: &UNetConfig) -> R<Head> {
         conv_in: conv(c.in_channels, ch0, 3, 1, 1, vb.pp("conv_in"))?,
         time_linear_1: linear(ch0, temb, vb.pp("time_embedding").pp("linear_1"))?,
         time_linear_2: linear(temb, temb, vb.pp("time_embedding").pp("linear_2"))?,
+        add_linear: match c.added {
+            None => None,
+            Some(a) => Some((
+                linear(a.in_dim, temb, vb.pp("add_embedding").pp("linear_1"))?,
+                linear(temb, temb, vb.pp("add_embedding").pp("linear_2"))?,
+            )),
+        },
     })
 }
 
@@ -603,7 +619,7 @@ impl UNet {
         sample: &Tensor,
         timestep: f64,
         context: &Tensor,
-        opts: Forward,
+        opts: Forward<'_>,
     ) -> R<Tensor> {
         let c = &self.config;
         let slice = opts.attention_slice;
@@ -636,6 +652,29 @@ impl UNet {
                 head.time_linear_2
                     .forward(&candle_nn::ops::silu(&head.time_linear_1.forward(&t)?)?)
             })?;
+            let temb = match (&head.add_linear, c.added, opts.added) {
+                (Some((l1, l2)), Some(a), Some((text, time_ids))) => {
+                    let ids = time_ids.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                    let feats: Vec<f32> = ids
+                        .iter()
+                        .flat_map(|row| {
+                            row.iter().flat_map(|&v| {
+                                sinusoid(v, a.time_dim, c.flip_sin_to_cos, c.freq_shift)
+                            })
+                        })
+                        .collect();
+                    let time =
+                        Tensor::from_vec(feats, (b, 6 * a.time_dim), dev)?.to_dtype(dtype)?;
+                    let x = Tensor::cat(&[&text.to_dtype(dtype)?, &time], 1)?;
+                    let aug = l2.forward(&candle_nn::ops::silu(&l1.forward(&x)?)?)?;
+                    (temb + aug)?
+                }
+                (None, None, None) => temb,
+                (Some(_), _, None) => candle_core::bail!(
+                    "this UNet (SDXL) needs the pooled text embedding and size conditions"
+                ),
+                _ => candle_core::bail!("this UNet takes no added conditions"),
+            };
             (
                 temb,
                 scope("conv 3x3", dev, || head.conv_in.forward(&sample))?,

@@ -45,6 +45,34 @@ pub struct GenerateRequest {
     pub init_image: Option<InitImage>,
     /// Overrides the scheduler config's timestep spacing (flags, model presets).
     pub spacing: Option<TimestepSpacing>,
+    /// SDXL's size conditions (ignored by other families).
+    pub size_conditions: SizeConditions,
+}
+
+/// SDXL's micro-conditioning (A1111's and diffusers' `original_size`,
+/// `crops_coords_top_left`, `target_size`): None sizes are the image's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SizeConditions {
+    /// (width, height).
+    pub original: Option<(usize, usize)>,
+    /// (left, top) in pixels.
+    pub crop: (usize, usize),
+    /// (width, height).
+    pub target: Option<(usize, usize)>,
+}
+
+impl SizeConditions {
+    /// diffusers' `add_time_ids`: original (h, w), crop (top, left), target (h, w).
+    pub fn time_ids(&self, width: usize, height: usize) -> [f32; 6] {
+        let (ow, oh) = self.original.unwrap_or((width, height));
+        let (tw, th) = self.target.unwrap_or((width, height));
+        let (cl, ct) = self.crop;
+        [oh, ow, ct, cl, th, tw].map(|v| v as f32)
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// img2img's starting picture, already at the request's size.
@@ -78,6 +106,7 @@ impl Default for GenerateRequest {
             clip_skip: 1,
             init_image: None,
             spacing: None,
+            size_conditions: SizeConditions::default(),
         }
     }
 }
@@ -167,11 +196,66 @@ struct Inpaint {
 /// The text conditioning of one job.
 enum Conditioning {
     /// No guidance: the prompt alone.
-    Single(Tensor),
+    Single(Embeds),
     /// Negative and positive prompt stacked in one batch (one UNet call per step).
-    Batched(Tensor),
+    Batched(Embeds),
     /// Different lengths: one UNet call each.
-    Separate { uncond: Tensor, cond: Tensor },
+    Separate { uncond: Embeds, cond: Embeds },
+}
+
+/// What the UNet is conditioned on for one prompt: the text context [rows, tokens, width]
+/// and, for SDXL, the added conditions [rows, pooled + 6] (pooled text embedding, then the
+/// six size numbers).
+#[derive(Clone)]
+pub struct Embeds {
+    pub context: Tensor,
+    pub added: Option<Tensor>,
+}
+
+impl Embeds {
+    fn repeat(&self, n: usize) -> Result<Self> {
+        Ok(Self {
+            context: self.context.repeat((n, 1, 1)).ctx("context")?,
+            added: self
+                .added
+                .as_ref()
+                .map(|a| a.repeat((n, 1)))
+                .transpose()
+                .ctx("added conditions")?,
+        })
+    }
+
+    fn cat(a: &Self, b: &Self) -> Result<Self> {
+        Ok(Self {
+            context: Tensor::cat(&[&a.context, &b.context], 0).ctx("context")?,
+            added: match (&a.added, &b.added) {
+                (Some(x), Some(y)) => Some(Tensor::cat(&[x, y], 0).ctx("added conditions")?),
+                _ => None,
+            },
+        })
+    }
+
+    /// diffusers' `force_zeros_for_empty_prompt`: zeros shaped like `like`, keeping its
+    /// size conditions (the negative prompt's sizes equal the prompt's).
+    fn zeros_like(like: &Self) -> Result<Self> {
+        let added = match &like.added {
+            None => None,
+            Some(a) => {
+                let p = a.dim(1).ctx("added conditions")? - 6;
+                let zeros = a.narrow(1, 0, p).and_then(|x| x.zeros_like());
+                let sizes = a.narrow(1, p, 6);
+                Some(
+                    zeros
+                        .and_then(|z| Tensor::cat(&[&z, &sizes?], 1))
+                        .ctx("added conditions")?,
+                )
+            }
+        };
+        Ok(Self {
+            context: like.context.zeros_like().ctx("context")?,
+            added,
+        })
+    }
 }
 
 /// A generation between steps (see [`StableDiffusion::begin`]).
@@ -266,6 +350,9 @@ pub struct StableDiffusion {
     pub dtype: DType,
     tokenizer: ClipTokenizer,
     text_encoder: Arc<Part<ClipTextModel>>,
+    /// SDXL's second tokenizer and text encoder.
+    tokenizer_2: Option<ClipTokenizer>,
+    text_encoder_2: Option<Arc<Part<ClipTextModel>>>,
     unet: Arc<Part<UNet>>,
     vae: Arc<Part<VaeDecoder>>,
     /// Where the components live (fixed at load).
@@ -341,12 +428,16 @@ impl StableDiffusion {
         offload: Offload,
     ) -> Result<Self> {
         let tokenizer = files.load_tokenizer()?;
+        let tokenizer_2 = files.load_tokenizer_2()?;
+        let text_encoder_2 = files.text2_part(dtype, &device, offload)?.map(Arc::new);
         Ok(Self {
             files,
             device,
             dtype,
             tokenizer,
             text_encoder,
+            tokenizer_2,
+            text_encoder_2,
             unet,
             vae,
             offload,
@@ -383,6 +474,84 @@ impl StableDiffusion {
         self.unet.release();
         self.vae.release();
         self.text_encoder.get()
+    }
+
+    /// The prompt's conditioning as this model's family takes it: one encoder's last
+    /// hidden state (SD 1.x/2.x), or SDXL's two penultimate states side by side with the
+    /// pooled second-encoder embedding and the size conditions.
+    pub fn encode(&self, text: &str, req: &GenerateRequest) -> Result<Embeds> {
+        let (Some(tok2), Some(te2)) = (&self.tokenizer_2, &self.text_encoder_2) else {
+            return Ok(Embeds {
+                context: self.encode_prompt(text, req.clip_skip)?,
+                added: None,
+            });
+        };
+        let t1 = prompt::tokenize(&self.tokenizer, text)?;
+        let t2 = prompt::tokenize(tok2, text)?;
+        if t1.chunks.len() != t2.chunks.len() {
+            return Err(Error::invalid(
+                "prompt",
+                "the two SDXL tokenizers split it into different chunks",
+            ));
+        }
+        let e1 = self.text_encoder()?;
+        let e2 = te2.get()?;
+        let mut parts = Vec::with_capacity(t1.chunks.len());
+        let mut pooled = None;
+        for (c1, c2) in t1.chunks.iter().zip(&t2.chunks) {
+            let ids = |c: &prompt::Chunk| {
+                Tensor::new(c.ids.as_slice(), &self.device)
+                    .and_then(|t| t.unsqueeze(0))
+                    .ctx("prompt ids")
+            };
+            let (h1, _) = e1
+                .forward_hidden(&ids(c1)?, req.clip_skip)
+                .ctx("text encoder")?;
+            let (h2, p) = e2
+                .forward_hidden(&ids(c2)?, req.clip_skip)
+                .ctx("text encoder 2")?;
+            for (h, files, name) in [
+                (&h1, &self.files.text_encoder_weights, "text encoder"),
+                (&h2, &self.text2_files(), "text encoder 2"),
+            ] {
+                if !all_finite(h)? {
+                    return Err(self.non_finite(name, files, "output".into()));
+                }
+            }
+            let weigh = |h: Tensor, w: &[f32]| {
+                if w.iter().all(|&x| x == 1.0) {
+                    Ok(h)
+                } else {
+                    emphasize(&h, w)
+                }
+            };
+            let h = Tensor::cat(&[weigh(h1, &c1.weights)?, weigh(h2, &c2.weights)?], 2)
+                .ctx("sdxl context")?;
+            parts.push(h);
+            // A1111 and diffusers pool the first chunk only.
+            if pooled.is_none() {
+                pooled = p;
+            }
+        }
+        let context = Tensor::cat(&parts, 1).ctx("prompt chunks")?;
+        let pooled = pooled.ok_or_else(|| Error::invalid("prompt", "no pooled embedding"))?;
+        let sizes = req.size_conditions.time_ids(req.width, req.height);
+        let time_ids = Tensor::new(&sizes, &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .and_then(|t| t.to_dtype(pooled.dtype()))
+            .ctx("size conditions")?;
+        Ok(Embeds {
+            context,
+            added: Some(Tensor::cat(&[&pooled, &time_ids], 1).ctx("added conditions")?),
+        })
+    }
+
+    fn text2_files(&self) -> Vec<PathBuf> {
+        self.files
+            .text_encoder_2
+            .as_ref()
+            .map(|t| t.weights.clone())
+            .unwrap_or_default()
     }
 
     /// The components, for tests and the status line: (text encoder, UNet, VAE).
@@ -633,19 +802,21 @@ impl StableDiffusion {
 
         // 2. Encode the prompt; guidance > 1 adds the negative prompt as a batch half.
         let t0 = Instant::now();
-        let cond = self
-            .encode_prompt(&req.prompt, req.clip_skip)?
-            .repeat((n, 1, 1))
-            .ctx("context")?;
+        let cond1 = self.encode(&req.prompt, req)?;
+        let cond = cond1.repeat(n)?;
         // Prompts of different lengths (in 77-token chunks) cannot share a batch: then the
         // negative prompt gets its own UNet call, as A1111 does by default.
         let context = if guided {
-            let uncond = self
-                .encode_prompt(&req.negative_prompt, req.clip_skip)?
-                .repeat((n, 1, 1))
-                .ctx("context")?;
-            if uncond.dim(1).ctx("context")? == cond.dim(1).ctx("context")? {
-                Conditioning::Batched(Tensor::cat(&[uncond, cond], 0).ctx("context")?)
+            let uncond = if self.files.force_zeros_for_empty_prompt
+                && req.negative_prompt.trim().is_empty()
+            {
+                Embeds::zeros_like(&cond1)?
+            } else {
+                self.encode(&req.negative_prompt, req)?
+            }
+            .repeat(n)?;
+            if uncond.context.dim(1).ctx("context")? == cond.context.dim(1).ctx("context")? {
+                Conditioning::Batched(Embeds::cat(&uncond, &cond)?)
             } else {
                 Conditioning::Separate { uncond, cond }
             }
@@ -757,11 +928,23 @@ impl StableDiffusion {
         let (i, n, len) = (run.next, run.req.batch, timesteps.len());
         let ts = Instant::now();
         let unet_model = self.unet()?;
-        let fwd = unet::Forward {
-            attention_slice: run.attention_slice,
-        };
+        let slice = run.attention_slice;
         let scheduler = &mut run.scheduler;
-        let unet = |x: &Tensor, ctx: &Tensor| -> Result<Tensor> {
+        let unet = |x: &Tensor, e: &Embeds| -> Result<Tensor> {
+            let added = match &e.added {
+                None => None,
+                Some(a) => {
+                    let p = a.dim(1).ctx("added conditions")? - 6;
+                    Some((
+                        a.narrow(1, 0, p).ctx("added conditions")?,
+                        a.narrow(1, p, 6).ctx("added conditions")?,
+                    ))
+                }
+            };
+            let fwd = unet::Forward {
+                attention_slice: slice,
+                added: added.as_ref().map(|(p, t)| (p, t)),
+            };
             let mut x = scheduler.scale_model_input(x, i)?;
             if let (true, Some(ip)) = (run.nine_channels, &run.inpaint) {
                 // The inpainting UNet also sees the mask and the masked picture.
@@ -772,7 +955,12 @@ impl StableDiffusion {
                 x = Tensor::cat(&[&x, &m, &mi], 1).ctx("inpaint input")?;
             }
             unet_model
-                .forward_with(&x.to_dtype(self.dtype).ctx("unet input")?, t, ctx, fwd)
+                .forward_with(
+                    &x.to_dtype(self.dtype).ctx("unet input")?,
+                    t,
+                    &e.context,
+                    fwd,
+                )
                 .and_then(|p| p.to_dtype(DType::F32))
                 .ctx("unet")
         };
