@@ -519,7 +519,7 @@ impl Worker {
                 let due = out.step % every == 0 && out.step < out.total;
                 if let (Some(p), Some(x0), true) = (previewer, &out.pred_original, due) {
                     let t0 = Instant::now();
-                    match p.previews(x0) {
+                    match p.previews_for(x0, lane.model.sd.files.family) {
                         Ok(imgs) => {
                             let decode_time = t0.elapsed();
                             for (img, &cell) in imgs.into_iter().zip(&lane.cells) {

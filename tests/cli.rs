@@ -1026,3 +1026,76 @@ fn disk_full_and_read_only_outputs_fail_with_the_reason_and_keep_earlier_images(
     assert!(err.starts_with("error: cannot write"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn sdxl_generates_with_its_size_conditions_and_sits_beside_sd15_in_compare() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let sdxl = common::model_dir("tiny-sdxl").display().to_string();
+    let o = generate(
+        &out,
+        &[
+            "--model",
+            &sdxl,
+            "--original-size",
+            "2048x1536",
+            "--crops-coords-top-left",
+            "16,8",
+            "--prompt",
+            "a (red:1.2) fox BREAK snow",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let png = pngs(&out).pop().unwrap();
+    let text = sd_studio::engine::metadata::read_png_parameters(&png)
+        .unwrap()
+        .unwrap();
+    assert!(
+        text.contains("Model: tiny-sdxl")
+            && text.contains("Original size: 2048x1536")
+            && text.contains("Crop coords top left: \"16,8\"")
+            && !text.contains("Target size"),
+        "{text}"
+    );
+    // The size conditions reach the UNet: another original size, another image.
+    let out2 = dir.path().join("out2");
+    let o = generate(
+        &out2,
+        &["--model", &sdxl, "--prompt", "a (red:1.2) fox BREAK snow"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (
+        common::read_png_rgb(&png).2,
+        common::read_png_rgb(&pngs(&out2)[0]).2,
+    );
+    assert_ne!(a, b, "--original-size changed nothing");
+    // Bad values are named.
+    let o = generate(&out2, &["--model", &sdxl, "--target-size", "1024x"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--target-size"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Compare across families: each row's model with its own encoders, same seeds.
+    let out3 = dir.path().join("out3");
+    let grid = dir.path().join("grid.png");
+    let o = generate(
+        &out3,
+        &[
+            "--model",
+            &tiny(),
+            "--model",
+            &sdxl,
+            "--batch",
+            "2",
+            "--grid",
+            grid.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["rows"], serde_json::json!(["tiny-sd15", "tiny-sdxl"]));
+    assert_eq!(pngs(&out3).len(), 4);
+}

@@ -30,6 +30,10 @@ fn start(taesd: bool) -> Rig {
 }
 
 fn start_with(taesd: bool, faults: sd_studio::worker::Faults) -> Rig {
+    start_model("tiny-sd15", taesd, faults)
+}
+
+fn start_model(name: &str, taesd: bool, faults: sd_studio::worker::Faults) -> Rig {
     let slots: Arc<OnceLock<Arc<PreviewSlots>>> = Arc::new(OnceLock::new());
     let previews = Arc::new(Mutex::new(Vec::new()));
     let (s, p) = (slots.clone(), previews.clone());
@@ -41,7 +45,7 @@ fn start_with(taesd: bool, faults: sd_studio::worker::Faults) -> Rig {
     let _ = slots.set(engine.previews.clone());
     sd_studio::worker::spawn_with(worker, faults).unwrap();
     engine.send(Command::LoadModel(ModelSpec {
-        model: common::model_dir("tiny-sd15").display().to_string(),
+        model: common::model_dir(name).display().to_string(),
         device: "cpu".into(),
         dtype: "f32".into(),
         taesd: taesd.then(|| common::model_dir("tiny-taesd").display().to_string()),
@@ -658,5 +662,25 @@ fn soak_500_jobs_keep_memory_flat_and_a_cancel_storm_ends_idle() {
         "cancel storm: the job after 200 generate/cancel pairs finished {:.2} s later",
         t.elapsed().as_secs_f64()
     );
+    rig.engine.send(Command::Shutdown);
+}
+
+#[test]
+fn an_sdxl_model_runs_in_the_studio_worker_with_previews() {
+    let rig = start_model("tiny-sdxl", false, Default::default());
+    let mut j = job(&rig, 1, vec![5, 6], 3);
+    j.negative_prompt = String::new(); // SDXL: zeros, not the encoded empty string
+    rig.engine.send(Command::Generate(j));
+    let events = collect(&rig.engine, 1);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::JobDone { job: 1, .. })),
+        "{events:?}"
+    );
+    let cells = cell_images(&events);
+    assert_eq!(cells.len(), 2);
+    assert!(cells.iter().all(|c| c.1 == "tiny-sdxl" && c.3.is_some()));
+    assert!(!rig.previews.lock().unwrap().is_empty(), "no previews");
     rig.engine.send(Command::Shutdown);
 }

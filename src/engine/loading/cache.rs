@@ -95,6 +95,22 @@ impl CachedModel {
             denoising_strength: req.init_image.as_ref().map(|i| i.strength),
             clip_skip: (req.clip_skip > 1).then_some(req.clip_skip),
             rng: req.rng.a1111_name().map(str::to_string),
+            sdxl_sizes: if self.sd.files.family.dual_text_encoders() {
+                let c = &req.size_conditions;
+                let mut v = Vec::new();
+                if let Some((w, h)) = c.original {
+                    v.push(("Original size", format!("{w}x{h}")));
+                }
+                if c.crop != (0, 0) {
+                    v.push(("Crop coords top left", format!("{},{}", c.crop.0, c.crop.1)));
+                }
+                if let Some((w, h)) = c.target {
+                    v.push(("Target size", format!("{w}x{h}")));
+                }
+                v
+            } else {
+                Vec::new()
+            },
         }
     }
 }

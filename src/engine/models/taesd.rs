@@ -14,6 +14,7 @@
 //! Weight names are diffusers' (`decoder.layers.{i}.conv.{0,2,4}.weight`, …), indexed as
 //! the `nn.Sequential` numbers them (ReLU and Upsample take an index but hold no weights).
 
+use crate::engine::family::Family;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -234,14 +235,35 @@ pub const SD_LATENT_RGB: [[f32; 3]; 4] = [
     [-0.2120, -0.2616, -0.7177],
 ];
 
+/// The same for SDXL's VAE latent space (ComfyUI's factors).
+pub const SDXL_LATENT_RGB: [[f32; 3]; 4] = [
+    [0.3920, 0.4054, 0.4549],
+    [-0.2634, -0.0196, 0.0653],
+    [0.0568, 0.1687, -0.0755],
+    [-0.3112, -0.2359, -0.2076],
+];
+
+/// The linear factors of a family's latent space.
+pub fn latent_rgb(family: Family) -> &'static [[f32; 3]; 4] {
+    match family {
+        Family::Sdxl => &SDXL_LATENT_RGB,
+        Family::Sd1 | Family::Sd2 => &SD_LATENT_RGB,
+    }
+}
+
 /// One latent [4, h, w] (f32, CPU-readable) → RGB8 at latent resolution (w × h pixels).
 pub fn linear_rgb(latent: &[f32], h: usize, w: usize) -> Vec<u8> {
+    linear_rgb_with(&SD_LATENT_RGB, latent, h, w)
+}
+
+/// [`linear_rgb`] with a family's factors.
+pub fn linear_rgb_with(factors: &[[f32; 3]; 4], latent: &[f32], h: usize, w: usize) -> Vec<u8> {
     let plane = h * w;
     let mut out = Vec::with_capacity(plane * 3);
     for i in 0..plane {
         for c in 0..3 {
             let mut v = 0f32;
-            for (k, row) in SD_LATENT_RGB.iter().enumerate() {
+            for (k, row) in factors.iter().enumerate() {
                 v += latent.get(k * plane + i).copied().unwrap_or(0.0) * row[c];
             }
             out.push(((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8);
@@ -278,9 +300,15 @@ impl Previewer {
 
     /// Latents [n, 4, h, w] → one RGB8 image per batch entry.
     pub fn previews(&self, latents: &Tensor) -> Result<Vec<PreviewImage>> {
+        self.previews_for(latents, Family::Sd1)
+    }
+
+    /// Previews of a `family` model's latents. The loaded TAESD is SD's (1.x/2.x latent
+    /// space); SDXL latents get SDXL's linear factors instead (TAESDXL is not wired yet).
+    pub fn previews_for(&self, latents: &Tensor, family: Family) -> Result<Vec<PreviewImage>> {
         match self {
-            Previewer::Taesd(t) => taesd_previews(t, latents),
-            Previewer::Linear => {
+            Previewer::Taesd(t) if family != Family::Sdxl => taesd_previews(t, latents),
+            _ => {
                 let (n, c, h, w) = latents.dims4().ctx("linear preview")?;
                 if c != 4 {
                     return Err(Error::invalid(
@@ -298,7 +326,12 @@ impl Previewer {
                     .map(|i| PreviewImage {
                         width: w,
                         height: h,
-                        rgb: linear_rgb(&data[i * per..(i + 1) * per], h, w),
+                        rgb: linear_rgb_with(
+                            latent_rgb(family),
+                            &data[i * per..(i + 1) * per],
+                            h,
+                            w,
+                        ),
                     })
                     .collect())
             }

@@ -36,6 +36,9 @@ pub struct Parameters {
     pub clip_skip: Option<usize>,
     /// A1111 writes "RNG: CPU" when noise did not come from the (default) GPU generator.
     pub rng: Option<String>,
+    /// SDXL's size conditions when not the image's own: "Original size", "Crop coords
+    /// top left", "Target size" (diffusers' argument names).
+    pub sdxl_sizes: Vec<(&'static str, String)>,
 }
 
 fn quote(v: &str) -> String {
@@ -90,6 +93,9 @@ impl Parameters {
         }
         if let Some(r) = &self.rng {
             pairs.push(("RNG", r.clone()));
+        }
+        for (k, v) in &self.sdxl_sizes {
+            pairs.push((k, v.clone()));
         }
         pairs.push((
             "Version",

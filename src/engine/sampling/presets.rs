@@ -36,6 +36,24 @@ const KNOWN: &[Known] = &[
         size: 512,
         spacing: Some(TimestepSpacing::Trailing),
     },
+    // SDXL-Turbo: SD-Turbo's recipe at 512² on SDXL.
+    Known {
+        id: "stabilityai/sdxl-turbo",
+        steps: 1,
+        guidance: 0.0,
+        scheduler: SchedulerKind::EulerAncestral,
+        size: 512,
+        spacing: Some(TimestepSpacing::Trailing),
+    },
+    // SDXL base: what A1111 and the diffusers docs use (25-30 steps, CFG 5-7).
+    Known {
+        id: "stabilityai/stable-diffusion-xl-base-1.0",
+        steps: 25,
+        guidance: 6.0,
+        scheduler: SchedulerKind::DpmPp2MKarras,
+        size: 1024,
+        spacing: None,
+    },
     Known {
         id: "stable-diffusion-v1-5/stable-diffusion-v1-5",
         steps: 20,
@@ -183,5 +201,11 @@ mod tests {
             Some(768)
         );
         assert!(known("someone/unknown-model").is_none());
+        let turbo = known("stabilityai/sdxl-turbo").unwrap();
+        assert_eq!((turbo.steps, turbo.guidance, turbo.size), (1, 0.0, 512));
+        assert_eq!(
+            known("/ckpt/stable-diffusion-xl-base-1.0").map(|k| k.size),
+            Some(1024)
+        );
     }
 }
