@@ -15,7 +15,11 @@ use sd_studio::engine::schedulers::SchedulerKind;
 use sd_studio::engine::unet::Forward;
 
 fn load(offload: Offload) -> StableDiffusion {
-    let files = ModelFiles::from_dir(&common::model_path("tiny-sd15"), false).unwrap();
+    load_model("tiny-sd15", offload)
+}
+
+fn load_model(name: &str, offload: Offload) -> StableDiffusion {
+    let files = ModelFiles::from_dir(&common::model_path(name), false).unwrap();
     StableDiffusion::load_offloaded(files, Device::Cpu, DType::F32, offload).unwrap()
 }
 
@@ -164,6 +168,16 @@ fn lowvram_streams_the_unet_and_changes_no_pixel() {
     assert!(low.unet().unwrap().is_streamed());
     assert!(low.parts().0.is_staged() && low.parts().2.is_staged());
     assert_eq!(pixels(&mut low), expected);
+}
+
+/// SDXL's second text encoder and added conditions through medvram and lowvram.
+#[test]
+fn sdxl_medvram_and_lowvram_change_no_pixel() {
+    let expected = pixels(&mut load_model("tiny-sdxl", Offload::Full));
+    let mut med = load_model("tiny-sdxl", Offload::Medvram);
+    assert_eq!(pixels(&mut med), expected);
+    assert!(!med.parts().0.on_device() && med.parts().2.on_device());
+    assert_eq!(pixels(&mut load_model("tiny-sdxl", Offload::Lowvram)), expected);
 }
 
 #[test]

@@ -459,10 +459,22 @@ fn component_elems(files: &ModelFiles, c: Component) -> Result<u64> {
         Component::Vae if single && files.vae_override.is_none() => {
             (&files.vae_weights, "first_stage_model.")
         }
-        Component::Text => (&files.text_encoder_weights, ""),
+        Component::Text => {
+            // SDXL: both text encoders count as the text component.
+            let second = match &files.text_encoder_2 {
+                Some(t) => sum_elems(&t.weights, "")?,
+                None => 0,
+            };
+            return Ok(sum_elems(&files.text_encoder_weights, "")? + second);
+        }
         Component::Unet => (&files.unet_weights, ""),
         Component::Vae => (&files.vae_weights, ""),
     };
+    sum_elems(paths, prefix)
+}
+
+/// Elements of the tensors named `prefix…` in `paths` (headers only).
+fn sum_elems(paths: &[PathBuf], prefix: &str) -> Result<u64> {
     let mut total = 0u64;
     for p in paths {
         if p.extension().is_some_and(|e| e == "json") {

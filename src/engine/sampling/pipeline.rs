@@ -458,14 +458,22 @@ impl StableDiffusion {
 
     /// The UNet on the device (with medvram, the text encoder and VAE leave it first).
     pub fn unet(&self) -> Result<Arc<UNet>> {
-        self.text_encoder.release();
+        self.release_text_encoders();
         self.vae.release();
         self.unet.get()
     }
 
+    /// medvram: both text encoders leave the device.
+    fn release_text_encoders(&self) {
+        self.text_encoder.release();
+        if let Some(t) = &self.text_encoder_2 {
+            t.release();
+        }
+    }
+
     /// The VAE on the device (with medvram, the text encoder and UNet leave it first).
     pub fn vae(&self) -> Result<Arc<VaeDecoder>> {
-        self.text_encoder.release();
+        self.release_text_encoders();
         self.unet.release();
         self.vae.get()
     }
