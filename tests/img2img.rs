@@ -13,7 +13,17 @@ use sd_studio::engine::schedulers::SchedulerKind;
 
 #[test]
 fn img2img_matches_diffusers() {
-    let cases = common::refs_json("img2img_cases.json");
+    check("img2img_cases.json");
+}
+
+/// SDXL's img2img (StableDiffusionXLImg2ImgPipeline, base model).
+#[test]
+fn sdxl_img2img_matches_diffusers() {
+    check("sdxl_img2img_cases.json");
+}
+
+fn check(cases_file: &str) {
+    let cases = common::refs_json(cases_file);
     let mut models: HashMap<String, StableDiffusion> = HashMap::new();
     let mut failures = Vec::new();
     for case in cases.as_array().unwrap() {

@@ -1025,6 +1025,31 @@ def make_sdxl_refs() -> None:
     with open(REFS / "sdxl_cases.json", "w") as f:
         json.dump(cases, f, indent=1)
 
+    # img2img (StableDiffusionXLImg2ImgPipeline on the base model: no aesthetic score).
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    i2i = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    cases = []
+    for sched, strength, seeds in (("euler", 0.6, [42, 43]), ("dpm++2m-karras", 0.8, [5])):
+        i2i.scheduler = make_scheduler(sched, own.config)
+        images = i2i(PROMPT, image=Image.open(REFS / "init_64x64.png"), strength=strength,
+                     negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=5.0,
+                     num_images_per_prompt=len(seeds),
+                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images
+        name = f"img2img_tiny-sdxl_{sched}_s{strength:g}"
+        paths = []
+        for seed, img in zip(seeds, images):
+            rel = f"refs/images/{name}_seed{seed}.png"
+            Image.fromarray(to_uint8(img)).save(FIXTURES / rel, optimize=True)
+            paths.append(rel)
+        cases.append(dict(name=name, model="tiny-sdxl", scheduler=sched, steps=10, guidance=5.0, prompt=PROMPT,
+                          negative_prompt=NEGATIVE, width=64, height=64, seeds=seeds, strength=strength,
+                          init_image="refs/init_64x64.png", images=paths))
+        print(f"  sdxl img2img {name}: mean {images.mean():.4f}")
+    i2i.scheduler = own
+    with open(REFS / "sdxl_img2img_cases.json", "w") as f:
+        json.dump(cases, f, indent=1)
+
 
 # --------------------------------------------------------------------------
 # A1111 prompt syntax: a second, independent implementation in Python of the semantics
