@@ -21,7 +21,18 @@ fn gray(path: &str) -> Vec<u8> {
 
 #[test]
 fn inpainting_matches_diffusers() {
-    let cases = common::refs_json("inpaint_cases.json");
+    check("inpaint_cases.json", 2);
+}
+
+/// SDXL with its ordinary UNet (StableDiffusionXLInpaintPipeline's blending).
+#[test]
+fn sdxl_inpainting_matches_diffusers() {
+    check("sdxl_inpaint_cases.json", 1);
+}
+
+/// `kinds_expected`: how many kinds of model (inpainting / ordinary) the file covers.
+fn check(cases_file: &str, kinds_expected: usize) {
+    let cases = common::refs_json(cases_file);
     let mut models: HashMap<String, StableDiffusion> = HashMap::new();
     let mut failures = Vec::new();
     let mut kinds = std::collections::HashSet::new();
@@ -73,8 +84,8 @@ fn inpainting_matches_diffusers() {
     }
     assert_eq!(
         kinds.len(),
-        2,
-        "both an inpainting and an ordinary model were tested"
+        kinds_expected,
+        "inpainting and ordinary models tested"
     );
     assert!(
         failures.is_empty(),

@@ -1050,6 +1050,32 @@ def make_sdxl_refs() -> None:
     with open(REFS / "sdxl_img2img_cases.json", "w") as f:
         json.dump(cases, f, indent=1)
 
+    # Inpainting with the ordinary 4-channel UNet (StableDiffusionXLInpaintPipeline blends
+    # the known region back after every step).
+    from diffusers import StableDiffusionXLInpaintPipeline
+    inp = StableDiffusionXLInpaintPipeline(**pipe.components)
+    inp.set_progress_bar_config(disable=True)
+    cases = []
+    for sched, strength, seeds in (("euler-a", 1.0, [42, 43]), ("ddim", 0.7, [42])):
+        inp.scheduler = make_scheduler(sched, own.config)
+        images = inp(PROMPT, image=Image.open(REFS / "init_64x64.png"), mask_image=Image.open(REFS / "mask_64x64.png"),
+                     strength=strength, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=5.0,
+                     height=64, width=64, num_images_per_prompt=len(seeds),
+                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images
+        name = f"inpaint_tiny-sdxl_{sched}_s{strength:g}"
+        paths = []
+        for seed, img in zip(seeds, images):
+            rel = f"refs/images/{name}_seed{seed}.png"
+            Image.fromarray(to_uint8(img)).save(FIXTURES / rel, optimize=True)
+            paths.append(rel)
+        cases.append(dict(name=name, model="tiny-sdxl", scheduler=sched, steps=8, guidance=5.0, prompt=PROMPT,
+                          negative_prompt=NEGATIVE, width=64, height=64, seeds=seeds, strength=strength,
+                          init_image="refs/init_64x64.png", mask="refs/mask_64x64.png", images=paths))
+        print(f"  sdxl inpaint {name}: mean {images.mean():.4f}")
+    inp.scheduler = own
+    with open(REFS / "sdxl_inpaint_cases.json", "w") as f:
+        json.dump(cases, f, indent=1)
+
 
 # --------------------------------------------------------------------------
 # A1111 prompt syntax: a second, independent implementation in Python of the semantics

@@ -177,7 +177,10 @@ fn sdxl_medvram_and_lowvram_change_no_pixel() {
     let mut med = load_model("tiny-sdxl", Offload::Medvram);
     assert_eq!(pixels(&mut med), expected);
     assert!(!med.parts().0.on_device() && med.parts().2.on_device());
-    assert_eq!(pixels(&mut load_model("tiny-sdxl", Offload::Lowvram)), expected);
+    assert_eq!(
+        pixels(&mut load_model("tiny-sdxl", Offload::Lowvram)),
+        expected
+    );
 }
 
 #[test]
