@@ -953,6 +953,48 @@ def load_sdxl(name: str) -> StableDiffusionXLPipeline:
     return pipe
 
 
+def make_single_file_sdxl(pipe: StableDiffusionXLPipeline) -> None:
+    """tiny-sdxl as one file in the original SGM layout, as SDXL checkpoints (and their
+    fine-tunes) ship: model.diffusion_model.* with label_emb, conditioner.embedders.0 (CLIP-L,
+    transformers names), conditioner.embedders.1.model (OpenCLIP: packed q/k/v, ln_final,
+    text_projection as x @ P), first_stage_model.*; checked by loading it back with
+    diffusers' own from_single_file."""
+    sd = _orig_unet_and_vae(pipe)
+    for k, v in pipe.text_encoder.state_dict().items():
+        # transformers >= 5.6 saves CLIPTextModel without its `text_model.` level; checkpoints have it
+        k = k if k.startswith("text_model.") else "text_model." + k
+        sd["conditioner.embedders.0.transformer." + k] = v
+    te2 = pipe.text_encoder_2.state_dict()
+    P = "conditioner.embedders.1.model."
+    sd[P + "token_embedding.weight"] = te2["text_model.embeddings.token_embedding.weight"]
+    sd[P + "positional_embedding"] = te2["text_model.embeddings.position_embedding.weight"]
+    for i in range(pipe.text_encoder_2.config.num_hidden_layers):
+        p, q = f"text_model.encoder.layers.{i}.", f"{P}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            sd[q + f"attn.in_proj_{kind}"] = torch.cat([te2[p + f"self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            for a, b in (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."),
+                         ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")):
+                sd[q + b + kind] = te2[p + a + kind]
+    sd[P + "ln_final.weight"] = te2["text_model.final_layer_norm.weight"]
+    sd[P + "ln_final.bias"] = te2["text_model.final_layer_norm.bias"]
+    sd[P + "text_projection"] = te2["text_projection.weight"].T
+    sd[P + "logit_scale"] = torch.tensor(4.6052)
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    out = FIXTURES / "single"
+    out.mkdir(exist_ok=True)
+    path = out / "tiny-sdxl.safetensors"
+    save_file(sd, path)
+    back = StableDiffusionXLPipeline.from_single_file(str(path), config=str(FIXTURES / "tiny-sdxl"),
+                                                      torch_dtype=torch.float32)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ref, got = getattr(pipe, name).state_dict(), getattr(back, name).state_dict()
+        missing = set(ref) - set(got)
+        assert not missing, f"{name}: {sorted(missing)[:5]}"
+        for k in ref:
+            assert torch.equal(ref[k].float(), got[k].float().reshape(ref[k].shape)), f"{name}.{k} differs"
+    print(f"  single file {path.name}: {len(sd)} tensors, loaded back identically by from_single_file")
+
+
 SDXL_SCHEDULERS = ["euler", "euler-a", "dpm++2m-karras", "ddim"]
 
 
@@ -960,6 +1002,7 @@ SDXL_SCHEDULERS = ["euler", "euler-a", "dpm++2m-karras", "ddim"]
 def make_sdxl_refs() -> None:
     save_sdxl("tiny-sdxl")
     pipe = load_sdxl("tiny-sdxl")
+    make_single_file_sdxl(pipe)
     # Components: both encoders' penultimate hidden states and the pooled projection, the
     # UNet with its added conditions.
     ids1 = pipe.tokenizer([PROMPT, ""], padding="max_length", max_length=77, truncation=True,
@@ -1357,9 +1400,10 @@ def _orig_resnet(rest: str) -> str:
     return rest
 
 
-def _orig_unet_key(k: str, lpb: int, n_levels: int) -> str:
+def _orig_unet_key(k: str, lpb: int, n_levels: int, up_attn: list[bool] | None = None) -> str:
     per = lpb + 1
     direct = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+              "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2.",
               "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
     for a, b in direct.items():
         if k.startswith(a):
@@ -1385,7 +1429,7 @@ def _orig_unet_key(k: str, lpb: int, n_levels: int) -> str:
         if kind == "attentions":
             return f"output_blocks.{lvl * per + int(idx)}.1.{rest}"
         if kind == "upsamplers":
-            has_attn = lvl > 0  # tiny-sd15: the first up block has no attention
+            has_attn = up_attn[lvl] if up_attn else lvl > 0  # tiny-sd15: the first up block has none
             return f"output_blocks.{lvl * per + lpb}.{2 if has_attn else 1}.{'.'.join(parts[4:])}"
     raise KeyError(k)
 
@@ -1424,9 +1468,10 @@ def _orig_unet_and_vae(pipe: StableDiffusionPipeline) -> dict:
     """The pipeline's UNet and VAE under original-checkpoint names."""
     lpb = pipe.unet.config.layers_per_block
     n_levels = len(pipe.unet.config.block_out_channels)
+    up_attn = ["CrossAttn" in t for t in pipe.unet.config.up_block_types]
     sd = {}
     for k, v in pipe.unet.state_dict().items():
-        sd["model.diffusion_model." + _orig_unet_key(k, lpb, n_levels)] = v
+        sd["model.diffusion_model." + _orig_unet_key(k, lpb, n_levels, up_attn)] = v
     vae_levels = len(pipe.vae.config.block_out_channels)
     for k, v in pipe.vae.state_dict().items():
         if any(x in k for x in ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) and "mid_block" in k:

@@ -179,3 +179,60 @@ fn sd2_single_file_with_open_clip_text_encoder_gives_the_folders_image() {
     assert_eq!(inferred.clip_config.num_hidden_layers, 2);
     assert_eq!(inferred.clip_config.vocab_size, 49408);
 }
+
+/// SDXL in the original SGM layout (checked in the reference script by loading it back with
+/// diffusers' `from_single_file`): the folder's images, its UNet architecture (head width
+/// 64, 32 groups, per-level transformer depth, added conditions) inferred from the shapes.
+#[test]
+fn sdxl_single_file_gives_the_folders_images_and_its_unet_is_inferred() {
+    let path = common::fixtures()
+        .join("single")
+        .join("tiny-sdxl.safetensors");
+    let files =
+        ModelFiles::from_single_file(&path, None, Some(&common::model_dir("tiny-sdxl"))).unwrap();
+    assert_eq!(files.family, sd_studio::engine::family::Family::Sdxl);
+    let mut single = StableDiffusion::load(files, Device::Cpu, DType::F32).unwrap();
+    let mut folder = common::load_model("tiny-sdxl");
+    for req in [
+        request(),
+        GenerateRequest {
+            negative_prompt: String::new(), // zeros for SDXL
+            guidance: 5.0,
+            width: 96,
+            scheduler: SchedulerKind::DpmPp2MKarras,
+            ..request()
+        },
+    ] {
+        let a = single.generate(&req, &mut |_| Ok(())).unwrap();
+        let b = folder.generate(&req, &mut |_| Ok(())).unwrap();
+        assert_eq!(common::max_pixel_diff(&a[0].rgb, &b[0].rgb), 0);
+    }
+
+    let inferred = ModelFiles::from_single_file(&path, None, None).unwrap();
+    let folder = ModelFiles::from_dir(&common::model_dir("tiny-sdxl"), false).unwrap();
+    let (u, f) = (&inferred.unet_config, &folder.unet_config);
+    assert_eq!(u.block_out_channels, f.block_out_channels);
+    assert_eq!(u.layers_per_block, f.layers_per_block);
+    assert_eq!(u.cross_attn, f.cross_attn);
+    assert_eq!(u.num_heads, f.num_heads);
+    assert_eq!(u.transformer_layers, f.transformer_layers);
+    assert_eq!(u.cross_attention_dim, f.cross_attention_dim);
+    assert!(u.use_linear_projection);
+    assert_eq!(u.added, f.added);
+    assert_eq!(inferred.family, sd_studio::engine::family::Family::Sdxl);
+    assert!(inferred.force_zeros_for_empty_prompt);
+    // OpenCLIP bigG: every layer kept (the pooled output needs the last), heads 64 wide.
+    let t2 = inferred.text_encoder_2.as_ref().unwrap();
+    let f2 = folder.text_encoder_2.as_ref().unwrap();
+    assert_eq!(t2.config.num_hidden_layers, f2.config.num_hidden_layers);
+    assert_eq!(t2.config.hidden_size, f2.config.hidden_size);
+    // The scheduler is SDXL base's: Euler, leading spacing, steps_offset 1.
+    assert_eq!(
+        inferred
+            .scheduler_config
+            .raw
+            .str_or("_class_name", "")
+            .unwrap(),
+        "EulerDiscreteScheduler"
+    );
+}

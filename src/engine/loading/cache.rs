@@ -454,13 +454,21 @@ pub fn component_bytes(files: &ModelFiles, dtype: DType) -> Result<[u64; 3]> {
 fn component_elems(files: &ModelFiles, c: Component) -> Result<u64> {
     let single = files.single.is_some();
     let (paths, prefix): (&[PathBuf], &str) = match c {
-        Component::Text if single => (&files.text_encoder_weights, "cond_stage_model."),
+        Component::Text if single => (
+            &files.text_encoder_weights,
+            if files.family == crate::engine::family::Family::Sdxl {
+                "conditioner."
+            } else {
+                "cond_stage_model."
+            },
+        ),
         Component::Unet if single => (&files.unet_weights, "model.diffusion_model."),
         Component::Vae if single && files.vae_override.is_none() => {
             (&files.vae_weights, "first_stage_model.")
         }
         Component::Text => {
-            // SDXL: both text encoders count as the text component.
+            // SDXL: both text encoders count as the text component (a single file's
+            // second encoder is counted with its `conditioner.` prefix above).
             let second = match &files.text_encoder_2 {
                 Some(t) => sum_elems(&t.weights, "")?,
                 None => 0,

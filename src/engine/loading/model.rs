@@ -439,22 +439,52 @@ impl ModelFiles {
         config: Option<&Path>,
     ) -> Result<Self> {
         let (file, scheduler_config) = SingleFile::open(path, v_prediction)?;
-        let (unet_config, vae_config, clip_config, scheduler_config) = match config {
+        // SDXL's second encoder: its weights are in the file too; its tokenizer is the
+        // built-in one padded with "!" (an empty path), or the `--config` folder's.
+        let second = |config: ClipConfig, tokenizer: PathBuf| SecondEncoder {
+            config,
+            weights: vec![path.to_path_buf()],
+            tokenizer,
+        };
+        let (unet_config, vae_config, clip_config, scheduler_config, text_encoder_2) = match config
+        {
             None => (
                 file.unet_config.clone(),
                 file.vae_config.clone(),
                 file.clip_config.clone(),
                 scheduler_config,
+                file.clip2_config.clone().map(|c| second(c, PathBuf::new())),
             ),
             Some(dir) => {
                 let c = Self::from_dir(dir, false)?;
+                let t2 = c.text_encoder_2.map(|t| second(t.config, t.tokenizer));
+                if t2.is_some() != file.is_sdxl {
+                    return Err(Error::invalid(
+                        "config",
+                        format!(
+                            "{} describes {} but {} is {}",
+                            dir.display(),
+                            c.family.name(),
+                            path.display(),
+                            if file.is_sdxl { "SDXL" } else { "not SDXL" }
+                        ),
+                    ));
+                }
                 (
                     c.unet_config,
                     c.vae_config,
                     c.clip_config,
                     c.scheduler_config,
+                    t2,
                 )
             }
+        };
+        let family = if file.is_sdxl {
+            Family::Sdxl
+        } else if file.is_sd2 {
+            Family::Sd2
+        } else {
+            Family::Sd1
         };
         Ok(Self {
             root: path.to_path_buf(),
@@ -466,13 +496,9 @@ impl ModelFiles {
             unet_weights: vec![path.to_path_buf()],
             vae_weights: vec![path.to_path_buf()],
             text_encoder_weights: vec![path.to_path_buf()],
-            family: if file.is_sd2 {
-                Family::Sd2
-            } else {
-                Family::Sd1
-            },
-            text_encoder_2: None,
-            force_zeros_for_empty_prompt: false,
+            family,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: family == Family::Sdxl,
             single: Some(std::sync::Arc::new(file)),
             vae_override: None,
         })
@@ -642,7 +668,8 @@ impl ModelFiles {
             return ClipTokenizer::from_dir(&dir.join("tokenizer"));
         }
         if let Some(f) = &self.single {
-            // Single files carry no tokenizer: the built-in CLIP one, padded as SD 2.x pads.
+            // Single files carry no tokenizer: the built-in CLIP one, padded as SD 2.x pads
+            // (SDXL's first encoder pads as SD 1.x does).
             return ClipTokenizer::builtin(if f.is_sd2 { "!" } else { "<|endoftext|>" });
         }
         ClipTokenizer::from_dir(&self.root.join("tokenizer"))
@@ -781,11 +808,15 @@ impl ModelFiles {
             Ok(m)
         };
         let weights = t.weights.clone();
+        let single = self.single.clone();
         self.part(
             offload,
             dtype,
             device,
-            move |dt, d| var_builder(&weights, dt, d, "text encoder 2"),
+            move |dt, d| match &single {
+                Some(f) => Ok(f.text2_vb(dt, d)),
+                None => var_builder(&weights, dt, d, "text encoder 2"),
+            },
             build,
         )
         .map(Some)
@@ -795,7 +826,13 @@ impl ModelFiles {
     pub fn load_tokenizer_2(&self) -> Result<Option<ClipTokenizer>> {
         self.text_encoder_2
             .as_ref()
-            .map(|t| ClipTokenizer::from_dir(&t.tokenizer))
+            .map(|t| {
+                if t.tokenizer.as_os_str().is_empty() {
+                    ClipTokenizer::builtin("!")
+                } else {
+                    ClipTokenizer::from_dir(&t.tokenizer)
+                }
+            })
             .transpose()
     }
 

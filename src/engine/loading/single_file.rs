@@ -25,6 +25,9 @@ const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
 const CLIP_L: &str = "cond_stage_model.transformer.";
 const OPEN_CLIP: &str = "cond_stage_model.model.";
+/// SDXL (SGM layout): CLIP ViT-L in transformers' names, OpenCLIP ViT-bigG in its own.
+const SDXL_CLIP_L: &str = "conditioner.embedders.0.transformer.";
+const SDXL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
 
 /// Where a diffusers-named tensor comes from.
 #[derive(Debug, Clone)]
@@ -32,6 +35,8 @@ enum Src {
     Same(String),
     /// Rows `part`/3 of a packed q/k/v tensor (OpenCLIP's `in_proj_*`).
     Third(String, usize),
+    /// A matrix stored the other way round (OpenCLIP's `text_projection`, used as x @ P).
+    Transposed(String),
 }
 
 /// The VAE architecture from an original-layout VAE's tensor shapes (`prefix` is
@@ -184,10 +189,14 @@ pub struct SingleFile {
     unet: HashMap<String, Src>,
     vae: HashMap<String, Src>,
     text: HashMap<String, Src>,
+    /// SDXL's OpenCLIP ViT-bigG.
+    text2: HashMap<String, Src>,
     pub unet_config: UNetConfig,
     pub vae_config: VaeConfig,
     pub clip_config: ClipConfig,
+    pub clip2_config: Option<ClipConfig>,
     pub is_sd2: bool,
+    pub is_sdxl: bool,
 }
 
 fn resnet_rename(rest: &str) -> String {
@@ -221,6 +230,12 @@ fn unet_name(k: &str, lpb: usize) -> Option<String> {
     }
     if let Some(r) = k.strip_prefix("time_embed.2.") {
         return Some(format!("time_embedding.linear_2.{r}"));
+    }
+    if let Some(r) = k.strip_prefix("label_emb.0.0.") {
+        return Some(format!("add_embedding.linear_1.{r}"));
+    }
+    if let Some(r) = k.strip_prefix("label_emb.0.2.") {
+        return Some(format!("add_embedding.linear_2.{r}"));
     }
     if let Some(r) = k.strip_prefix("out.0.") {
         return Some(format!("conv_norm_out.{r}"));
@@ -328,9 +343,11 @@ fn vae_name(k: &str, levels: usize) -> Option<String> {
     Some(format!("{half}.{mapped}"))
 }
 
-/// OpenCLIP (SD 2.x) names → transformers' CLIP names; q/k/v come packed.
-fn open_clip_names(k: &str, layers: usize) -> Vec<(String, Src)> {
-    let src = format!("{OPEN_CLIP}{k}");
+/// OpenCLIP names (under `prefix`) → transformers' CLIP names; q/k/v come packed. Layers
+/// from `layers` on are left out (SD 2.x conditions on the penultimate one; SDXL keeps all
+/// for its pooled output, and its `text_projection`).
+fn open_clip_names(prefix: &str, k: &str, layers: usize) -> Vec<(String, Src)> {
+    let src = format!("{prefix}{k}");
     let same = |n: String| vec![(n, Src::Same(src.clone()))];
     match k {
         "token_embedding.weight" => {
@@ -343,6 +360,9 @@ fn open_clip_names(k: &str, layers: usize) -> Vec<(String, Src)> {
     }
     if let Some(r) = k.strip_prefix("ln_final.") {
         return same(format!("text_model.final_layer_norm.{r}"));
+    }
+    if k == "text_projection" {
+        return vec![("text_projection.weight".into(), Src::Transposed(src))];
     }
     let Some(r) = k.strip_prefix("transformer.resblocks.") else {
         return vec![];
@@ -390,6 +410,60 @@ fn open_clip_names(k: &str, layers: usize) -> Vec<(String, Src)> {
             vec![]
         }
     }
+}
+
+/// CLIP ViT-L's architecture from its tensors (transformers' names under `prefix`, with or
+/// without `text_model.`): heads 64 wide.
+fn clip_l_config<'a>(
+    shape: &dyn Fn(&str) -> Result<&'a Vec<usize>>,
+    prefix: &str,
+    shapes: &HashMap<String, Vec<usize>>,
+) -> Result<ClipConfig> {
+    let p = if shapes.contains_key(&format!(
+        "{prefix}text_model.embeddings.token_embedding.weight"
+    )) {
+        "text_model."
+    } else {
+        ""
+    };
+    let emb = shape(&format!("{prefix}{p}embeddings.token_embedding.weight"))?;
+    let layers = (0..64)
+        .take_while(|i| {
+            shapes.contains_key(&format!("{prefix}{p}encoder.layers.{i}.layer_norm1.weight"))
+        })
+        .count();
+    Ok(ClipConfig {
+        vocab_size: emb[0],
+        hidden_size: emb[1],
+        intermediate_size: shape(&format!("{prefix}{p}encoder.layers.0.mlp.fc1.weight"))?[0],
+        num_hidden_layers: layers,
+        num_attention_heads: (emb[1] / 64).max(1),
+        max_position_embeddings: shape(&format!(
+            "{prefix}{p}embeddings.position_embedding.weight"
+        ))?[0],
+        activation: Activation::QuickGelu,
+        layer_norm_eps: 1e-5,
+    })
+}
+
+/// An OpenCLIP text tower's architecture (ViT-H for SD 2.x, ViT-bigG for SDXL) from its
+/// tensors under `prefix`, `layers` of them used: heads 64 wide, exact GELU.
+fn open_clip_config<'a>(
+    shape: &dyn Fn(&str) -> Result<&'a Vec<usize>>,
+    prefix: &str,
+    layers: usize,
+) -> Result<ClipConfig> {
+    let emb = shape(&format!("{prefix}token_embedding.weight"))?;
+    Ok(ClipConfig {
+        vocab_size: emb[0],
+        hidden_size: emb[1],
+        intermediate_size: shape(&format!("{prefix}transformer.resblocks.0.mlp.c_fc.weight"))?[0],
+        num_hidden_layers: layers,
+        num_attention_heads: (emb[1] / 64).max(1),
+        max_position_embeddings: shape(&format!("{prefix}positional_embedding"))?[0],
+        activation: Activation::Gelu,
+        layer_norm_eps: 1e-5,
+    })
 }
 
 impl SingleFile {
@@ -445,18 +519,59 @@ impl SingleFile {
                     component: "checkpoint",
                     path: path.to_path_buf(),
                     reason:
-                        "no UNet cross-attention found: not a Stable Diffusion 1.x/2.x checkpoint"
+                        "no UNet cross-attention found: not a Stable Diffusion 1.x/2.x or SDXL checkpoint"
                             .into(),
                 }),
             };
-        let is_sd2 = ctx_dim == 1024;
+        let is_sdxl = shapes.contains_key(&format!("{SDXL_OPEN_CLIP}positional_embedding"))
+            || shapes.contains_key(&format!("{UNET}label_emb.0.0.weight"));
+        let is_sd2 = !is_sdxl && ctx_dim == 1024;
         let linear = shapes
             .iter()
             .any(|(k, s)| k.starts_with(UNET) && k.ends_with("proj_in.weight") && s.len() == 2);
+        // Heads 64 wide (SD 2.x, SDXL), or 8 per block (SD 1.x).
         let heads: Vec<usize> = block_out
             .iter()
-            .map(|&c| if is_sd2 { (c / 64).max(1) } else { 8 })
+            .map(|&c| {
+                if is_sd2 || is_sdxl {
+                    (c / 64).max(1)
+                } else {
+                    8
+                }
+            })
             .collect();
+        // Transformer layers per level, counted in each level's first attention.
+        let transformer_layers: Vec<usize> = (0..levels)
+            .map(|i| {
+                let b = i * (lpb + 1) + 1;
+                (0..64)
+                    .take_while(|t| {
+                        shapes.contains_key(&format!(
+                            "{UNET}input_blocks.{b}.1.transformer_blocks.{t}.attn1.to_q.weight"
+                        ))
+                    })
+                    .count()
+                    .max(1)
+            })
+            .collect();
+        let added = if is_sdxl {
+            let emb = shape(&format!("{UNET}label_emb.0.0.weight"))?;
+            let pooled = shape(&format!("{SDXL_OPEN_CLIP}text_projection"))?[1];
+            let in_dim = emb[1];
+            if in_dim <= pooled || (in_dim - pooled) % 6 != 0 {
+                return Err(Error::Weights {
+                    component: "unet",
+                    path: path.to_path_buf(),
+                    reason: format!("label_emb takes {in_dim} inputs, not the pooled {pooled} + 6 size features"),
+                });
+            }
+            Some(crate::engine::config::AddedConditions {
+                time_dim: (in_dim - pooled) / 6,
+                in_dim,
+            })
+        } else {
+            None
+        };
         let unet_config = UNetConfig {
             in_channels,
             out_channels: shape(&format!("{UNET}out.2.weight"))?[0],
@@ -464,7 +579,7 @@ impl SingleFile {
             cross_attn: cross,
             layers_per_block: lpb,
             num_heads: heads,
-            transformer_layers: vec![1; levels],
+            transformer_layers,
             cross_attention_dim: ctx_dim,
             use_linear_projection: linear,
             norm_num_groups: 32,
@@ -474,12 +589,14 @@ impl SingleFile {
             center_input_sample: false,
             downsample_padding: 1,
             mid_block_scale_factor: 1.0,
-            sample_size: if is_sd2 && v_prediction.unwrap_or(false) {
+            sample_size: if is_sdxl {
+                128
+            } else if is_sd2 && v_prediction.unwrap_or(false) {
                 96
             } else {
                 64
             },
-            added: None,
+            added,
         };
         if c0 != block_out[0] {
             return Err(Error::Weights {
@@ -496,11 +613,16 @@ impl SingleFile {
         let mut unet = HashMap::new();
         let mut vae = HashMap::new();
         let mut text = HashMap::new();
-        let open_clip_layers = (0..64)
-            .take_while(|i| {
-                shapes.contains_key(&format!("{OPEN_CLIP}transformer.resblocks.{i}.ln_1.weight"))
-            })
-            .count();
+        let mut text2 = HashMap::new();
+        let count_layers = |prefix: &str| {
+            (0..128)
+                .take_while(|i| {
+                    shapes.contains_key(&format!("{prefix}transformer.resblocks.{i}.ln_1.weight"))
+                })
+                .count()
+        };
+        let open_clip_layers = count_layers(OPEN_CLIP);
+        let big_g_layers = count_layers(SDXL_OPEN_CLIP);
         for k in shapes.keys() {
             if let Some(r) = k.strip_prefix(UNET) {
                 if let Some(n) = unet_name(r, lpb) {
@@ -513,55 +635,31 @@ impl SingleFile {
             } else if let Some(r) = k.strip_prefix(CLIP_L) {
                 text.insert(r.to_string(), Src::Same(k.clone()));
             } else if let Some(r) = k.strip_prefix(OPEN_CLIP) {
-                for (n, s) in open_clip_names(r, open_clip_layers.saturating_sub(1)) {
+                for (n, s) in open_clip_names(OPEN_CLIP, r, open_clip_layers.saturating_sub(1)) {
                     text.insert(n, s);
+                }
+            } else if let Some(r) = k.strip_prefix(SDXL_CLIP_L) {
+                text.insert(r.to_string(), Src::Same(k.clone()));
+            } else if let Some(r) = k.strip_prefix(SDXL_OPEN_CLIP) {
+                for (n, s) in open_clip_names(SDXL_OPEN_CLIP, r, big_g_layers) {
+                    text2.insert(n, s);
                 }
             }
         }
 
-        // Text encoder.
-        let clip_config = if open_clip_layers > 0 {
-            let emb = shape(&format!("{OPEN_CLIP}token_embedding.weight"))?;
-            ClipConfig {
-                vocab_size: emb[0],
-                hidden_size: emb[1],
-                intermediate_size: shape(&format!(
-                    "{OPEN_CLIP}transformer.resblocks.0.mlp.c_fc.weight"
-                ))?[0],
-                num_hidden_layers: open_clip_layers - 1,
-                num_attention_heads: emb[1] / 64,
-                max_position_embeddings: shape(&format!("{OPEN_CLIP}positional_embedding"))?[0],
-                activation: Activation::Gelu,
-                layer_norm_eps: 1e-5,
-            }
+        // Text encoder(s).
+        let (clip_config, clip2_config) = if is_sdxl {
+            (
+                clip_l_config(&shape, SDXL_CLIP_L, &shapes)?,
+                Some(open_clip_config(&shape, SDXL_OPEN_CLIP, big_g_layers)?),
+            )
+        } else if open_clip_layers > 0 {
+            (
+                open_clip_config(&shape, OPEN_CLIP, open_clip_layers - 1)?,
+                None,
+            )
         } else {
-            let p = if shapes.contains_key(&format!(
-                "{CLIP_L}text_model.embeddings.token_embedding.weight"
-            )) {
-                "text_model."
-            } else {
-                ""
-            };
-            let emb = shape(&format!("{CLIP_L}{p}embeddings.token_embedding.weight"))?;
-            let layers = (0..64)
-                .take_while(|i| {
-                    shapes
-                        .contains_key(&format!("{CLIP_L}{p}encoder.layers.{i}.layer_norm1.weight"))
-                })
-                .count();
-            ClipConfig {
-                vocab_size: emb[0],
-                hidden_size: emb[1],
-                intermediate_size: shape(&format!("{CLIP_L}{p}encoder.layers.0.mlp.fc1.weight"))?
-                    [0],
-                num_hidden_layers: layers,
-                num_attention_heads: (emb[1] / 64).max(1),
-                max_position_embeddings: shape(&format!(
-                    "{CLIP_L}{p}embeddings.position_embedding.weight"
-                ))?[0],
-                activation: Activation::QuickGelu,
-                layer_norm_eps: 1e-5,
-            }
+            (clip_l_config(&shape, CLIP_L, &shapes)?, None)
         };
 
         // v-prediction: the flag, else an A1111-style .yaml beside the file, else SD 2.x at 768.
@@ -571,13 +669,24 @@ impl SingleFile {
                 .map(|t| t.contains("parameterization: \"v\"") || t.contains("parameterization: v"))
                 .unwrap_or(false)
         });
-        let sched = serde_json::json!({
+        let sched = if is_sdxl {
+            // SDXL base's scheduler_config.json.
+            serde_json::json!({
+                "_class_name": "EulerDiscreteScheduler",
+                "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading",
+                "interpolation_type": "linear", "use_karras_sigmas": false,
+                "prediction_type": if v { "v_prediction" } else { "epsilon" },
+            })
+        } else {
+            serde_json::json!({
             "_class_name": if is_sd2 { "DDIMScheduler" } else { "PNDMScheduler" },
             "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true,
             "steps_offset": 1, "clip_sample": false,
             "prediction_type": if v { "v_prediction" } else { "epsilon" },
-        });
+            })
+        };
         let sched = SchedulerConfig::from_json(JsonConfig::from_value(path.to_path_buf(), sched))?;
         let file = Self {
             path: path.to_path_buf(),
@@ -586,10 +695,13 @@ impl SingleFile {
             unet,
             vae,
             text,
+            text2,
             unet_config,
             vae_config,
             clip_config,
+            clip2_config,
             is_sd2,
+            is_sdxl,
         };
         Ok((file, sched))
     }
@@ -617,6 +729,9 @@ impl SingleFile {
     pub fn text_vb(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         self.builder(&self.text, dtype, device)
     }
+    pub fn text2_vb(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        self.builder(&self.text2, dtype, device)
+    }
 
     /// Tensors in the file that no component used (for diagnostics).
     pub fn tensor_count(&self) -> usize {
@@ -643,6 +758,11 @@ impl Renamed {
                 let t = crate::engine::weights::load_float(&self.st, &self.path, s, dev)?;
                 let rows = t.dim(0)? / 3;
                 t.narrow(0, part * rows, rows)
+            }
+            Some(Src::Transposed(s)) => {
+                crate::engine::weights::load_float(&self.st, &self.path, s, dev)?
+                    .t()?
+                    .contiguous()
             }
         }
     }
