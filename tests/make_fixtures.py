@@ -1003,6 +1003,7 @@ def make_sdxl_refs() -> None:
     save_sdxl("tiny-sdxl")
     pipe = load_sdxl("tiny-sdxl")
     make_single_file_sdxl(pipe)
+    make_sdxl_prompt_refs()
     # Components: both encoders' penultimate hidden states and the pooled projection, the
     # UNet with its added conditions.
     ids1 = pipe.tokenizer([PROMPT, ""], padding="max_length", max_length=77, truncation=True,
@@ -1242,6 +1243,42 @@ def make_prompt_refs(pipes: dict[str, StableDiffusionPipeline]) -> None:
             meta.append({"name": name, "model": model, "prompt": prompt, "clip_skip": clip_skip, "chunks": len(all_ids)})
     save_file(tensors, REFS / "prompts.safetensors")
     with open(REFS / "prompts.json", "w") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+
+
+@torch.no_grad()
+def make_sdxl_prompt_refs() -> None:
+    """A1111's SDXL conditioning, by the same independent parser and chunker: each encoder
+    chunks the prompt with its own tokenizer (CLIP-L pads with the end token, bigG with
+    "!"), each chunk's penultimate hidden state (no final layer norm) is weighted with
+    mean restoration per encoder, the two are concatenated, and the pooled bigG embedding
+    comes from the first chunk."""
+    pipe = load_sdxl("tiny-sdxl")
+    encoders = ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+    tensors, meta = {}, []
+    for i, (prompt, clip_skip) in enumerate(A1111_PROMPTS):
+        if clip_skip != 1:
+            continue  # A1111 keeps SDXL on the penultimate layers
+        per_encoder, pooled = [], None
+        for tok, te in encoders:
+            zs = []
+            for j, (ids, ws) in enumerate(a1111_chunks(tok, prompt, tok.pad_token_id)):
+                out = te(torch.tensor([ids]), output_hidden_states=True)
+                z = out.hidden_states[-2]
+                before = z.mean()
+                z = z * torch.tensor([ws]).unsqueeze(-1)
+                z = z * (before / z.mean())
+                zs.append(z)
+                if j == 0 and hasattr(out, "text_embeds"):
+                    pooled = out.text_embeds
+            per_encoder.append(torch.cat(zs, dim=1))
+        assert per_encoder[0].shape[1] == per_encoder[1].shape[1], prompt
+        name = f"tiny-sdxl_{i}"
+        tensors[f"{name}_cond"] = torch.cat(per_encoder, dim=-1).contiguous()
+        tensors[f"{name}_pooled"] = pooled.contiguous()
+        meta.append({"name": name, "model": "tiny-sdxl", "prompt": prompt, "chunks": per_encoder[0].shape[1] // 77})
+    save_file(tensors, REFS / "prompts_sdxl.safetensors")
+    with open(REFS / "prompts_sdxl.json", "w") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
 
 

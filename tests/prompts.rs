@@ -67,3 +67,33 @@ fn token_count_and_huge_prompts() {
     let cond = sd.encode_prompt(&huge, 1).unwrap();
     assert_eq!(cond.dims(), &[1, 134 * 77, 16]);
 }
+
+/// SDXL: the same syntax on both encoders (each weighted on its own, then side by side), the
+/// pooled embedding from the first chunk, against the reference script's implementation.
+#[test]
+fn sdxl_conditioning_matches_the_reference() {
+    let meta = common::refs_json("prompts_sdxl.json");
+    let refs = common::load_safetensors("prompts_sdxl.safetensors");
+    let sd = common::load_model("tiny-sdxl");
+    let entries = meta.as_array().unwrap();
+    assert!(entries.len() >= 6);
+    for e in entries {
+        let name = e["name"].as_str().unwrap();
+        let p = e["prompt"].as_str().unwrap();
+        let req = sd_studio::engine::pipeline::GenerateRequest {
+            width: 64,
+            height: 64,
+            ..Default::default()
+        };
+        let got = sd.encode(p, &req).unwrap();
+        let err = common::rel_err(&got.context, &refs[&format!("{name}_cond")]);
+        assert!(
+            err <= 1e-4,
+            "{name}: context relative error {err} for {p:?}"
+        );
+        let pooled = &refs[&format!("{name}_pooled")];
+        let added = got.added.unwrap();
+        let err = common::rel_err(&added.narrow(1, 0, pooled.dim(1).unwrap()).unwrap(), pooled);
+        assert!(err <= 1e-4, "{name}: pooled relative error {err} for {p:?}");
+    }
+}
