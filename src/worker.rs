@@ -454,11 +454,30 @@ impl Worker {
                 ..m.sd.memory_options()
             });
         }
-        let labels = if job.models.is_empty() {
+        let labels: Vec<String> = if job.models.is_empty() {
             models.iter().map(|m| m.label.clone()).collect()
         } else {
             crate::protocol::distinct_labels(&job.models, eng::cache::model_label)
         };
+        // Compare mode shares one size: say when it is far from a row's native size (SD 1.5
+        // beside SDXL: 512² is small for SDXL, 1024² large for SD 1.5).
+        if models.len() > 1 {
+            for (m, label) in models.iter().zip(&labels) {
+                let f = &m.sd.files;
+                let native = f.unet_config.sample_size * f.vae_config.scale_factor();
+                let area = (job.width * job.height) as f64 / (native * native) as f64;
+                if !(0.5..=2.0).contains(&area) {
+                    self.link.send(Event::Warning {
+                        message: format!(
+                            "compare: {label} ({}) is made for {native}x{native}; every row runs at {}x{}",
+                            f.family.name(),
+                            job.width,
+                            job.height
+                        ),
+                    });
+                }
+            }
+        }
         let mut lanes: Vec<Lane> = Vec::new();
         for (mi, model) in models.iter().enumerate() {
             let idx: Vec<usize> = (0..job.seeds.len())

@@ -1,5 +1,6 @@
 """Side-by-side benchmark: diffusers (PyTorch) and `sd-studio bench` on the same random
-full-size Stable Diffusion 1.5 weights, in one run, on the CPU (default) or a CUDA GPU.
+full-size Stable Diffusion 1.5 (or, with --family sdxl, SDXL base) weights, in one run, on the
+CPU (default) or a CUDA GPU.
 
 Real weights cannot be downloaded on our machines, and speed does not depend on weight
 values, so this script builds an SD 1.5-shaped model from the published configs with random
@@ -72,6 +73,28 @@ SCHEDULER = {
     "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
     "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
 }
+# SDXL base's published configs (--family sdxl): UNet 2.6 B parameters, CLIP ViT-L and
+# OpenCLIP ViT-bigG with projection, the same VAE architecture at scaling factor 0.13025.
+SDXL_UNET = {
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False, "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True,
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+SDXL_TEXT_2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                   projection_dim=1280, pad_token_id=1)
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "num_train_timesteps": 1000, "steps_offset": 1,
+    "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
+}
+FAMILY = {"name": "sd15"}  # set from --family in main()
 PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
 GRID_BATCH = 8
@@ -98,18 +121,35 @@ def make_model(path: Path) -> None:
 
     if (path / "model_index.json").exists():
         return
-    print(f"making random SD 1.5-sized weights in {path} (once)", file=sys.stderr)
+    sdxl = FAMILY["name"] == "sdxl"
+    print(f"making random {'SDXL' if sdxl else 'SD 1.5'}-sized weights in {path} (once)", file=sys.stderr)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     tok_dir = ROOT / "tests" / "fixtures" / "tiny-sd15" / "tokenizer"
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**VAE),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT)),
-        tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
-        unet=UNet2DConditionModel(**UNET),
-        scheduler=PNDMScheduler.from_config(SCHEDULER),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    if sdxl:
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+        from transformers import CLIPTextModelWithProjection
+
+        vae = AutoencoderKL(**VAE)
+        vae.register_to_config(scaling_factor=0.13025)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT)),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)),
+            tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+            tokenizer_2=CLIPTokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "tiny-sd2v" / "tokenizer"),
+            unet=UNet2DConditionModel(**SDXL_UNET),
+            scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL(**VAE),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT)),
+            tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+            unet=UNet2DConditionModel(**UNET),
+            scheduler=PNDMScheduler.from_config(SCHEDULER),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +157,8 @@ def make_model(path: Path) -> None:
     # The hub's SD repos ship vocab.json + merges.txt; transformers 5 saves tokenizer.json.
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(tok_dir / name, tmp / "tokenizer" / name)
+        if sdxl:
+            shutil.copy(ROOT / "tests" / "fixtures" / "tiny-sd2v" / "tokenizer" / name, tmp / "tokenizer_2" / name)
     tmp.rename(path)
     print(f"  made in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
@@ -263,8 +305,13 @@ def load_pipe(path: Path, a, dev: Dev):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     t0 = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path, torch_dtype=torch_dtype(a.dtype), safety_checker=None, requires_safety_checker=False)
+    if FAMILY["name"] == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=torch_dtype(a.dtype))
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=torch_dtype(a.dtype), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev.name)
@@ -292,7 +339,11 @@ def run_once(pipe, a, batch: int, dev: Dev, taesd=None, encode_apart=True, mark_
     with torch.inference_mode():
         if encode_apart:
             t0 = time.perf_counter()
-            pipe.encode_prompt(PROMPT, dev.name, batch, True, "")
+            if FAMILY["name"] == "sdxl":
+                pipe.encode_prompt(prompt=PROMPT, device=dev.name, num_images_per_prompt=batch,
+                                   do_classifier_free_guidance=True, negative_prompt="")
+            else:
+                pipe.encode_prompt(PROMPT, dev.name, batch, True, "")
             dev.sync()
             t.encode = time.perf_counter() - t0
         marks = []  # (end of step, end of the callback's own work)
@@ -668,8 +719,10 @@ def check_args(p: argparse.ArgumentParser, a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", default=os.environ.get("SD_BENCH_MODEL", "/tmp/sd15-random"),
-                   help="random SD 1.5 folder, made there if missing (default /tmp/sd15-random)")
+    p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15",
+                   help="random full-size SD 1.5 (default) or SDXL base weights")
+    p.add_argument("--model-dir", default=os.environ.get("SD_BENCH_MODEL"),
+                   help="random model folder, made there if missing (default /tmp/FAMILY-random)")
     p.add_argument("--taesd-dir", help="random TAESD folder, made there if missing "
                    "(default: beside --model-dir, named <model-dir>-taesd); used by --grid")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -700,6 +753,9 @@ def main() -> None:
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--out", help="write every result and the environment to this JSON file")
     a = p.parse_args()
+    FAMILY["name"] = a.family
+    if not a.model_dir:
+        a.model_dir = f"/tmp/{a.family}-random"
     a.t_start = time.perf_counter()
     check_args(p, a)
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -718,7 +774,7 @@ def main() -> None:
     path = Path(a.model_dir)
     taesd_dir = Path(a.taesd_dir) if a.taesd_dir else path.with_name(path.name + "-taesd")
     res: dict = {
-        "settings": {"device": a.device, "dtype": a.dtype, "size": a.size, "steps": a.steps,
+        "settings": {"family": a.family, "device": a.device, "dtype": a.dtype, "size": a.size, "steps": a.steps,
                      "batches": a.batch_list, "grid": a.grid, "runs": a.runs, "threads": a.threads,
                      "guidance": GUIDANCE, "scheduler": "DPM++ 2M Karras", "prompt": PROMPT,
                      "memory": a.memory, "model_dir": str(path),

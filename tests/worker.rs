@@ -666,6 +666,45 @@ fn soak_500_jobs_keep_memory_flat_and_a_cancel_storm_ends_idle() {
 }
 
 #[test]
+fn compare_sd15_beside_sdxl_says_when_the_size_is_far_from_a_rows_native_one() {
+    let rig = start(false);
+    let mut j = job(&rig, 1, vec![1, 2], 2);
+    // tiny-sd15 is made for 64², tiny-sdxl for 128²: 64² is far from SDXL's size.
+    j.models = vec![
+        common::model_dir("tiny-sd15").display().to_string(),
+        common::model_dir("tiny-sdxl").display().to_string(),
+    ];
+    j.model_of = vec![0, 1];
+    rig.engine.send(Command::Generate(j));
+    let events = collect(&rig.engine, 1);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::JobDone { job: 1, .. })),
+        "{events:?}"
+    );
+    let warnings: Vec<&String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Warning { message } => Some(message),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("tiny-sdxl (SDXL) is made for 128x128")
+            && warnings[0].contains("64x64"),
+        "{warnings:?}"
+    );
+    let cells = cell_images(&events);
+    assert_eq!(
+        cells.iter().map(|c| c.1.as_str()).collect::<Vec<_>>(),
+        ["tiny-sd15", "tiny-sdxl"]
+    );
+    rig.engine.send(Command::Shutdown);
+}
+
+#[test]
 fn an_sdxl_model_runs_in_the_studio_worker_with_previews() {
     let rig = start_model("tiny-sdxl", false, Default::default());
     let mut j = job(&rig, 1, vec![5, 6], 3);
