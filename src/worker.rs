@@ -323,8 +323,18 @@ impl Worker {
                 return;
             }
         };
+        let family = m.sd.files.family;
+        // A TAESD for another latent space (SD beside SDXL) is replaced by this model's.
+        if self
+            .taesd
+            .as_ref()
+            .is_some_and(|t| !taesd::same_latents(t.family, family))
+        {
+            self.taesd = None;
+        }
         match (&spec.taesd, &self.taesd) {
             (Some(t), None) => {
+                let t = taesd::repo_for(t, family);
                 self.link.send(Event::ModelLoading {
                     message: format!("loading TAESD previews ({t})"),
                     progress: None,
@@ -332,7 +342,10 @@ impl Worker {
                 let dec = taesd::resolve(t)
                     .and_then(|dir| TaesdDecoder::load(&dir, m.sd.dtype, &m.sd.device));
                 match dec {
-                    Ok(d) => self.taesd = Some(d),
+                    Ok(mut d) => {
+                        d.family = family;
+                        self.taesd = Some(d)
+                    }
                     Err(e) => self.link.send(Event::Warning {
                         message: format!(
                             "TAESD unavailable ({e}); previews use the linear approximation"

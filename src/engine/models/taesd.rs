@@ -26,6 +26,23 @@ use crate::engine::model::{candle_msg, find_weights, var_builder};
 
 /// The hub repo with TAESD for SD 1.x/2.x latents.
 pub const TAESD_REPO: &str = "madebyollin/taesd";
+/// TAESD for SDXL's latent space.
+pub const TAESDXL_REPO: &str = "madebyollin/taesdxl";
+
+/// The TAESD to use for a `family` model when the setting is `spec`: the default TAESD
+/// becomes TAESDXL for SDXL; anything else the user chose is kept.
+pub fn repo_for(spec: &str, family: Family) -> &str {
+    if spec == TAESD_REPO && family == Family::Sdxl {
+        TAESDXL_REPO
+    } else {
+        spec
+    }
+}
+
+/// Whether two families share a latent space (SD 1.x and 2.x do; SDXL has its own).
+pub fn same_latents(a: Family, b: Family) -> bool {
+    (a == Family::Sdxl) == (b == Family::Sdxl)
+}
 
 /// The decoder's shape, from the `AutoencoderTiny` `config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +122,8 @@ pub struct TaesdDecoder {
     pub config: TaesdConfig,
     pub root: PathBuf,
     dtype: DType,
+    /// The latent space it decodes (SD 1.x unless loaded for another family).
+    pub family: Family,
 }
 
 impl TaesdDecoder {
@@ -125,6 +144,7 @@ impl TaesdDecoder {
             config,
             root: dir.to_path_buf(),
             dtype,
+            family: Family::Sd1,
         })
     }
 
@@ -303,11 +323,11 @@ impl Previewer {
         self.previews_for(latents, Family::Sd1)
     }
 
-    /// Previews of a `family` model's latents. The loaded TAESD is SD's (1.x/2.x latent
-    /// space); SDXL latents get SDXL's linear factors instead (TAESDXL is not wired yet).
+    /// Previews of a `family` model's latents: TAESD when it was made for that latent space
+    /// (compare mode can mix SD 1.5 and SDXL rows), else the family's linear factors.
     pub fn previews_for(&self, latents: &Tensor, family: Family) -> Result<Vec<PreviewImage>> {
         match self {
-            Previewer::Taesd(t) if family != Family::Sdxl => taesd_previews(t, latents),
+            Previewer::Taesd(t) if same_latents(t.family, family) => taesd_previews(t, latents),
             _ => {
                 let (n, c, h, w) = latents.dims4().ctx("linear preview")?;
                 if c != 4 {
@@ -358,6 +378,21 @@ fn taesd_previews(t: &TaesdDecoder, latents: &Tensor) -> Result<Vec<PreviewImage
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sdxl_gets_taesdxl_unless_another_taesd_was_chosen() {
+        assert_eq!(repo_for(TAESD_REPO, Family::Sdxl), TAESDXL_REPO);
+        assert_eq!(repo_for(TAESD_REPO, Family::Sd2), TAESD_REPO);
+        assert_eq!(repo_for("/my/taesd", Family::Sdxl), "/my/taesd");
+        assert!(same_latents(Family::Sd1, Family::Sd2));
+        assert!(!same_latents(Family::Sd1, Family::Sdxl));
+        // SDXL's linear factors differ from SD's.
+        let z = [1.0, 0.0, 0.0, 0.0];
+        assert_ne!(
+            linear_rgb_with(latent_rgb(Family::Sdxl), &z, 1, 1),
+            linear_rgb(&z, 1, 1)
+        );
+    }
 
     #[test]
     fn linear_preview_maps_zero_to_grey_and_clamps() {
