@@ -566,6 +566,38 @@ fn hub_ids_resolve_from_the_python_hub_cache_offline() {
         "{}",
         stderr(&o)
     );
+
+    // An SDXL repo in the cache: complete only with text_encoder_2's weights.
+    let xl = home.path().join("hub").join("models--someone--tiny-sdxl");
+    let snap = xl.join("snapshots").join("4567cdef");
+    common::copy_dir(&common::model_dir("tiny-sdxl"), &snap);
+    std::fs::create_dir_all(xl.join("refs")).unwrap();
+    std::fs::write(xl.join("refs").join("main"), "4567cdef").unwrap();
+    let run = || {
+        let mut c = bin();
+        c.env_remove("HF_HUB_CACHE").env("HF_HOME", home.path());
+        c.args([
+            "generate",
+            "--model",
+            "someone/tiny-sdxl",
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+        ])
+        .arg("--out")
+        .arg(&out);
+        c.output().unwrap()
+    };
+    let o = run();
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_dir_all(snap.join("text_encoder_2")).unwrap();
+    let o = run();
+    assert!(
+        !o.status.success() && stderr(&o).contains("not in the cache"),
+        "an SDXL download without text_encoder_2 is incomplete: {}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -530,6 +530,16 @@ fn a_first_run_offers_the_default_model_and_scanned_ones_and_defaults_to_auto_de
         (spec.device.as_str(), spec.dtype.as_str()),
         ("auto", "auto")
     );
+    // SDXL base and SDXL-Turbo are offered too.
+    h.get_by_role_and_label(Role::ComboBox, "Models").click();
+    h.run_steps(2);
+    h.get_by_label_contains("SDXL 1.0 base (stabilityai/stable-diffusion-xl-base-1.0")
+        .click();
+    h.run_steps(2);
+    assert_eq!(
+        load_cmd(&fake).model,
+        "stabilityai/stable-diffusion-xl-base-1.0"
+    );
     // Scanned checkpoints join the list (not VAEs, not pickles).
     fake.send(Event::ModelsFound {
         dir: "/sd/models".into(),

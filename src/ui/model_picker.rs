@@ -16,20 +16,32 @@ pub fn vae_label(vae: &str) -> String {
     }
 }
 
-/// The models dropdown: recent models first, then the default hub model (so a first run
-/// can Load without knowing a hub id), then what the models-folder scan found. (spec, text)
+/// The models dropdown: recent models first, then the well-known hub models (SD 1.5, SDXL
+/// base, SDXL-Turbo: a first run can Load without knowing a hub id), then what the
+/// models-folder scan found. (spec, text)
 pub fn model_choices(state: &Persisted, scan: &ScanState) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = state
         .recent_models
         .iter()
         .map(|m| (m.clone(), m.clone()))
         .collect();
-    let default = crate::engine::model::DEFAULT_MODEL;
-    if !state.recent_models.iter().any(|m| m == default) {
-        out.push((
-            default.to_string(),
-            format!("Stable Diffusion 1.5 ({default}, downloads 5 GB)"),
-        ));
+    for (id, text) in [
+        (
+            crate::engine::model::DEFAULT_MODEL,
+            "Stable Diffusion 1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5, downloads 5 GB)",
+        ),
+        (
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            "SDXL 1.0 base (stabilityai/stable-diffusion-xl-base-1.0, downloads 7 GB)",
+        ),
+        (
+            "stabilityai/sdxl-turbo",
+            "SDXL-Turbo (stabilityai/sdxl-turbo, 1 step, downloads 7 GB)",
+        ),
+    ] {
+        if !state.recent_models.iter().any(|m| m == id) {
+            out.push((id.to_string(), text.to_string()));
+        }
     }
     for m in scan
         .models

@@ -103,8 +103,15 @@ fn resolve_hub(repo: &str, prefer_fp16: bool) -> Result<PathBuf> {
     let cached = cache.model(repo.to_string());
     if let Some(index) = cached.get("model_index.json") {
         let root = index.parent().map(Path::to_path_buf).unwrap_or_default();
-        // A complete download has weights for every component.
-        if ["unet", "vae", "text_encoder"]
+        // A complete download has weights for every component (SDXL: both text encoders).
+        let dual = JsonConfig::load(&index)
+            .ok()
+            .is_some_and(|c| c.get("text_encoder_2").is_some_and(|v| !v[0].is_null()));
+        let mut components = vec!["unet", "vae", "text_encoder"];
+        if dual {
+            components.push("text_encoder_2");
+        }
+        if components
             .iter()
             .all(|c| find_weights(&root.join(c), prefer_fp16).is_ok())
         {
@@ -142,12 +149,21 @@ fn resolve_hub(repo: &str, prefer_fp16: bool) -> Result<PathBuf> {
         "tokenizer/merges.txt",
         "tokenizer/special_tokens_map.json",
         "tokenizer/tokenizer_config.json",
+        "text_encoder_2/config.json",
+        "tokenizer_2/vocab.json",
+        "tokenizer_2/merges.txt",
+        "tokenizer_2/special_tokens_map.json",
+        "tokenizer_2/tokenizer_config.json",
     ] {
         if files.iter().any(|x| x == f) {
             r.get(f).map_err(hub_err)?;
         }
     }
-    for component in ["unet", "vae", "text_encoder"] {
+    let mut components = vec!["unet", "vae", "text_encoder"];
+    if files.iter().any(|f| f.starts_with("text_encoder_2/")) {
+        components.push("text_encoder_2"); // SDXL
+    }
+    for component in components {
         let names: Vec<&str> = files
             .iter()
             .filter_map(|f| f.strip_prefix(&format!("{component}/")))
