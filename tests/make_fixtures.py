@@ -995,6 +995,16 @@ def make_single_file_sdxl(pipe: StableDiffusionXLPipeline) -> None:
     print(f"  single file {path.name}: {len(sd)} tensors, loaded back identically by from_single_file")
 
 
+def save_images(name: str, seeds: list[int], images: np.ndarray) -> list[str]:
+    """Writes a case's images as refs/images/NAME_seedS.png; returns their paths."""
+    paths = []
+    for seed, img in zip(seeds, images):
+        rel = f"refs/images/{name}_seed{seed}.png"
+        Image.fromarray(to_uint8(img)).save(FIXTURES / rel, optimize=True)
+        paths.append(rel)
+    return paths
+
+
 SDXL_SCHEDULERS = ["euler", "euler-a", "dpm++2m-karras", "ddim"]
 
 
@@ -1058,12 +1068,7 @@ def make_sdxl_refs() -> None:
             kwargs["latents"] = init_latents.clone()
         images = pipe(case["prompt"], **kwargs).images
         assert np.isfinite(images).all(), case["name"]
-        paths = []
-        for seed, img in zip(case["seeds"], images):
-            rel = f"refs/images/{case['name']}_seed{seed}.png"
-            Image.fromarray(to_uint8(img)).save(FIXTURES / rel, optimize=True)
-            paths.append(rel)
-        case["images"] = paths
+        case["images"] = save_images(case["name"], case["seeds"], images)
         print(f"  sdxl case {case['name']}: mean {images.mean():.4f} std {images.std():.4f}")
     pipe.scheduler = own
     with open(REFS / "sdxl_cases.json", "w") as f:
@@ -1081,11 +1086,7 @@ def make_sdxl_refs() -> None:
                      num_images_per_prompt=len(seeds),
                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images
         name = f"img2img_tiny-sdxl_{sched}_s{strength:g}"
-        paths = []
-        for seed, img in zip(seeds, images):
-            rel = f"refs/images/{name}_seed{seed}.png"
-            Image.fromarray(to_uint8(img)).save(FIXTURES / rel, optimize=True)
-            paths.append(rel)
+        paths = save_images(name, seeds, images)
         cases.append(dict(name=name, model="tiny-sdxl", scheduler=sched, steps=10, guidance=5.0, prompt=PROMPT,
                           negative_prompt=NEGATIVE, width=64, height=64, seeds=seeds, strength=strength,
                           init_image="refs/init_64x64.png", images=paths))
@@ -1107,11 +1108,7 @@ def make_sdxl_refs() -> None:
                      height=64, width=64, num_images_per_prompt=len(seeds),
                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images
         name = f"inpaint_tiny-sdxl_{sched}_s{strength:g}"
-        paths = []
-        for seed, img in zip(seeds, images):
-            rel = f"refs/images/{name}_seed{seed}.png"
-            Image.fromarray(to_uint8(img)).save(FIXTURES / rel, optimize=True)
-            paths.append(rel)
+        paths = save_images(name, seeds, images)
         cases.append(dict(name=name, model="tiny-sdxl", scheduler=sched, steps=8, guidance=5.0, prompt=PROMPT,
                           negative_prompt=NEGATIVE, width=64, height=64, seeds=seeds, strength=strength,
                           init_image="refs/init_64x64.png", mask="refs/mask_64x64.png", images=paths))

@@ -784,15 +784,7 @@ impl SimpleBackend for Renamed {
         } else {
             t
         };
-        if t.dims() != s.dims() {
-            candle_core::bail!(
-                "{}: weight {name} has shape {:?}, expected {:?}",
-                self.path.display(),
-                t.dims(),
-                s.dims()
-            );
-        }
-        t.to_dtype(dtype)
+        crate::engine::weights::expect_shape(&self.path, name, t, &s)?.to_dtype(dtype)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -187,6 +187,19 @@ pub fn load_float(
     st.load(name, dev)
 }
 
+/// `t` if it has the shape a model asks for, else an error naming the file and the weight.
+pub fn expect_shape(path: &Path, name: &str, t: Tensor, s: &Shape) -> candle_core::Result<Tensor> {
+    if t.dims() != s.dims() {
+        candle_core::bail!(
+            "{}: weight {name} has shape {:?}, expected {:?}",
+            path.display(),
+            t.dims(),
+            s.dims()
+        );
+    }
+    Ok(t)
+}
+
 /// Memory-mapped safetensors files whose headers passed [`read_header`], as a VarBuilder
 /// backend that refuses integer weights and names the file a bad tensor is in.
 pub struct Checked {
@@ -244,16 +257,7 @@ impl SimpleBackend for Checked {
         if !self.routing.contains_key(name) {
             candle_core::bail!("{}: missing weight {name}", path.display());
         }
-        let t = load_float(&self.st, path, name, dev)?;
-        if t.dims() != s.dims() {
-            candle_core::bail!(
-                "{}: weight {name} has shape {:?}, expected {:?}",
-                path.display(),
-                t.dims(),
-                s.dims()
-            );
-        }
-        t.to_dtype(dtype)
+        expect_shape(path, name, load_float(&self.st, path, name, dev)?, &s)?.to_dtype(dtype)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
