@@ -57,7 +57,8 @@ pub struct ModelArgs {
     /// cpu or cuda (needs a build with --features cuda).
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Weights and compute precision: auto (f16 on a GPU, f32 on the CPU), f32, f16 or bf16.
+    /// Weights and compute precision: auto (f16 on a GPU, f32 on the CPU), f32, f16 or bf16
+    /// (bf16: GPU only).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// For a single-file checkpoint: a diffusers folder or hub id whose config files describe

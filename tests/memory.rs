@@ -213,3 +213,46 @@ fn bad_memory_names_are_refused_by_name() {
         assert!(msg.contains(what), "{msg}");
     }
 }
+
+/// The half-precision code paths (what the CUDA build runs in f16) on the CPU: the tiny
+/// models in f16 against f32. A wrong upcast, an overflow or a NaN shows as a large
+/// difference or an error; rounding alone stays small. (bf16 is refused on the CPU: see
+/// `sd_studio::engine::dtype_for`.)
+#[test]
+fn f16_and_bf16_on_the_cpu_stay_close_to_f32() {
+    for name in ["tiny-sd15", "tiny-sdxl"] {
+        let load = |dtype| {
+            let files =
+                ModelFiles::from_dir(&common::model_path(name), dtype != DType::F32).unwrap();
+            StableDiffusion::load(files, Device::Cpu, dtype).unwrap()
+        };
+        let want = pixels(&mut load(DType::F32));
+        for (dtype, tol) in [(DType::F16, 8u8)] {
+            let got = pixels(&mut load(dtype));
+            let d = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| common::max_pixel_diff(a, b))
+                .max()
+                .unwrap();
+            eprintln!("{name} {dtype:?} vs f32: max |Δpixel| = {d}");
+            assert!(d <= tol, "{name} {dtype:?}: max |Δpixel| {d} > {tol}");
+        }
+    }
+}
+
+#[test]
+fn bf16_on_the_cpu_is_refused_before_loading() {
+    let e = sd_studio::engine::dtype_for("bf16", &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bf16") && e.contains("f32 or f16"), "{e}");
+    assert_eq!(
+        sd_studio::engine::dtype_for("f16", &Device::Cpu).unwrap(),
+        DType::F16
+    );
+    assert_eq!(
+        sd_studio::engine::dtype_for("auto", &Device::Cpu).unwrap(),
+        DType::F32
+    );
+}

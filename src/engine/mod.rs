@@ -65,7 +65,14 @@ pub fn dtype_for(name: &str, device: &Device) -> Result<DType> {
     match name {
         "auto" if device.is_cpu() => Ok(DType::F32),
         "auto" => Ok(DType::F16),
-        other => dtype(other),
+        other => match dtype(other)? {
+            // candle's CPU backend has no bf16 matrix product: refuse before loading.
+            DType::BF16 if device.is_cpu() => Err(Error::invalid(
+                "dtype",
+                "bf16 runs on the GPU only (the CPU has no bf16 matrix product here); use f32 or f16",
+            )),
+            d => Ok(d),
+        },
     }
 }
 
