@@ -138,6 +138,18 @@ pub struct JobRequest {
     /// img2img / inpainting input (not persisted).
     #[serde(skip)]
     pub init: Option<InitInput>,
+    /// A1111 variation seeds: image i blends in `seeds[i]`'s noise by `strength`.
+    #[serde(default)]
+    pub variation: Option<JobVariation>,
+}
+
+/// A1111's "Variation seed" for a job: one per image (same length as the job's seeds).
+/// A variation seed equal to the image's own seed leaves the image as it is.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobVariation {
+    pub seeds: Vec<u64>,
+    /// 0..1: how far towards the variation seed's noise.
+    pub strength: f64,
 }
 
 mod scheduler_serde {

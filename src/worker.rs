@@ -14,7 +14,7 @@ use crate::engine::cache::{CachedModel, LoadOptions, ModelCache};
 use crate::engine::image_ops::{cover_crop, cover_crop_mask};
 use crate::engine::memory::MemoryOptions;
 use crate::engine::metadata::{encode_png, output_path, write_atomic, Parameters};
-use crate::engine::pipeline::{GenerateRequest, InitImage, Run};
+use crate::engine::pipeline::{GenerateRequest, InitImage, Run, Variation};
 use crate::engine::rng::RngKind;
 use crate::engine::taesd::{self, Previewer, TaesdDecoder};
 use crate::engine::{self as eng, Error};
@@ -140,6 +140,14 @@ pub fn check_job(job: &JobRequest) -> Result<(), String> {
     }
     if job.cells.len() != job.seeds.len() || job.cells.iter().any(|&c| c >= GRID_CELLS) {
         return Err("each image needs a grid cell 0–7".into());
+    }
+    if let Some(v) = &job.variation {
+        if v.seeds.len() != job.seeds.len() {
+            return Err("each image needs one variation seed".into());
+        }
+        if !(0.0..=1.0).contains(&v.strength) {
+            return Err(format!("variation strength {} is outside 0..1", v.strength));
+        }
     }
     if !job.models.is_empty() {
         if job.model_of.len() != job.seeds.len()
@@ -497,7 +505,13 @@ impl Worker {
                 .filter(|&i| model_of(i) == mi)
                 .collect();
             let seeds: Vec<u64> = idx.iter().map(|&i| job.seeds[i]).collect();
-            for (first, len) in seed_runs(&seeds) {
+            // With variation seeds every image is its own run (its two seeds need not
+            // follow its neighbours').
+            let runs = match &job.variation {
+                Some(_) => (0..seeds.len()).map(|i| (i, 1)).collect(),
+                None => seed_runs(&seeds),
+            };
+            for (first, len) in runs {
                 let req = GenerateRequest {
                     prompt: job.prompt.clone(),
                     negative_prompt: job.negative_prompt.clone(),
@@ -512,6 +526,10 @@ impl Worker {
                     rng: RngKind::TorchCuda,
                     clip_skip: job.clip_skip.max(1),
                     init_image: init.clone(),
+                    variation: job.variation.as_ref().map(|v| Variation {
+                        seed: v.seeds[idx[first]],
+                        strength: v.strength,
+                    }),
                     ..Default::default()
                 };
                 let run = model.sd.begin(&req)?;
@@ -606,10 +624,14 @@ impl Worker {
             self.link.previews.clear(cell);
             let params = model.parameters(&req, &img);
             // Compare mode: several models draw each seed, so the file name says which.
+            let seeds = match img.variation_seed {
+                Some(v) => format!("{}-{v}", img.seed),
+                None => img.seed.to_string(),
+            };
             let stem = if job.models.is_empty() {
-                img.seed.to_string()
+                seeds
             } else {
-                format!("{}-{}", file_safe(&label), img.seed)
+                format!("{}-{seeds}", file_safe(&label))
             };
             // A write that fails (read-only folder, disk full) fails the job: the cell still
             // shows its image, the images saved before it stay, the next job runs.

@@ -18,6 +18,8 @@ const PROMPT: &str = "a photo of an astronaut riding a horse";
 fn sdxl_is_detected_and_its_components_match_diffusers() {
     let sd = common::load_model("tiny-sdxl");
     assert_eq!(sd.files.family, Family::Sdxl);
+    assert_eq!(common::load_model("tiny-sd15").files.family, Family::Sd1);
+    assert_eq!(common::load_model("tiny-sd2v").files.family, Family::Sd2);
     assert!(sd.files.force_zeros_for_empty_prompt);
     let refs = common::load_safetensors("components_tiny-sdxl.safetensors");
     let req = GenerateRequest {

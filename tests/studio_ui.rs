@@ -344,6 +344,46 @@ impl egui::DroppedFile for Dropped {
 }
 
 #[test]
+fn vary_around_a_cell_keeps_it_first_and_fills_the_grid_with_variations() {
+    let (mut h, fake) = studio();
+    type_prompt(&mut h, "a castle");
+    ctrl_enter(&mut h);
+    let j = generate_cmd(&fake);
+    assert_eq!(j.variation, None, "no variation unless asked");
+    play_job(&mut h, &fake, &j);
+    let seed = j.seeds[5];
+    h.get_by_role_and_label(Role::Button, &format!("Cell 6: seed {seed}, done"))
+        .click();
+    h.run_steps(4);
+    h.get_by_label("Vary around this").click();
+    h.run_steps(2);
+    let v = generate_cmd(&fake);
+    assert_eq!(v.seeds, vec![seed; 8], "the chosen seed in every cell");
+    let var = v.variation.clone().unwrap();
+    let want: Vec<u64> = (0..8).map(|i| seed + i).collect();
+    assert_eq!(
+        var.seeds, want,
+        "cell 0's variation seed is its own seed: the same image"
+    );
+    assert_eq!(var.strength, 0.2);
+    let p = &h.state().state.params;
+    assert!(p.seed_locked && p.seed == seed && p.variation_seed == seed);
+    // The seed panel's controls: a stronger variation around another seed.
+    h.state_mut().state.params.variation_seed = 900;
+    h.state_mut().state.params.variation_strength = 0.5;
+    h.state_mut().state.params.seed_mode = sd_studio::ui::state::SeedMode::Increment;
+    ctrl_enter(&mut h);
+    let w = generate_cmd(&fake);
+    let var = w.variation.unwrap();
+    assert_eq!(var.seeds, (900..908).collect::<Vec<u64>>());
+    assert_eq!(var.strength, 0.5);
+    // Strength 0 turns it off.
+    h.state_mut().state.params.variation_strength = 0.0;
+    ctrl_enter(&mut h);
+    assert_eq!(generate_cmd(&fake).variation, None);
+}
+
+#[test]
 fn a_dropped_png_restores_its_parameters() {
     let (mut h, fake) = studio();
     let dir = tempfile::tempdir().unwrap();
@@ -363,8 +403,25 @@ fn a_dropped_png_restores_its_parameters() {
     assert_eq!(p.sampler, "dpm++2m-karras");
     assert!(p.seed_locked);
     assert_eq!(p.clip_skip, 2, "Clip skip restored");
+    assert_eq!(p.variation_strength, 0.0, "no variation in this PNG");
     ctrl_enter(&mut h);
     assert_eq!(generate_cmd(&fake).clip_skip, 2, "and sent with the job");
+    // A PNG made with a variation seed restores it.
+    let varied = dir.path().join("varied.png");
+    let text = "a knight\nSteps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 10, Size: 512x512, Variation seed: 77, Variation seed strength: 0.35";
+    let png = sd_studio::engine::metadata::encode_png(&[0; 8 * 8 * 3], 8, 8, text).unwrap();
+    std::fs::write(&varied, png).unwrap();
+    h.input_mut().dropped_files.push(Arc::new(Dropped(varied)));
+    h.run_steps(2);
+    let q = h.state().state.params.clone();
+    assert_eq!((q.variation_seed, q.variation_strength), (77, 0.35));
+    // Back to the first PNG: its lack of a variation turns it off again.
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(Dropped(path.clone())));
+    h.run_steps(2);
+    let p = h.state().state.params.clone();
+    assert_eq!(p.variation_strength, 0.0);
     assert!(
         h.state().init.is_none(),
         "a PNG with parameters is not an init image"

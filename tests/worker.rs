@@ -97,6 +97,7 @@ fn job(rig: &Rig, id: u64, seeds: Vec<u64>, steps: usize) -> JobRequest {
         attention_slicing: Default::default(),
         vae_tiling: Default::default(),
         init: None,
+        variation: None,
     }
 }
 
@@ -721,5 +722,53 @@ fn an_sdxl_model_runs_in_the_studio_worker_with_previews() {
     assert_eq!(cells.len(), 2);
     assert!(cells.iter().all(|c| c.1 == "tiny-sdxl" && c.3.is_some()));
     assert!(!rig.previews.lock().unwrap().is_empty(), "no previews");
+    rig.engine.send(Command::Shutdown);
+}
+
+#[test]
+fn variation_seeds_blend_per_cell_and_the_own_seed_keeps_the_image() {
+    let rig = start(false);
+    let plain = job(&rig, 1, vec![40], 3);
+    rig.engine.send(Command::Generate(plain));
+    let base = cell_images(&collect(&rig.engine, 1));
+    let mut j = job(&rig, 2, vec![40, 40, 40], 3);
+    j.variation = Some(sd_studio::protocol::JobVariation {
+        seeds: vec![40, 41, 42],
+        strength: 0.3,
+    });
+    rig.engine.send(Command::Generate(j));
+    let cells = cell_images(&collect(&rig.engine, 2));
+    assert_eq!(cells.len(), 3);
+    assert_eq!(
+        cells[0].2, base[0].2,
+        "variation seed = own seed: the same image"
+    );
+    assert_ne!(cells[1].2, base[0].2);
+    assert_ne!(cells[1].2, cells[2].2);
+    // Each saved under seed-variation seed, with A1111's fields.
+    let path = cells[1].3.clone().unwrap();
+    assert!(
+        path.to_string_lossy().ends_with("40-41.png"),
+        "{}",
+        path.display()
+    );
+    let text = read_png_parameters(&path).unwrap().unwrap();
+    assert!(
+        text.contains("Variation seed: 41, Variation seed strength: 0.3"),
+        "{text}"
+    );
+    // A bad strength or a missing seed fails the job alone.
+    let mut bad = job(&rig, 3, vec![1, 2], 2);
+    bad.variation = Some(sd_studio::protocol::JobVariation {
+        seeds: vec![1],
+        strength: 0.3,
+    });
+    rig.engine.send(Command::Generate(bad));
+    match next(&rig.engine, |e| {
+        matches!(e, Event::Failed { job: Some(3), .. })
+    }) {
+        Event::Failed { message, .. } => assert!(message.contains("variation seed"), "{message}"),
+        _ => unreachable!(),
+    }
     rig.engine.send(Command::Shutdown);
 }

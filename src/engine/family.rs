@@ -3,7 +3,7 @@
 //! of the engine asks the family, never the keys (ComfyUI's `supported_models.py` and
 //! stable-diffusion.cpp's `SDVersion` have the same shape).
 
-use super::config::{ClipConfig, JsonConfig, UNetConfig};
+use super::config::{Activation, ClipConfig, JsonConfig, UNetConfig};
 
 /// The architectures sd-studio runs. Inpainting variants are the same family with a
 /// 9-channel UNet.
@@ -41,14 +41,15 @@ impl Family {
     }
 
     /// A diffusers folder's family: `model_index.json`'s pipeline class, else the UNet's
-    /// added conditions, else the text encoder's width (OpenCLIP ViT-H is 1024 wide).
+    /// added conditions, else the text encoder (OpenCLIP ViT-H: 1024 wide, exact GELU;
+    /// OpenAI's CLIP ViT-L uses quick GELU).
     pub fn of_folder(index: Option<&JsonConfig>, unet: &UNetConfig, clip: &ClipConfig) -> Self {
         let class = index
             .and_then(|c| c.str_or("_class_name", "").ok())
             .unwrap_or("");
         if class.contains("XL") || unet.added.is_some() {
             Self::Sdxl
-        } else if clip.hidden_size == 1024 {
+        } else if clip.hidden_size == 1024 || clip.activation == Activation::Gelu {
             Self::Sd2
         } else {
             Self::Sd1

@@ -342,6 +342,7 @@ impl StudioApp {
         };
         let p = &self.state.params;
         let s = &self.state.settings;
+        let request_cells = cells.clone();
         let request = JobRequest {
             id: self.next_job,
             prompt: p.prompt.clone(),
@@ -365,6 +366,25 @@ impl StudioApp {
                 .init
                 .as_ref()
                 .map(|i| i.input(p.denoising_strength.clamp(0.0, 1.0))),
+            // A1111: image i's variation seed is the variation seed + i (i: the cell's
+            // column in compare mode, so every row shares them).
+            variation: (p.variation_strength > 0.0).then(|| {
+                let layout = layout.as_ref().unwrap_or(&self.layout);
+                crate::protocol::JobVariation {
+                    seeds: request_cells
+                        .iter()
+                        .map(|&c| {
+                            let offset = if layout.is_compare() {
+                                layout.row_col(c).1
+                            } else {
+                                c
+                            };
+                            p.variation_seed.wrapping_add(offset as u64)
+                        })
+                        .collect(),
+                    strength: p.variation_strength.clamp(0.0, 1.0),
+                }
+            }),
         };
         if let Err(e) = crate::worker::check_job(&request) {
             return self.error(e);
@@ -410,6 +430,22 @@ impl StudioApp {
                 let layout = Some(GridLayout::plain());
                 self.queue_job(seeds, (0..n).collect(), Vec::new(), Vec::new(), layout);
             }
+            UiCommand::VaryAround(i) => match self.cells.get(i).and_then(|c| c.seed) {
+                Some(seed) => {
+                    let p = &mut self.state.params;
+                    p.seed = seed;
+                    p.seed_locked = true;
+                    p.seed_mode = SeedMode::Same;
+                    // Cell 0's variation seed is its own seed: the chosen image, unchanged.
+                    p.variation_seed = seed;
+                    if p.variation_strength <= 0.0 {
+                        p.variation_strength = 0.2;
+                    }
+                    self.viewer = None;
+                    self.apply(ctx, UiCommand::Generate);
+                }
+                None => self.error("that cell has no image yet"),
+            },
             UiCommand::RegenerateCell(i) => match self.cells.get(i).and_then(|c| c.seed) {
                 Some(seed) => {
                     // In compare mode the cell's row keeps its model.
@@ -702,6 +738,17 @@ impl StudioApp {
             }
         }
         let p = &mut self.state.params;
+        // A1111 writes the variation seed and strength only when one was used.
+        p.variation_strength = 0.0;
+        if let (Some(v), Some(s)) = (
+            other("Variation seed").and_then(|v| v.parse::<u64>().ok()),
+            other("Variation seed strength").and_then(|v| v.parse::<f64>().ok()),
+        ) {
+            if (0.0..=1.0).contains(&s) {
+                p.variation_seed = v;
+                p.variation_strength = s;
+            }
+        }
         if let Some(v) = other("Denoising strength").and_then(|v| v.parse::<f64>().ok()) {
             if (0.0..=1.0).contains(&v) {
                 p.denoising_strength = v;

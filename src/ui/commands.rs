@@ -12,6 +12,9 @@ pub enum UiCommand {
     Generate,
     /// Queue a job that regenerates one cell with its own seed.
     RegenerateCell(usize),
+    /// Keep this cell's image in the first cell and fill the others with close variations
+    /// of it (its seed in every cell, variation seeds seed + i).
+    VaryAround(usize),
     /// Stop the running job.
     Stop,
     /// Put a cell's seed in the seed field and lock it.

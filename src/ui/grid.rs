@@ -106,6 +106,14 @@ fn cell_ui(ui: &mut egui::Ui, i: usize, c: &Cell, side: f32, out: &mut Vec<UiCom
                     out.push(UiCommand::UseSeed(seed));
                     ui.close();
                 }
+                if ui
+                    .button("Vary around this")
+                    .on_hover_text("This image in the first cell, close variations around it")
+                    .clicked()
+                {
+                    out.push(UiCommand::VaryAround(i));
+                    ui.close();
+                }
             }
             if ui.button("Save as…").clicked() {
                 out.push(UiCommand::SaveAs(i));

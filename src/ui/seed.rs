@@ -1,4 +1,4 @@
-//! Seed field, dice, lock, and the per-cell seed mode.
+//! Seed field, dice, lock, the per-cell seed mode, and A1111's variation seed and strength.
 
 use super::commands::UiCommand;
 use super::state::{Params, SeedMode};
@@ -28,6 +28,20 @@ pub fn seed_ui(ui: &mut egui::Ui, p: &mut Params) -> Vec<UiCommand> {
         ui.label("Cells:");
         ui.radio_value(&mut p.seed_mode, SeedMode::Increment, "seed + i");
         ui.radio_value(&mut p.seed_mode, SeedMode::Same, "same seed");
+    });
+    ui.horizontal(|ui| {
+        let label = ui.label("Variation seed");
+        ui.add(
+            egui::DragValue::new(&mut p.variation_seed)
+                .range(0..=u32::MAX as u64)
+                .speed(1.0),
+        )
+        .labelled_by(label.id)
+        .on_hover_text("A1111's variation seed: cell i blends in seed + i's noise");
+        let label = ui.label("strength");
+        ui.add(egui::Slider::new(&mut p.variation_strength, 0.0..=1.0).fixed_decimals(2))
+            .labelled_by(label.id)
+            .on_hover_text("0: off (the main seed alone); 1: the variation seed's image");
     });
     out
 }

@@ -44,6 +44,10 @@ pub struct Params {
     pub clip_skip: usize,
     /// img2img "Denoising strength" (0..1): how much of the schedule runs over the picture.
     pub denoising_strength: f64,
+    /// A1111's "Variation seed": image i blends in seed `variation_seed + i`'s noise.
+    pub variation_seed: u64,
+    /// A1111's "Variation strength": 0 = off (the main seed alone), 1 = the variation seed's.
+    pub variation_strength: f64,
 }
 
 impl Default for Params {
@@ -62,6 +66,8 @@ impl Default for Params {
             count: 8,
             clip_skip: 1,
             denoising_strength: 0.75,
+            variation_seed: 0,
+            variation_strength: 0.0,
         }
     }
 }

@@ -414,6 +414,13 @@ fn actions_ui(ui: &mut egui::Ui, i: usize, c: &Cell, out: &mut Vec<UiCommand>) {
             if ui.button("Regenerate this cell").clicked() {
                 out.push(UiCommand::RegenerateCell(i));
             }
+            if ui
+                .add_enabled(done, egui::Button::new("Vary around this"))
+                .on_hover_text("This image in the first cell, close variations around it")
+                .clicked()
+            {
+                out.push(UiCommand::VaryAround(i));
+            }
         }
         if ui
             .add_enabled(done, egui::Button::new("Send to img2img"))
