@@ -225,26 +225,19 @@ fn split3(k: &str) -> Option<(usize, usize, &str)> {
 
 fn unet_name(k: &str, lpb: usize) -> Option<String> {
     let per = lpb + 1;
-    if let Some(r) = k.strip_prefix("time_embed.0.") {
-        return Some(format!("time_embedding.linear_1.{r}"));
-    }
-    if let Some(r) = k.strip_prefix("time_embed.2.") {
-        return Some(format!("time_embedding.linear_2.{r}"));
-    }
-    if let Some(r) = k.strip_prefix("label_emb.0.0.") {
-        return Some(format!("add_embedding.linear_1.{r}"));
-    }
-    if let Some(r) = k.strip_prefix("label_emb.0.2.") {
-        return Some(format!("add_embedding.linear_2.{r}"));
-    }
-    if let Some(r) = k.strip_prefix("out.0.") {
-        return Some(format!("conv_norm_out.{r}"));
-    }
-    if let Some(r) = k.strip_prefix("out.2.") {
-        return Some(format!("conv_out.{r}"));
-    }
-    if let Some(r) = k.strip_prefix("input_blocks.0.0.") {
-        return Some(format!("conv_in.{r}"));
+    // Layers renamed whole (SDXL's label_emb is diffusers' add_embedding).
+    for (from, to) in [
+        ("time_embed.0.", "time_embedding.linear_1."),
+        ("time_embed.2.", "time_embedding.linear_2."),
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
+        ("out.0.", "conv_norm_out."),
+        ("out.2.", "conv_out."),
+        ("input_blocks.0.0.", "conv_in."),
+    ] {
+        if let Some(r) = k.strip_prefix(from) {
+            return Some(format!("{to}{r}"));
+        }
     }
     if let Some(r) = k.strip_prefix("input_blocks.") {
         let (b, s, rest) = split3(r)?;
