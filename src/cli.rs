@@ -200,7 +200,7 @@ pub struct GenerateArgs {
     #[arg(long, value_parser = parse_wxh)]
     pub original_size: Option<(usize, usize)>,
     /// SDXL crop condition X,Y: the top-left corner of the crop the model is told (default 0,0).
-    #[arg(long, value_parser = parse_xy)]
+    #[arg(long, value_parser = parse_xy, allow_negative_numbers = true)]
     pub crops_coords_top_left: Option<(usize, usize)>,
     /// SDXL size condition: the target size WxH (default: the image's).
     #[arg(long, value_parser = parse_wxh)]
@@ -1098,6 +1098,6 @@ fn parse_xy(s: &str) -> std::result::Result<(usize, usize), String> {
         .ok_or_else(|| format!("{s:?} is not X,Y"))?;
     match (x.trim().parse::<usize>(), y.trim().parse::<usize>()) {
         (Ok(x), Ok(y)) => Ok((x, y)),
-        _ => Err(format!("{s:?} is not X,Y with whole numbers")),
+        _ => Err(format!("{s:?} is not X,Y with whole numbers ≥ 0")),
     }
 }
