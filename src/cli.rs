@@ -200,7 +200,7 @@ pub struct GenerateArgs {
     #[arg(long, value_parser = parse_wxh)]
     pub original_size: Option<(usize, usize)>,
     /// SDXL crop condition X,Y: the top-left corner of the crop the model is told (default 0,0).
-    #[arg(long, value_parser = parse_xy, allow_negative_numbers = true)]
+    #[arg(long, value_parser = parse_xy, allow_hyphen_values = true)]
     pub crops_coords_top_left: Option<(usize, usize)>,
     /// SDXL size condition: the target size WxH (default: the image's).
     #[arg(long, value_parser = parse_wxh)]

@@ -1108,6 +1108,15 @@ fn sdxl_generates_with_its_size_conditions_and_sits_beside_sd15_in_compare() {
         "{}",
         stderr(&o)
     );
+    let o = generate(
+        &out2,
+        &["--model", &sdxl, "--crops-coords-top-left", "-1,2"],
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("X,Y with whole numbers"),
+        "{}",
+        stderr(&o)
+    );
 
     // Compare across families: each row's model with its own encoders, same seeds.
     let out3 = dir.path().join("out3");
