@@ -97,6 +97,36 @@ pub fn resolve(spec: &str, prefer_fp16: bool) -> Result<PathBuf> {
     resolve_hub(spec, prefer_fp16)
 }
 
+/// A hub repository to download from, and the files it lists (refused offline, saying
+/// that `what` is not in the cache).
+fn hub_listing(
+    repo: &str,
+    cache_dir: PathBuf,
+    what: &str,
+) -> Result<(hf_hub::api::sync::ApiRepo, Vec<String>)> {
+    if offline() {
+        return Err(Error::Hub {
+            repo: repo.into(),
+            reason: format!(
+                "{what}not in the cache at {} and HF_HUB_OFFLINE is set",
+                cache_dir.display()
+            ),
+        });
+    }
+    let hub_err = |e: hf_hub::api::sync::ApiError| Error::Hub {
+        repo: repo.into(),
+        reason: e.to_string(),
+    };
+    let api = hf_hub::api::sync::ApiBuilder::new()
+        .with_cache_dir(cache_dir)
+        .with_progress(true)
+        .build()
+        .map_err(hub_err)?;
+    let r = api.model(repo.to_string());
+    let info = r.info().map_err(hub_err)?;
+    Ok((r, info.siblings.into_iter().map(|s| s.rfilename).collect()))
+}
+
 fn resolve_hub(repo: &str, prefer_fp16: bool) -> Result<PathBuf> {
     let cache_dir = hub_cache_dir();
     let cache = hf_hub::Cache::new(cache_dir.clone());
@@ -118,27 +148,11 @@ fn resolve_hub(repo: &str, prefer_fp16: bool) -> Result<PathBuf> {
             return Ok(root);
         }
     }
-    if offline() {
-        return Err(Error::Hub {
-            repo: repo.into(),
-            reason: format!(
-                "not in the cache at {} and HF_HUB_OFFLINE is set",
-                cache_dir.display()
-            ),
-        });
-    }
+    let (r, files) = hub_listing(repo, cache_dir, "")?;
     let hub_err = |e: hf_hub::api::sync::ApiError| Error::Hub {
         repo: repo.into(),
         reason: e.to_string(),
     };
-    let api = hf_hub::api::sync::ApiBuilder::new()
-        .with_cache_dir(cache_dir)
-        .with_progress(true)
-        .build()
-        .map_err(hub_err)?;
-    let r = api.model(repo.to_string());
-    let info = r.info().map_err(hub_err)?;
-    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let index = r.get("model_index.json").map_err(hub_err)?;
     for f in [
         "unet/config.json",
@@ -377,30 +391,14 @@ pub fn resolve_vae(spec: &str, prefer_fp16: bool) -> Result<PathBuf> {
             return Ok(root);
         }
     }
-    if offline() {
-        return Err(Error::Hub {
-            repo: spec.into(),
-            reason: format!(
-                "VAE not in the cache at {} and HF_HUB_OFFLINE is set",
-                cache_dir.display()
-            ),
-        });
-    }
+    let (r, files) = hub_listing(spec, cache_dir, "VAE ")?;
     let hub_err = |e: hf_hub::api::sync::ApiError| Error::Hub {
         repo: spec.into(),
         reason: e.to_string(),
     };
-    let api = hf_hub::api::sync::ApiBuilder::new()
-        .with_cache_dir(cache_dir)
-        .with_progress(true)
-        .build()
-        .map_err(hub_err)?;
-    let r = api.model(spec.to_string());
-    let info = r.info().map_err(hub_err)?;
-    let names: Vec<&str> = info
-        .siblings
+    let names: Vec<&str> = files
         .iter()
-        .map(|s| s.rfilename.as_str())
+        .map(String::as_str)
         .filter(|f| !f.contains('/'))
         .collect();
     let chosen = choose_weight_names(&names, prefer_fp16).ok_or_else(|| Error::Hub {
