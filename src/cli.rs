@@ -205,6 +205,21 @@ pub struct GenerateArgs {
     /// SDXL size condition: the target size WxH (default: the image's).
     #[arg(long, value_parser = parse_wxh)]
     pub target_size: Option<(usize, usize)>,
+    /// A LoRA for every image, FILE[:WEIGHT] (weight default 1; negative allowed; repeat
+    /// for several). Prompt tags `<lora:NAME:WEIGHT>` add more from --lora-dir.
+    #[arg(long, allow_hyphen_values = true)]
+    pub lora: Vec<String>,
+    /// Folder `<lora:NAME>` tags are looked up in (subfolders searched; repeatable).
+    #[arg(long)]
+    pub lora_dir: Vec<PathBuf>,
+    /// Folder of textual-inversion embeddings: a prompt word that is a file's name uses it
+    /// (subfolders searched; repeatable).
+    #[arg(long)]
+    pub embeddings_dir: Vec<PathBuf>,
+    /// An A1111 or ComfyUI folder: its LoRA and embeddings folders are searched too
+    /// (A1111: models/Lora, embeddings; ComfyUI: models/loras, models/embeddings).
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
     /// Output folder (created if missing).
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
@@ -553,6 +568,36 @@ fn ensure_writable_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The job's LoRAs and the folders tags and embeddings are looked up in, each LoRA file
+/// checked before any model loads.
+fn networks(a: &GenerateArgs) -> Result<crate::engine::apply::Networks> {
+    use crate::engine::apply;
+    let mut n = apply::Networks::default();
+    for l in &a.lora {
+        let u = apply::parse_lora_arg(l)?;
+        crate::engine::lora::LoraFile::open(&u.path)?;
+        n.loras.push(u);
+    }
+    for d in a.lora_dir.iter().chain(&a.embeddings_dir) {
+        if !d.is_dir() {
+            return Err(Error::NotFound {
+                what: "folder".into(),
+                path: d.clone(),
+            });
+        }
+    }
+    n.lora_dirs = a.lora_dir.clone();
+    n.embedding_dirs = a.embeddings_dir.clone();
+    if let Some(m) = &a.models_dir {
+        let (l, e) = apply::folders_in(m);
+        n.lora_dirs.extend(l);
+        n.embedding_dirs.extend(e);
+    }
+    // Tags name files that must exist: say so before the model loads.
+    apply::resolve_loras(&a.prompt, &a.negative_prompt, &n)?;
+    Ok(n)
+}
+
 fn generate(a: &GenerateArgs) -> Result<()> {
     let rng = RngKind::parse(&a.rng)
         .ok_or_else(|| Error::invalid("rng", format!("{:?} is not torch-cpu", a.rng)))?;
@@ -561,6 +606,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         .as_deref()
         .map(load_init_latents)
         .transpose()?;
+    let networks = networks(a)?;
     let mut p = prepare(&a.model.model[0], &a.model, &a.sampling)?;
     ensure_writable_dir(&a.out)?;
     if let Some(g) = &a.grid {
@@ -676,6 +722,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             crop: a.crops_coords_top_left.unwrap_or((0, 0)),
             target: a.target_size,
         },
+        networks,
     };
     let mut cache = ModelCache::new(match a.model.cache_gib {
         Some(g) => (g * (1u64 << 30) as f64) as u64,
@@ -718,6 +765,22 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             );
         }
         let mut run = sd.begin(&req)?;
+        for w in &run.adapters.warnings {
+            eprintln!("warning: {w}");
+        }
+        if !run.adapters.lora_hashes.is_empty() {
+            let names: Vec<&str> = run
+                .adapters
+                .lora_hashes
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect();
+            eprintln!(
+                "LoRAs: {} ({} weights merged)",
+                names.join(", "),
+                run.adapters.rewritten
+            );
+        }
         while !run.is_done() {
             let s = sd.step(&mut run)?;
             eprintln!("step {}/{}", s.step, s.total);
@@ -874,6 +937,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         variation: None,
         clip_skip: 1,
         spacing: s.spacing,
+        networks: Default::default(),
     };
     let gib = |b: Option<u64>| b.map(|b| b as f64 / (1u64 << 30) as f64);
     let show = |v: &serde_json::Value| match v.as_f64() {

@@ -43,6 +43,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         init_image: None,
         spacing: None,
         size_conditions: Default::default(),
+        networks: Default::default(),
     }
 }
 
@@ -156,6 +157,7 @@ fn batch_size_never_changes_an_image() {
         init_image: None,
         spacing: None,
         size_conditions: Default::default(),
+        networks: Default::default(),
     };
     let batch = sd.generate(&base, &mut |_| Ok(())).unwrap();
     let single = sd
@@ -199,6 +201,7 @@ fn steps_are_reported_and_cancel_stops_the_job() {
         init_image: None,
         spacing: None,
         size_conditions: Default::default(),
+        networks: Default::default(),
     };
     let mut seen = Vec::new();
     sd.generate(&req, &mut |s| {

@@ -27,6 +27,7 @@ fn req(seed: u64, variation: Option<Variation>) -> GenerateRequest {
         init_image: None,
         spacing: None,
         size_conditions: Default::default(),
+        networks: Default::default(),
     }
 }
 

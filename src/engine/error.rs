@@ -64,6 +64,14 @@ pub enum Error {
         advice: String,
     },
 
+    /// A LoRA or an embedding that cannot be used with the loaded model.
+    #[error("{kind} {path}: {reason}")]
+    Adapter {
+        kind: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+
     /// The device ran out of memory.
     #[error("out of memory ({message}): try a smaller batch or image size, or a lower-memory mode (Memory: medvram or lowvram; attention slicing on; tiled VAE decode)")]
     OutOfMemory { message: String },

@@ -1,8 +1,9 @@
 //! The generation engine: models, samplers, noise and the txt2img pipeline. Never imports
 //! egui; talks to the outside through plain data. Grouped by layer: `models/` (networks),
-//! `loading/` (files to weights), `text/` (prompts to tokens), `sampling/` (the pipeline and
+//! `loading/` (files to weights), `adapters/` (LoRAs and embeddings on loaded weights), `text/` (prompts to tokens), `sampling/` (the pipeline and
 //! samplers), `output/` (PNGs and grids).
 
+pub mod adapters;
 pub mod error;
 pub mod family;
 pub mod loading;
@@ -12,11 +13,12 @@ pub mod sampling;
 pub mod text;
 
 // Every module also answers at `engine::NAME`, the path the rest of the crate uses.
+pub use adapters::{apply, embedding, lora, patch};
 pub use loading::{cache, config, hash, model, scan, single_file, weights};
 pub use models::{clip, conv, fused, taesd, unet, vae_decoder, vae_encoder};
 pub use output::{grid, image_ops, metadata};
 pub use sampling::{memory, pipeline, presets, profile, rng, schedulers};
-pub use text::{prompt, tokenizer};
+pub use text::{extra_networks, prompt, tokenizer};
 
 pub use error::{Error, Result};
 

@@ -111,6 +111,8 @@ impl CachedModel {
             } else {
                 Vec::new()
             },
+            lora_hashes: img.lora_hashes.clone(),
+            ti_hashes: img.ti_hashes.clone(),
         }
     }
 }

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use crate::engine::adapters::patch::WeightTable;
+
 use crate::engine::clip::ClipTextModel;
 use crate::engine::config::{ClipConfig, JsonConfig, UNetConfig, VaeConfig};
 use crate::engine::error::{Error, Result};
@@ -759,11 +761,16 @@ impl ModelFiles {
         vb: impl Fn(DType, &Device) -> Result<VarBuilder<'static>>,
         build: impl Fn(VarBuilder<'static>) -> Result<M> + Send + Sync + 'static,
     ) -> Result<Part<M>> {
+        let weights = WeightTable::new();
         match offload {
-            Offload::Full => Ok(Part::resident(build(vb(dtype, device)?)?)),
+            Offload::Full => {
+                let m = build(weights.recorder(vb(dtype, device)?))?;
+                Ok(Part::resident(m, weights))
+            }
             _ => Part::staged(
-                memory::staged(vb(dtype, &Device::Cpu)?, dtype, device),
+                memory::staged(weights.recorder(vb(dtype, &Device::Cpu)?), dtype, device),
                 Box::new(build),
+                weights,
             ),
         }
     }
@@ -854,9 +861,11 @@ impl ModelFiles {
     /// denoising (medvram), or built part by part for every step (lowvram).
     pub fn unet_part(&self, dtype: DType, device: &Device, offload: Offload) -> Result<Part<UNet>> {
         if offload == Offload::Lowvram {
-            let vb = memory::staged(self.unet_vb(dtype, &Device::Cpu)?, dtype, device);
+            let weights = WeightTable::new();
+            let source = weights.recorder(self.unet_vb(dtype, &Device::Cpu)?);
+            let vb = memory::staged(source, dtype, device);
             let unet = UNet::streamed(vb, &self.unet_config).map_err(|e| self.unet_error(e))?;
-            return Ok(Part::resident(unet));
+            return Ok(Part::resident(unet, weights));
         }
         self.part(
             offload,

@@ -223,7 +223,9 @@ fn split3(k: &str) -> Option<(usize, usize, &str)> {
     Some((a, b, it.next()?))
 }
 
-fn unet_name(k: &str, lpb: usize) -> Option<String> {
+/// An original (SGM/LDM) UNet weight name, without `model.diffusion_model.`, as diffusers
+/// names it (`lpb`: the UNet's layers per block). LoRA files in the original layout use it too.
+pub(crate) fn unet_name(k: &str, lpb: usize) -> Option<String> {
     let per = lpb + 1;
     // Layers renamed whole (SDXL's label_emb is diffusers' add_embedding).
     for (from, to) in [

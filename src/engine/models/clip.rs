@@ -151,6 +151,39 @@ impl ClipTextModel {
     /// A1111's "Clip skip": 1 is the last layer, 2 stops one layer earlier, …; the final
     /// layer norm is applied either way.
     pub fn forward_skip(&self, ids: &Tensor, clip_skip: usize) -> candle_core::Result<Tensor> {
+        self.forward_skip_fixed(ids, clip_skip, &[])
+    }
+
+    /// The token embeddings of `ids` [1, t] with `fixes` written over them: (first
+    /// position, vectors [n, hidden]), a textual-inversion embedding's vectors in place of
+    /// the placeholder tokens (A1111's `EmbeddingsWithFixes`).
+    fn embed(&self, ids: &Tensor, fixes: &[(usize, &Tensor)]) -> candle_core::Result<Tensor> {
+        let mut xs = self.token_embedding.forward(ids)?;
+        for (at, v) in fixes {
+            let v = v
+                .to_device(xs.device())?
+                .to_dtype(xs.dtype())?
+                .unsqueeze(0)?;
+            let n = v.dim(1)?;
+            let t = xs.dim(1)?;
+            if at + n > t || v.dim(2)? != xs.dim(2)? {
+                candle_core::bail!(
+                    "embedding of {n} vectors at position {at} does not fit {:?}",
+                    xs.dims()
+                );
+            }
+            xs = xs.slice_assign(&[0..1, *at..at + n, 0..xs.dim(2)?], &v)?;
+        }
+        Ok(xs)
+    }
+
+    /// [`Self::forward_skip`] with embeddings placed (see [`Self::embed`]).
+    pub fn forward_skip_fixed(
+        &self,
+        ids: &Tensor,
+        clip_skip: usize,
+        fixes: &[(usize, &Tensor)],
+    ) -> candle_core::Result<Tensor> {
         let keep = self
             .layers
             .len()
@@ -164,7 +197,7 @@ impl ClipTextModel {
             );
         }
         let pos = self.position_embedding.narrow(0, 0, t)?;
-        let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&pos)?;
+        let mut xs = self.embed(ids, fixes)?.broadcast_add(&pos)?;
         let mask = Self::causal_mask(t, xs.dtype(), xs.device())?;
         for layer in &self.layers[..keep] {
             xs = layer.forward(&xs, &mask)?;
@@ -181,6 +214,16 @@ impl ClipTextModel {
         ids: &Tensor,
         skip: usize,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        self.forward_hidden_fixed(ids, skip, &[])
+    }
+
+    /// [`Self::forward_hidden`] with embeddings placed (see [`Self::embed`]).
+    pub fn forward_hidden_fixed(
+        &self,
+        ids: &Tensor,
+        skip: usize,
+        fixes: &[(usize, &Tensor)],
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let (_, t) = ids.dims2()?;
         if t > self.max_positions {
             candle_core::bail!(
@@ -190,7 +233,7 @@ impl ClipTextModel {
         }
         let keep = self.layers.len().saturating_sub(skip.max(1)).max(1);
         let pos = self.position_embedding.narrow(0, 0, t)?;
-        let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&pos)?;
+        let mut xs = self.embed(ids, fixes)?.broadcast_add(&pos)?;
         let mask = Self::causal_mask(t, xs.dtype(), xs.device())?;
         let mut hidden = None;
         let last = if self.projection.is_some() {

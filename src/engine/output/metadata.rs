@@ -39,6 +39,29 @@ pub struct Parameters {
     /// SDXL's size conditions when not the image's own: "Original size", "Crop coords
     /// top left", "Target size" (diffusers' argument names).
     pub sdxl_sizes: Vec<(&'static str, String)>,
+    /// "Lora hashes": (tag name, A1111's 12-digit LoRA hash) for every LoRA applied.
+    pub lora_hashes: Vec<(String, String)>,
+    /// "TI hashes": (name, 12-digit sha256) for every embedding the prompts used.
+    pub ti_hashes: Vec<(String, String)>,
+}
+
+/// A1111's `"name: hash, name: hash"` list.
+fn hash_list(v: &[(String, String)]) -> String {
+    v.iter()
+        .map(|(n, h)| format!("{n}: {h}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reads a `"name: hash, …"` list back.
+pub fn parse_hash_list(v: &str) -> Vec<(String, String)> {
+    v.split(',')
+        .filter_map(|item| {
+            let (n, h) = item.rsplit_once(':')?;
+            let (n, h) = (n.trim(), h.trim());
+            (!n.is_empty() && !h.is_empty()).then(|| (n.to_string(), h.to_string()))
+        })
+        .collect()
 }
 
 fn quote(v: &str) -> String {
@@ -96,6 +119,12 @@ impl Parameters {
         }
         for (k, v) in &self.sdxl_sizes {
             pairs.push((k, v.clone()));
+        }
+        if !self.lora_hashes.is_empty() {
+            pairs.push(("Lora hashes", hash_list(&self.lora_hashes)));
+        }
+        if !self.ti_hashes.is_empty() {
+            pairs.push(("TI hashes", hash_list(&self.ti_hashes)));
         }
         pairs.push((
             "Version",
@@ -317,6 +346,28 @@ pub struct ParsedParameters {
 }
 
 impl ParsedParameters {
+    /// A value kept in `other`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.other
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// "Lora hashes" as (name, hash) pairs.
+    pub fn lora_hashes(&self) -> Vec<(String, String)> {
+        self.get("Lora hashes")
+            .map(parse_hash_list)
+            .unwrap_or_default()
+    }
+
+    /// "TI hashes" as (name, hash) pairs.
+    pub fn ti_hashes(&self) -> Vec<(String, String)> {
+        self.get("TI hashes")
+            .map(parse_hash_list)
+            .unwrap_or_default()
+    }
+
     /// Our sampler for A1111's `Sampler` + `Schedule type` (old files put "Karras" in the
     /// sampler name itself); `None` when absent or not one we have.
     pub fn scheduler(&self) -> Option<crate::engine::schedulers::SchedulerKind> {
@@ -509,6 +560,30 @@ Lora hashes: \"add_detail: 7c6bad76eb54, more: \\\"x\\\"\", Version: v1.9.4";
         assert_eq!(p.seed, Some(42));
         assert_eq!((p.width, p.height), (Some(640), Some(384)));
         assert_eq!(p.model.as_deref(), Some("tiny, model"));
+    }
+
+    #[test]
+    fn lora_and_ti_hashes_as_a1111_writes_them() {
+        let params = Parameters {
+            prompt: "a cat <lora:pixel:0.8>".into(),
+            steps: 4,
+            sampler: "Euler".into(),
+            lora_hashes: vec![
+                ("pixel".into(), "0123456789ab".into()),
+                ("detail".into(), "ba9876543210".into()),
+            ],
+            ti_hashes: vec![("easynegative".into(), "c74b4e810b03".into())],
+            ..Default::default()
+        };
+        let text = params.to_a1111();
+        assert!(
+            text.contains(r#"Lora hashes: "pixel: 0123456789ab, detail: ba9876543210", TI hashes: "easynegative: c74b4e810b03""#),
+            "{text}"
+        );
+        let p = parse_a1111(&text).unwrap();
+        assert_eq!(p.prompt, "a cat <lora:pixel:0.8>");
+        assert_eq!(p.lora_hashes(), params.lora_hashes);
+        assert_eq!(p.ti_hashes(), params.ti_hashes);
     }
 
     #[test]

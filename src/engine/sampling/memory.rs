@@ -22,6 +22,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::adapters::patch::WeightTable;
 use crate::engine::{Error, Result};
 
 const MIB: u64 = 1 << 20;
@@ -526,8 +527,14 @@ pub fn staged(source: VarBuilder<'static>, dtype: DType, device: &Device) -> Var
 type Build<M> = Box<dyn Fn(VarBuilder<'static>) -> Result<M> + Send + Sync>;
 
 /// One model component: always on the device, or staged in RAM and built on the device
-/// while in use.
-pub enum Part<M> {
+/// while in use, with the table of the weights it was built from (for merging LoRAs in
+/// place: the resident tensors, or the RAM copies a staged component is built from).
+pub struct Part<M> {
+    place: Place<M>,
+    weights: Arc<WeightTable>,
+}
+
+enum Place<M> {
     Resident(Arc<M>),
     Staged(Staged<M>),
 }
@@ -540,27 +547,38 @@ pub struct Staged<M> {
 }
 
 impl<M> Part<M> {
-    pub fn resident(m: M) -> Self {
-        Part::Resident(Arc::new(m))
+    /// A component built on the device; `weights` recorded its tensors.
+    pub fn resident(m: M, weights: Arc<WeightTable>) -> Self {
+        Part {
+            place: Place::Resident(Arc::new(m)),
+            weights,
+        }
     }
 
-    /// A staged component: `vb` from [`staged`]; built once now, so bad weights fail at
-    /// load time, then released.
-    pub fn staged(vb: VarBuilder<'static>, build: Build<M>) -> Result<Self> {
+    /// A staged component: `vb` from [`staged`] (its source recorded in `weights`); built
+    /// once now, so bad weights fail at load time, then released.
+    pub fn staged(
+        vb: VarBuilder<'static>,
+        build: Build<M>,
+        weights: Arc<WeightTable>,
+    ) -> Result<Self> {
         build(vb.clone())?;
-        Ok(Part::Staged(Staged {
-            vb,
-            build,
-            live: Mutex::new(None),
-            builds: AtomicUsize::new(1),
-        }))
+        Ok(Part {
+            place: Place::Staged(Staged {
+                vb,
+                build,
+                live: Mutex::new(None),
+                builds: AtomicUsize::new(1),
+            }),
+            weights,
+        })
     }
 
     /// The component on the device (built from RAM if staged and not there).
     pub fn get(&self) -> Result<Arc<M>> {
-        match self {
-            Part::Resident(m) => Ok(m.clone()),
-            Part::Staged(s) => {
+        match &self.place {
+            Place::Resident(m) => Ok(m.clone()),
+            Place::Staged(s) => {
                 let mut live = s.live.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(m) = live.as_ref() {
                     return Ok(m.clone());
@@ -573,30 +591,35 @@ impl<M> Part<M> {
         }
     }
 
+    /// The weights it is built from.
+    pub fn weights(&self) -> &WeightTable {
+        &self.weights
+    }
+
     /// Frees the device copy of a staged component (no-op when resident).
     pub fn release(&self) {
-        if let Part::Staged(s) = self {
+        if let Place::Staged(s) = &self.place {
             s.live.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
     }
 
     pub fn is_staged(&self) -> bool {
-        matches!(self, Part::Staged(_))
+        matches!(self.place, Place::Staged(_))
     }
 
     /// Whether a device copy exists now.
     pub fn on_device(&self) -> bool {
-        match self {
-            Part::Resident(_) => true,
-            Part::Staged(s) => s.live.lock().unwrap_or_else(|p| p.into_inner()).is_some(),
+        match &self.place {
+            Place::Resident(_) => true,
+            Place::Staged(s) => s.live.lock().unwrap_or_else(|p| p.into_inner()).is_some(),
         }
     }
 
     /// Times the component was built on the device (1 for resident components).
     pub fn builds(&self) -> usize {
-        match self {
-            Part::Resident(_) => 1,
-            Part::Staged(s) => s.builds.load(Ordering::Relaxed),
+        match &self.place {
+            Place::Resident(_) => 1,
+            Place::Staged(s) => s.builds.load(Ordering::Relaxed),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! denoise with classifier-free guidance in one batched UNet call per step; decode each
 //! image with the VAE. img2img and inpainting start from an encoded picture instead.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -11,8 +12,10 @@ use std::time::Instant;
 use crate::engine::vae_decoder::VaeDecoder;
 use candle_core::{DType, Device, Tensor};
 
+use crate::engine::apply::{self, AdapterCache, EmbeddingSet, Networks};
 use crate::engine::clip::ClipTextModel;
 use crate::engine::error::{Context, Error, Result};
+use crate::engine::lora::{Component, KeyMap};
 use crate::engine::memory::{self, MemoryOptions, Offload, Part};
 use crate::engine::model::ModelFiles;
 use crate::engine::prompt;
@@ -47,6 +50,8 @@ pub struct GenerateRequest {
     pub spacing: Option<TimestepSpacing>,
     /// SDXL's size conditions (ignored by other families).
     pub size_conditions: SizeConditions,
+    /// LoRAs (besides the prompt's `<lora:…>` tags) and where tags and embeddings are found.
+    pub networks: Networks,
 }
 
 /// SDXL's micro-conditioning (A1111's and diffusers' `original_size`,
@@ -107,6 +112,7 @@ impl Default for GenerateRequest {
             init_image: None,
             spacing: None,
             size_conditions: SizeConditions::default(),
+            networks: Networks::default(),
         }
     }
 }
@@ -274,6 +280,8 @@ pub struct Run {
     /// Attention slicing for this run's UNet calls.
     attention_slice: Option<usize>,
     pub timings: Timings,
+    /// The LoRAs and embeddings it uses.
+    pub adapters: AdapterReport,
 }
 
 impl Run {
@@ -324,6 +332,20 @@ pub struct GeneratedImage {
     pub height: usize,
     /// Row-major RGB8.
     pub rgb: Vec<u8>,
+    /// A1111's "Lora hashes" and "TI hashes" for the adapters the job used.
+    pub lora_hashes: Vec<(String, String)>,
+    pub ti_hashes: Vec<(String, String)>,
+}
+
+/// The adapters a run uses, as the metadata and the status line report them.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterReport {
+    pub lora_hashes: Vec<(String, String)>,
+    pub ti_hashes: Vec<(String, String)>,
+    /// Things the user should know (tags not applied, modules that matched nothing).
+    pub warnings: Vec<String>,
+    /// Weight tensors rewritten to get the LoRA set this job asked for (0 when unchanged).
+    pub rewritten: usize,
 }
 
 /// Progress of a running job, handed to the caller after every denoising step.
@@ -362,6 +384,8 @@ pub struct StableDiffusion {
     vae_f32: OnceLock<Result<VaeDecoder, String>>,
     vae_encoder: OnceLock<Result<VaeEncoder, String>>,
     pub last_timings: Timings,
+    /// Parsed LoRA and embedding files.
+    adapters: Mutex<AdapterCache>,
 }
 
 /// 0..=1 inclusive (NaN is outside).
@@ -445,6 +469,7 @@ impl StableDiffusion {
             vae_f32: OnceLock::new(),
             vae_encoder: OnceLock::new(),
             last_timings: Timings::default(),
+            adapters: Mutex::new(AdapterCache::default()),
         })
     }
 
@@ -488,14 +513,29 @@ impl StableDiffusion {
     /// hidden state (SD 1.x/2.x), or SDXL's two penultimate states side by side with the
     /// pooled second-encoder embedding and the size conditions.
     pub fn encode(&self, text: &str, req: &GenerateRequest) -> Result<Embeds> {
+        Ok(self.encode_with(text, req, &EmbeddingSet::empty())?.0)
+    }
+
+    /// [`Self::encode`] with textual-inversion embeddings; also returns the indices of the
+    /// embeddings of `set` the text used.
+    pub fn encode_with(
+        &self,
+        text: &str,
+        req: &GenerateRequest,
+        set: &EmbeddingSet,
+    ) -> Result<(Embeds, Vec<usize>)> {
         let (Some(tok2), Some(te2)) = (&self.tokenizer_2, &self.text_encoder_2) else {
-            return Ok(Embeds {
-                context: self.encode_prompt(text, req.clip_skip)?,
-                added: None,
-            });
+            let (context, used) = self.encode_prompt_with(text, req.clip_skip, set)?;
+            return Ok((
+                Embeds {
+                    context,
+                    added: None,
+                },
+                used,
+            ));
         };
-        let t1 = prompt::tokenize(&self.tokenizer, text)?;
-        let t2 = prompt::tokenize(tok2, text)?;
+        let t1 = prompt::tokenize_with(&self.tokenizer, text, set.words(0))?;
+        let t2 = prompt::tokenize_with(tok2, text, set.words(1))?;
         if t1.chunks.len() != t2.chunks.len() {
             return Err(Error::invalid(
                 "prompt",
@@ -512,11 +552,13 @@ impl StableDiffusion {
                     .and_then(|t| t.unsqueeze(0))
                     .ctx("prompt ids")
             };
+            let f1 = self.fixes(set, c1, 0, e1.hidden_size(), true)?;
+            let f2 = self.fixes(set, c2, 1, e2.hidden_size(), true)?;
             let (h1, _) = e1
-                .forward_hidden(&ids(c1)?, req.clip_skip)
+                .forward_hidden_fixed(&ids(c1)?, req.clip_skip, &as_refs(&f1))
                 .ctx("text encoder")?;
             let (h2, p) = e2
-                .forward_hidden(&ids(c2)?, req.clip_skip)
+                .forward_hidden_fixed(&ids(c2)?, req.clip_skip, &as_refs(&f2))
                 .ctx("text encoder 2")?;
             for (h, files, name) in [
                 (&h1, &self.files.text_encoder_weights, "text encoder"),
@@ -548,10 +590,29 @@ impl StableDiffusion {
             .and_then(|t| t.unsqueeze(0))
             .and_then(|t| t.to_dtype(pooled.dtype()))
             .ctx("size conditions")?;
-        Ok(Embeds {
-            context,
-            added: Some(Tensor::cat(&[&pooled, &time_ids], 1).ctx("added conditions")?),
-        })
+        Ok((
+            Embeds {
+                context,
+                added: Some(Tensor::cat(&[&pooled, &time_ids], 1).ctx("added conditions")?),
+            },
+            t1.used,
+        ))
+    }
+
+    /// A chunk's embedding vectors for encoder `which` of width `width`.
+    fn fixes(
+        &self,
+        set: &EmbeddingSet,
+        chunk: &prompt::Chunk,
+        which: usize,
+        width: usize,
+        dual: bool,
+    ) -> Result<Vec<(usize, Tensor)>> {
+        chunk
+            .fixes
+            .iter()
+            .map(|&(at, e)| Ok((at, set.get(e)?.for_encoder(which, width, dual)?.clone())))
+            .collect()
     }
 
     fn text2_files(&self) -> Vec<PathBuf> {
@@ -682,15 +743,28 @@ impl StableDiffusion {
 
     /// Prompt → `last_hidden_state` [1, 77, dim] in the model dtype. Warns on truncation.
     pub fn encode_prompt(&self, text: &str, clip_skip: usize) -> Result<Tensor> {
-        let tokens = prompt::tokenize(&self.tokenizer, text)?;
+        Ok(self
+            .encode_prompt_with(text, clip_skip, &EmbeddingSet::empty())?
+            .0)
+    }
+
+    /// [`Self::encode_prompt`] with embeddings, and the indices of those used.
+    fn encode_prompt_with(
+        &self,
+        text: &str,
+        clip_skip: usize,
+        set: &EmbeddingSet,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let tokens = prompt::tokenize_with(&self.tokenizer, text, set.words(0))?;
         let text_encoder = self.text_encoder()?;
         let mut parts = Vec::with_capacity(tokens.chunks.len());
         for chunk in &tokens.chunks {
             let ids = Tensor::new(chunk.ids.as_slice(), &self.device)
                 .and_then(|t| t.unsqueeze(0))
                 .ctx("prompt ids")?;
+            let fixes = self.fixes(set, chunk, 0, text_encoder.hidden_size(), false)?;
             let z = text_encoder
-                .forward_skip(&ids, clip_skip)
+                .forward_skip_fixed(&ids, clip_skip, &as_refs(&fixes))
                 .ctx("text encoder")?;
             if !all_finite(&z)? {
                 return Err(self.non_finite(
@@ -705,7 +779,68 @@ impl StableDiffusion {
                 emphasize(&z, &chunk.weights)?
             });
         }
-        Tensor::cat(&parts, 1).ctx("prompt chunks")
+        Ok((Tensor::cat(&parts, 1).ctx("prompt chunks")?, tokens.used))
+    }
+
+    /// The model's weights by LoRA key.
+    fn key_map(&self) -> KeyMap {
+        let mut keys = KeyMap::new(self.files.family, self.files.unet_config.layers_per_block);
+        keys.add(Component::Text, self.text_encoder.weights().shapes());
+        if let Some(t) = &self.text_encoder_2 {
+            keys.add(Component::Text2, t.weights().shapes());
+        }
+        keys.add(Component::Unet, self.unet.weights().shapes());
+        keys
+    }
+
+    /// Puts the job's LoRAs on the weights (taking off those it does not use) and finds its
+    /// embeddings: the prompt without tags, the embeddings the prompts may use, the report.
+    pub fn prepare_adapters(
+        &self,
+        req: &GenerateRequest,
+    ) -> Result<(String, EmbeddingSet, AdapterReport)> {
+        let resolved = apply::resolve_loras(&req.prompt, &req.negative_prompt, &req.networks)?;
+        let mut cache = self.adapters.lock().unwrap_or_else(|p| p.into_inner());
+        let terms = apply::lora_terms(&mut cache, &resolved.uses, &self.key_map())?;
+        let mut report = AdapterReport {
+            lora_hashes: terms.hashes,
+            warnings: resolved.warnings,
+            ..Default::default()
+        };
+        report.warnings.extend(terms.warnings);
+        let empty = HashMap::new();
+        let want = |c| terms.want.get(&c).unwrap_or(&empty);
+        let apply_to =
+            |c: Component, part_weights: &crate::engine::patch::WeightTable| -> Result<usize> {
+                part_weights
+                    .apply(want(c))
+                    .map(|a| a.rewritten)
+                    .ctx(&format!("merging LoRAs into the {}", c.name()))
+            };
+        let n = apply_to(Component::Text, self.text_encoder.weights())?;
+        if n > 0 {
+            self.text_encoder.release();
+        }
+        report.rewritten += n;
+        if let Some(t) = &self.text_encoder_2 {
+            let n = apply_to(Component::Text2, t.weights())?;
+            if n > 0 {
+                t.release();
+            }
+            report.rewritten += n;
+        }
+        let n = apply_to(Component::Unet, self.unet.weights())?;
+        if n > 0 {
+            self.unet.release();
+        }
+        report.rewritten += n;
+        let set = EmbeddingSet::for_prompts(
+            &mut cache,
+            &req.networks.embedding_dirs,
+            &[&resolved.prompt, &req.negative_prompt],
+            [Some(&self.tokenizer), self.tokenizer_2.as_ref()],
+        )?;
+        Ok((resolved.prompt, set, report))
     }
 
     pub fn encode_ids(&self, ids: &Tensor) -> Result<Tensor> {
@@ -810,7 +945,8 @@ impl StableDiffusion {
 
         // 2. Encode the prompt; guidance > 1 adds the negative prompt as a batch half.
         let t0 = Instant::now();
-        let cond1 = self.encode(&req.prompt, req)?;
+        let (prompt_text, set, mut adapters) = self.prepare_adapters(req)?;
+        let (cond1, mut used) = self.encode_with(&prompt_text, req, &set)?;
         let cond = cond1.repeat(n)?;
         // Prompts of different lengths (in 77-token chunks) cannot share a batch: then the
         // negative prompt gets its own UNet call, as A1111 does by default.
@@ -820,7 +956,9 @@ impl StableDiffusion {
             {
                 Embeds::zeros_like(&cond1)?
             } else {
-                self.encode(&req.negative_prompt, req)?
+                let (e, u) = self.encode_with(&req.negative_prompt, req, &set)?;
+                used.extend(u);
+                e
             }
             .repeat(n)?;
             if uncond.context.dim(1).ctx("context")? == cond.context.dim(1).ctx("context")? {
@@ -831,6 +969,10 @@ impl StableDiffusion {
         } else {
             Conditioning::Single(cond)
         };
+        adapters.ti_hashes = set.hashes(
+            &mut self.adapters.lock().unwrap_or_else(|p| p.into_inner()),
+            &used,
+        )?;
         timings.encode = t0.elapsed().as_secs_f64();
 
         // 3. Timesteps.
@@ -924,6 +1066,7 @@ impl StableDiffusion {
             nine_channels,
             attention_slice,
             timings,
+            adapters,
         })
     }
 
@@ -1032,6 +1175,7 @@ impl StableDiffusion {
             req,
             latents,
             mut timings,
+            adapters,
             ..
         } = run;
         let t0 = Instant::now();
@@ -1046,6 +1190,8 @@ impl StableDiffusion {
                 width: req.width,
                 height: req.height,
                 rgb,
+                lora_hashes: adapters.lora_hashes.clone(),
+                ti_hashes: adapters.ti_hashes.clone(),
             });
         }
         timings.decode = t0.elapsed().as_secs_f64();
@@ -1423,4 +1569,9 @@ pub fn to_rgb8(img: &Tensor) -> Result<Vec<u8>> {
         .into_iter()
         .map(|v| v as u8)
         .collect())
+}
+
+/// Borrowed views of (position, vectors) pairs for the text encoder.
+fn as_refs(f: &[(usize, Tensor)]) -> Vec<(usize, &Tensor)> {
+    f.iter().map(|(p, t)| (*p, t)).collect()
 }

@@ -209,6 +209,9 @@ pub fn parse(text: &str) -> Vec<Piece> {
 pub struct Chunk {
     pub ids: Vec<u32>,
     pub weights: Vec<f32>,
+    /// Embeddings placed in this window: (first position, counting BOS as 0; index into
+    /// the embeddings given to [`tokenize_with`]). Their positions hold token 0.
+    pub fixes: Vec<(usize, usize)>,
 }
 
 /// A prompt ready for the text encoder.
@@ -217,6 +220,8 @@ pub struct PromptTokens {
     pub chunks: Vec<Chunk>,
     /// Prompt tokens, not counting BOS/EOS/padding (A1111's token counter).
     pub token_count: usize,
+    /// Indices of the embeddings the prompt used, in order of first use.
+    pub used: Vec<usize>,
 }
 
 impl PromptTokens {
@@ -228,19 +233,52 @@ impl PromptTokens {
     }
 }
 
+/// An embedding as the tokenizer sees it: its name's tokens and how many positions its
+/// vectors take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingWord {
+    pub ids: Vec<u32>,
+    pub vectors: usize,
+}
+
 /// Tokenizes a prompt the way A1111 does (see the module docs).
 pub fn tokenize(tok: &ClipTokenizer, text: &str) -> Result<PromptTokens> {
+    tokenize_with(tok, text, &[])
+}
+
+/// The longest embedding whose name's tokens start at `ids[at..]` (A1111's
+/// `find_embedding_at_position`).
+fn embedding_at(ids: &[u32], at: usize, embeddings: &[EmbeddingWord]) -> Option<usize> {
+    embeddings
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !e.ids.is_empty() && ids[at..].starts_with(&e.ids))
+        .max_by_key(|(_, e)| e.ids.len())
+        .map(|(i, _)| i)
+}
+
+/// [`tokenize`] with textual-inversion embeddings: where a name's tokens appear, its n
+/// vectors take n positions (moved whole to the next window when they do not fit), as
+/// A1111's `tokenize_line` places them.
+pub fn tokenize_with(
+    tok: &ClipTokenizer,
+    text: &str,
+    embeddings: &[EmbeddingWord],
+) -> Result<PromptTokens> {
     let pieces = parse(text);
     let comma = tok.token_id(",</w>");
     let (bos, eos) = (tok.bos_id(), tok.eos_id());
     let pad = tok.pad_id();
     let mut chunks = Vec::new();
-    let mut cur: (Vec<u32>, Vec<f32>) = (Vec::new(), Vec::new());
+    // Tokens, weights, fixes (positions counted without BOS).
+    type Cur = (Vec<u32>, Vec<f32>, Vec<(usize, usize)>);
+    let mut cur: Cur = Default::default();
     let mut last_comma: Option<usize> = None;
     let mut token_count = 0;
-    let mut finish = |cur: &mut (Vec<u32>, Vec<f32>), chunks: &mut Vec<Chunk>, last: bool| {
+    let mut used = Vec::new();
+    let mut finish = |cur: &mut Cur, chunks: &mut Vec<Chunk>, last: bool| {
         token_count += if last { cur.0.len() } else { CHUNK };
-        let (mut ids, mut w) = std::mem::take(cur);
+        let (mut ids, mut w, fixes) = std::mem::take(cur);
         // EOS right after the prompt, then the pad token (SD 1.x pads with EOS itself).
         let mut padded = vec![bos];
         let n = ids.len();
@@ -254,6 +292,7 @@ pub fn tokenize(tok: &ClipTokenizer, text: &str) -> Result<PromptTokens> {
         chunks.push(Chunk {
             ids: padded,
             weights,
+            fixes: fixes.into_iter().map(|(p, e)| (p + 1, e)).collect(),
         });
     };
     for piece in pieces {
@@ -265,7 +304,10 @@ pub fn tokenize(tok: &ClipTokenizer, text: &str) -> Result<PromptTokens> {
             }
             Piece::Text(t, w) => (t, w),
         };
-        for id in tok.tokenize_raw(&text)? {
+        let ids = tok.tokenize_raw(&text)?;
+        let mut at = 0;
+        while at < ids.len() {
+            let id = ids[at];
             if Some(id) == comma {
                 last_comma = Some(cur.0.len());
             } else if cur.0.len() == CHUNK {
@@ -273,8 +315,15 @@ pub fn tokenize(tok: &ClipTokenizer, text: &str) -> Result<PromptTokens> {
                     // Move the words after the comma into the next chunk.
                     let ids = cur.0.split_off(lc + 1);
                     let ws = cur.1.split_off(lc + 1);
+                    let moved: Vec<(usize, usize)> = cur
+                        .2
+                        .iter()
+                        .filter(|(p, _)| *p > lc)
+                        .map(|&(p, e)| (p - lc - 1, e))
+                        .collect();
+                    cur.2.retain(|(p, _)| *p <= lc);
                     finish(&mut cur, &mut chunks, false);
-                    cur = (ids, ws);
+                    cur = (ids, ws, moved);
                     last_comma = None;
                 }
             }
@@ -282,8 +331,24 @@ pub fn tokenize(tok: &ClipTokenizer, text: &str) -> Result<PromptTokens> {
                 finish(&mut cur, &mut chunks, false);
                 last_comma = None;
             }
-            cur.0.push(id);
-            cur.1.push(weight as f32);
+            let Some(e) = embedding_at(&ids, at, embeddings) else {
+                cur.0.push(id);
+                cur.1.push(weight as f32);
+                at += 1;
+                continue;
+            };
+            let n = embeddings[e].vectors.min(CHUNK);
+            if cur.0.len() + n > CHUNK {
+                finish(&mut cur, &mut chunks, false);
+                last_comma = None;
+            }
+            cur.2.push((cur.0.len(), e));
+            cur.0.extend(std::iter::repeat_n(0, n));
+            cur.1.extend(std::iter::repeat_n(weight as f32, n));
+            if !used.contains(&e) {
+                used.push(e);
+            }
+            at += embeddings[e].ids.len();
         }
     }
     if !cur.0.is_empty() || chunks.is_empty() {
@@ -292,6 +357,7 @@ pub fn tokenize(tok: &ClipTokenizer, text: &str) -> Result<PromptTokens> {
     Ok(PromptTokens {
         chunks,
         token_count,
+        used,
     })
 }
 
