@@ -1604,6 +1604,274 @@ def make_single_file_sd2(pipes: dict[str, StableDiffusionPipeline]) -> None:
     print(f"  single file {path.name}: {len(sd)} tensors, checked with diffusers' converters")
 
 
+# --------------------------------------------------------------------------
+# LoRAs and embeddings (issue 15): tiny random files in the layouts people download, and
+# references made two independent ways: diffusers' load_lora_weights + set_adapters, and a
+# hand merge W + weight * (alpha / rank) * up @ down on a copy of the weights (A1111's math).
+# --------------------------------------------------------------------------
+
+LORA_DIR = FIXTURES / "lora"
+EMB_DIR = FIXTURES / "embeddings"
+LORA_PROMPT = "a photo of an astronaut riding a horse"
+
+
+def _lora_pair(weight: torch.Tensor, rank: int, alpha: float, gen: torch.Generator, strength: float = 0.6):
+    """Random (down, up) for `weight` ([out, in] or [out, in, kh, kw]) whose product, at
+    multiplier 1, is about `strength` times the weight's spread."""
+    out_dim = weight.shape[0]
+    down_shape = (rank,) + tuple(weight.shape[1:])
+    fan_in = int(np.prod(weight.shape[1:]))
+    down = torch.randn(down_shape, generator=gen) / fan_in ** 0.5
+    up_shape = (out_dim, rank) + ((1, 1) if weight.dim() == 4 else ())
+    sigma = float(weight.float().std()) or 0.1
+    up = torch.randn(up_shape, generator=gen) * sigma * strength / rank ** 0.5 * (rank / alpha)
+    return down.contiguous(), up.contiguous()
+
+
+def _unet_targets(unet, convs: bool) -> list[str]:
+    """Module names a LoRA (or LoCon, with `convs`) trains in the UNet."""
+    out = []
+    for name, m in unet.named_modules():
+        leaf = name.split(".")[-1]
+        if isinstance(m, torch.nn.Linear) and (
+                "attentions" in name and leaf in ("to_q", "to_k", "to_v", "0", "proj", "2", "proj_in", "proj_out")):
+            if leaf == "0" and not name.endswith("to_out.0"):
+                continue
+            if leaf == "2" and not name.endswith("ff.net.2"):
+                continue
+            out.append(name)
+        elif isinstance(m, torch.nn.Conv2d) and (
+                (leaf in ("proj_in", "proj_out") and "attentions" in name)
+                or (convs and ("resnets" in name or "samplers" in name) and leaf in ("conv1", "conv2", "conv_shortcut", "conv"))):
+            out.append(name)
+        elif convs and isinstance(m, torch.nn.Linear) and leaf == "time_emb_proj":
+            out.append(name)
+    return out
+
+
+def _te_targets(te) -> list[str]:
+    return [n for n, m in te.named_modules() if isinstance(m, torch.nn.Linear)
+            and n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")]
+
+
+def _module(root, name):
+    m = root
+    for part in name.split("."):
+        m = getattr(m, part)
+    return m
+
+
+def _sgm_unet_names(unet) -> dict[str, str]:
+    """diffusers module name -> the original layout's name (for kohya's SDXL LoRAs)."""
+    cfg = unet.config
+    up_attn = ["CrossAttn" in t for t in cfg.up_block_types]
+    out = {}
+    for k in unet.state_dict():
+        if k.endswith(".weight"):
+            mod = k[: -len(".weight")]
+            out[mod] = _orig_unet_key(k, cfg.layers_per_block, len(cfg.block_out_channels), up_attn)[: -len(".weight")]
+    return out
+
+
+def make_lora_file(pipe, path: Path, fmt: str, seed: int, unet=True, te=True, convs=False, rank=4, alpha=2.0):
+    """Writes a LoRA for `pipe` in `fmt` (kohya / kohya-sgm / peft); returns the hand-merge
+    recipe: list of (component, module name, down, up, alpha-or-None)."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    recipe = []
+    tensors = {}
+    encoders = [("text_encoder", pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        encoders.append(("text_encoder_2", pipe.text_encoder_2))
+    sgm = _sgm_unet_names(pipe.unet) if fmt == "kohya-sgm" else None
+    if unet:
+        for name in _unet_targets(pipe.unet, convs):
+            w = _module(pipe.unet, name).weight.detach()
+            down, up = _lora_pair(w, rank, alpha if fmt != "peft" else rank, gen)
+            if fmt == "peft":
+                tensors[f"unet.{name}.lora_A.weight"] = down
+                tensors[f"unet.{name}.lora_B.weight"] = up
+                recipe.append(("unet", name, down, up, None))
+            else:
+                key = "lora_unet_" + (sgm[name] if sgm else name).replace(".", "_")
+                tensors[f"{key}.lora_down.weight"] = down
+                tensors[f"{key}.lora_up.weight"] = up
+                tensors[f"{key}.alpha"] = torch.tensor(alpha)
+                recipe.append(("unet", name, down, up, alpha))
+    if te:
+        for i, (comp, enc) in enumerate(encoders):
+            for name in _te_targets(enc):
+                w = _module(enc, name).weight.detach()
+                down, up = _lora_pair(w, rank, alpha if fmt != "peft" else rank, gen)
+                if fmt == "peft":
+                    tensors[f"{comp}.{name}.lora_A.weight"] = down
+                    tensors[f"{comp}.{name}.lora_B.weight"] = up
+                    recipe.append((comp, name, down, up, None))
+                else:
+                    prefix = "lora_te_" if len(encoders) == 1 else f"lora_te{i + 1}_"
+                    key = prefix + name.replace(".", "_")
+                    tensors[f"{key}.lora_down.weight"] = down
+                    tensors[f"{key}.lora_up.weight"] = up
+                    tensors[f"{key}.alpha"] = torch.tensor(alpha)
+                    recipe.append((comp, name, down, up, alpha))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # As trainers save them: half precision.
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, path,
+              metadata={"ss_network_module": "networks.lora"} if fmt != "peft" else {"format": "pt"})
+    # The merge uses the stored (f16) values.
+    return [(c, n, d.half().float(), u.half().float(), a) for c, n, d, u, a in recipe]
+
+
+@torch.no_grad()
+def hand_merged(pipe, loras: list[tuple[list, float]]):
+    """A copy of `pipe` whose weights hold W + weight * (alpha / rank) * up @ down."""
+    import copy
+    comps = {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in pipe.components.items()}
+    for recipe, weight in loras:
+        for comp, name, down, up, alpha in recipe:
+            m = _module(comps[comp], name)
+            m = getattr(m, "base_layer", m)  # diffusers may have wrapped it (adapters since deleted)
+            rank = down.shape[0]
+            scale = weight * ((alpha / rank) if alpha is not None else 1.0)
+            delta = (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)).reshape(m.weight.shape)
+            m.weight.data += scale * delta
+    out = type(pipe)(**comps)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def _run(pipe, prompt, negative, seeds, steps=8, guidance=7.5, size=64):
+    return pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                width=size, height=size, num_images_per_prompt=len(seeds),
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images
+
+
+def _max_diff(a, b) -> int:
+    return int(np.abs(to_uint8(a).astype(int) - to_uint8(b).astype(int)).max())
+
+
+@torch.no_grad()
+def make_lora_refs() -> list[str]:
+    problems = []
+    for d in (LORA_DIR, EMB_DIR):
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+    img_dir = REFS / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    sd15 = load_pipe("tiny-sd15", None)
+    sd15.scheduler = make_scheduler("euler", sd15.scheduler.config)
+    sdxl = load_sdxl("tiny-sdxl")
+    sdxl.scheduler = make_scheduler("euler", sdxl.scheduler.config)
+    recipes = {
+        "kohya_locon": (sd15, make_lora_file(sd15, LORA_DIR / "kohya_locon.safetensors", "kohya", 1501, convs=True)),
+        "peft": (sd15, make_lora_file(sd15, LORA_DIR / "diffusers" / "peft.safetensors", "peft", 1502)),
+        "te_only": (sd15, make_lora_file(sd15, LORA_DIR / "te_only.safetensors", "kohya", 1503, unet=False,
+                                         alpha=4.0)),
+        "sdxl_kohya": (sdxl, make_lora_file(sdxl, LORA_DIR / "sdxl" / "sdxl_kohya.safetensors", "kohya-sgm", 1504,
+                                            convs=True)),
+    }
+    files = {"kohya_locon": LORA_DIR / "kohya_locon.safetensors",
+             "peft": LORA_DIR / "diffusers" / "peft.safetensors",
+             "te_only": LORA_DIR / "te_only.safetensors",
+             "sdxl_kohya": LORA_DIR / "sdxl" / "sdxl_kohya.safetensors"}
+
+    # Embeddings: A1111/kohya (emb_params, 2 vectors), diffusers (one token key, 1 vector),
+    # SDXL (clip_l + clip_g, 2 vectors).
+    gen = torch.Generator("cpu").manual_seed(1510)
+    w1 = sd15.text_encoder.get_input_embeddings().weight
+    emb_a1111 = (torch.randn((2, w1.shape[1]), generator=gen) * float(w1.std()) * 3).contiguous()
+    emb_diff = (torch.randn((w1.shape[1],), generator=gen) * float(w1.std()) * 3).contiguous()
+    save_file({"emb_params": emb_a1111}, EMB_DIR / "tinyemb.safetensors")
+    (EMB_DIR / "styles").mkdir()
+    save_file({"<diffemb>": emb_diff}, EMB_DIR / "styles" / "diffemb.safetensors")
+    xl_l = sdxl.text_encoder.get_input_embeddings().weight
+    xl_g = sdxl.text_encoder_2.get_input_embeddings().weight
+    emb_xl = {"clip_l": (torch.randn((2, xl_l.shape[1]), generator=gen) * float(xl_l.std()) * 3).contiguous(),
+              "clip_g": (torch.randn((2, xl_g.shape[1]), generator=gen) * float(xl_g.std()) * 3).contiguous()}
+    save_file(emb_xl, EMB_DIR / "tinyxl.safetensors")
+    torch.save({"string_to_param": {"*": emb_diff.unsqueeze(0)}}, EMB_DIR / "pickled.pt")
+
+    cases = []
+    seeds = [42, 43]
+
+    def record(name, model, images, loras, prompt=LORA_PROMPT, negative=NEGATIVE, **extra):
+        cases.append(dict(name=name, model=model, scheduler="euler", steps=8, guidance=7.5, width=64, height=64,
+                          seeds=seeds, prompt=prompt, negative_prompt=negative,
+                          loras=[dict(file=str(files[n].relative_to(FIXTURES)), weight=w) for n, w in loras],
+                          images=save_images(name, seeds, images), **extra))
+
+    def with_diffusers(pipe, loras):
+        names = []
+        for i, (n, _) in enumerate(loras):
+            pipe.load_lora_weights(str(files[n]), adapter_name=f"a{i}")
+            names.append(f"a{i}")
+        pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+        return names
+
+    lora_cases = [("kohya_locon", [("kohya_locon", 1.0)]), ("kohya_locon", [("kohya_locon", 0.6)]),
+                  ("kohya_locon", [("kohya_locon", -0.5)]), ("peft", [("peft", 1.0)]), ("peft", [("peft", 0.6)]),
+                  ("peft", [("peft", -0.5)]), ("te_only", [("te_only", 1.0)]),
+                  ("two", [("kohya_locon", 0.6), ("peft", 0.5)]),
+                  ("sdxl_kohya", [("sdxl_kohya", 1.0)]), ("sdxl_kohya", [("sdxl_kohya", -0.5)])]
+    plain = {"tiny-sd15": _run(sd15, LORA_PROMPT, NEGATIVE, seeds), "tiny-sdxl": _run(sdxl, LORA_PROMPT, NEGATIVE, seeds)}
+    for label, loras in lora_cases:
+        base = recipes[loras[0][0]][0]
+        model = "tiny-sdxl" if base is sdxl else "tiny-sd15"
+        merged = hand_merged(base, [(recipes[n][1], w) for n, w in loras])
+        hand = _run(merged, LORA_PROMPT, NEGATIVE, seeds)
+        try:
+            names = with_diffusers(base, loras)
+            ref = _run(base, LORA_PROMPT, NEGATIVE, seeds)
+            base.delete_adapters(names)
+            d = _max_diff(ref, hand)
+            source = "diffusers"
+            if d > 2:
+                problems.append(f"lora {label} {loras}: diffusers and the hand merge differ by {d}/255")
+        except Exception as e:  # a format diffusers cannot load: the hand merge is the reference
+            ref, d, source = hand, None, f"hand merge (diffusers: {type(e).__name__}: {str(e)[:120]})"
+        effect = _max_diff(ref, plain[model])
+        if effect < 10:
+            problems.append(f"lora {label} {loras}: the LoRA barely changes the image ({effect}/255)")
+        name = f"lora_{label}_" + "_".join(f"{w:g}" for _, w in loras)
+        record(name, model, ref, loras, reference=source, hand_vs_diffusers=d, effect=effect)
+        print(f"  {name}: effect {effect}/255, diffusers vs hand {d}, reference {source[:40]}")
+
+    # Embeddings, with diffusers' load_textual_inversion.
+    def ti_case(name, model, pipe, prompt, negative, loras=()):
+        merged = hand_merged(pipe, [(recipes[n][1], w) for n, w in loras]) if loras else pipe
+        if model == "tiny-sdxl":
+            merged.load_textual_inversion(emb_xl["clip_l"], token="tinyxl", text_encoder=merged.text_encoder,
+                                          tokenizer=merged.tokenizer)
+            merged.load_textual_inversion(emb_xl["clip_g"], token="tinyxl", text_encoder=merged.text_encoder_2,
+                                          tokenizer=merged.tokenizer_2)
+        else:
+            merged.load_textual_inversion(str(EMB_DIR / "tinyemb.safetensors"), token="tinyemb")
+            merged.load_textual_inversion(str(EMB_DIR / "styles" / "diffemb.safetensors"), token="diffemb")
+        images = _run(merged, prompt, negative, seeds)
+        effect = _max_diff(images, _run(pipe if not loras else hand_merged(pipe, [(recipes[n][1], w) for n, w in loras]),
+                                        prompt.replace("tinyemb", "").replace("diffemb", "").replace("tinyxl", ""),
+                                        negative.replace("tinyemb", ""), seeds))
+        merged.unload_textual_inversion()
+        if effect < 10:
+            problems.append(f"embedding case {name}: the embedding barely changes the image ({effect}/255)")
+        record(name, model, images, list(loras), prompt=prompt, negative=negative,
+               embeddings_dir=str(EMB_DIR.relative_to(FIXTURES)), reference="diffusers", effect=effect)
+        print(f"  {name}: effect {effect}/255")
+
+    ti_case("ti_a1111", "tiny-sd15", sd15, "a photo of tinyemb riding a horse", NEGATIVE)
+    ti_case("ti_diffusers", "tiny-sd15", sd15, "a photo of an astronaut, diffemb", NEGATIVE)
+    ti_case("ti_negative", "tiny-sd15", sd15, LORA_PROMPT, "tinyemb, blurry")
+    ti_case("ti_with_lora", "tiny-sd15", sd15, "a photo of tinyemb riding a horse", NEGATIVE,
+            loras=[("kohya_locon", 1.0)])
+    ti_case("ti_sdxl", "tiny-sdxl", sdxl, "a photo of tinyxl riding a horse", NEGATIVE)
+    with open(REFS / "lora_cases.json", "w") as f:
+        json.dump(cases, f, indent=1)
+    for p in sorted(LORA_DIR.rglob("*.safetensors")):
+        print(f"  {p.relative_to(FIXTURES)}: {p.stat().st_size / 1024:.0f} KiB")
+    return problems
+
+
+
 def check_no_nan_files() -> list[str]:
     problems = []
     for p in sorted(FIXTURES.rglob("*.safetensors")):
@@ -1647,7 +1915,7 @@ def summary() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bpe", help="path to bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip)")
-    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd", "memory", "minsched", "sdxl"],
+    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd", "memory", "minsched", "sdxl", "lora"],
                     help="only remake one set of references from the committed models")
     args = ap.parse_args()
     if args.only == "taesd":
@@ -1660,6 +1928,14 @@ def main() -> None:
         transformers_logging.set_verbosity_error()
         make_sdxl_refs()
         return
+    if args.only == "lora":
+        torch.set_num_threads(2)
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+        problems = make_lora_refs()
+        for p in problems:
+            print("PROBLEM: " + p)
+        sys.exit(1 if problems else 0)
 
     torch.set_num_threads(2)
     diffusers_logging.set_verbosity_error()
@@ -1702,6 +1978,7 @@ def main() -> None:
     problems += make_pipeline_refs(pipes)
     make_minimal_scheduler_refs(pipes)
     make_sdxl_refs()
+    problems += make_lora_refs()
     make_taesd()
     problems += check_no_nan_files()
 
