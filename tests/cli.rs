@@ -365,6 +365,10 @@ fn help_documents_every_flag() {
         "--memory",
         "--attention-slicing",
         "--vae-tiling",
+        "--lora",
+        "--lora-dir",
+        "--embeddings-dir",
+        "--models-dir",
     ] {
         assert!(help.contains(flag), "generate --help lacks {flag}");
     }
@@ -1139,4 +1143,114 @@ fn sdxl_generates_with_its_size_conditions_and_sits_beside_sd15_in_compare() {
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(last["rows"], serde_json::json!(["tiny-sd15", "tiny-sdxl"]));
     assert_eq!(pngs(&out3).len(), 4);
+}
+
+#[test]
+fn lora_tags_and_embeddings_from_the_cli_match_diffusers_and_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = common::fixtures();
+    let (loras, embs) = (fx.join("lora"), fx.join("embeddings"));
+    let o = generate(
+        dir.path(),
+        &[
+            "--prompt",
+            "<lora:kohya_locon:1>a photo of tinyemb riding a horse",
+            "--negative-prompt",
+            "blurry, low quality",
+            "--scheduler",
+            "euler",
+            "--steps",
+            "8",
+            "--guidance",
+            "7.5",
+            "--rng",
+            "torch-cpu",
+            "--seed",
+            "42",
+            "--batch",
+            "2",
+            "--lora-dir",
+            loras.to_str().unwrap(),
+            "--embeddings-dir",
+            embs.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("LoRAs: kohya_locon"), "{}", stderr(&o));
+    let cases = common::refs_json("lora_cases.json");
+    let case = cases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "ti_with_lora")
+        .unwrap();
+    for (seed, want) in [42, 43].iter().zip(case["images"].as_array().unwrap()) {
+        let path = dir.path().join(format!("{seed}.png"));
+        let (_, _, got) = common::read_png_rgb(&path);
+        let (_, _, want) = common::read_png_rgb(&fx.join(want.as_str().unwrap()));
+        let d = common::max_pixel_diff(&got, &want);
+        assert!(d <= 2, "seed {seed}: max |Δpixel| {d}");
+        let params = sd_studio::engine::metadata::read_png_parameters(&path)
+            .unwrap()
+            .unwrap();
+        assert!(
+            params.starts_with("<lora:kohya_locon:1>a photo of tinyemb"),
+            "{params}"
+        );
+        let parsed = sd_studio::engine::metadata::parse_a1111(&params).unwrap();
+        let loras = parsed.lora_hashes();
+        assert_eq!(loras.len(), 1, "{params}");
+        assert_eq!(loras[0].0, "kohya_locon");
+        let tis = parsed.ti_hashes();
+        assert_eq!(tis.len(), 1, "{params}");
+        assert_eq!(tis[0].0, "tinyemb");
+    }
+}
+
+#[test]
+fn bad_loras_give_one_clear_line_and_no_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = common::fixtures();
+    let loras = fx.join("lora");
+    let loras = loras.to_str().unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    let bytes = std::fs::read(fx.join("lora/kohya_locon.safetensors")).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let sdxl = fx.join("lora/sdxl/sdxl_kohya.safetensors");
+    let out = dir.path().join("out");
+    for (extra, needle) in [
+        (
+            vec!["--lora", "missing.safetensors"],
+            "LoRA file not found: missing.safetensors",
+        ),
+        (vec!["--lora", cut.to_str().unwrap()], "truncated"),
+        (
+            vec!["--lora", &format!("{}:heavy", sdxl.display())],
+            "the weight \"heavy\" is not a number",
+        ),
+        (
+            vec!["--prompt", "a cat <lora:nobody:1>", "--lora-dir", loras],
+            "LoRA \"nobody\"",
+        ),
+        (
+            vec![
+                "--prompt",
+                "a cat <lora:kohya_locon:x>",
+                "--lora-dir",
+                loras,
+            ],
+            "\"x\" is not a number",
+        ),
+        (
+            vec!["--lora", sdxl.to_str().unwrap()],
+            "is a LoRA for SDXL, but the model is SD 1.x",
+        ),
+        (
+            vec!["--lora-dir", "no/such/dir"],
+            "folder not found: no/such/dir",
+        ),
+    ] {
+        let o = generate(&out, &extra);
+        assert_fails(&out, &o, needle);
+    }
 }
