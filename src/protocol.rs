@@ -141,6 +141,12 @@ pub struct JobRequest {
     /// A1111 variation seeds: image i blends in `seeds[i]`'s noise by `strength`.
     #[serde(default)]
     pub variation: Option<JobVariation>,
+    /// Where the prompt's `<lora:NAME>` tags are looked up.
+    #[serde(default)]
+    pub lora_dirs: Vec<PathBuf>,
+    /// Where embeddings named in the prompts are looked up.
+    #[serde(default)]
+    pub embedding_dirs: Vec<PathBuf>,
 }
 
 /// A1111's "Variation seed" for a job: one per image (same length as the job's seeds).
@@ -179,6 +185,9 @@ pub enum Command {
     /// List the checkpoints in a folder (e.g. A1111's models/Stable-diffusion); answered by
     /// [`Event::ModelsFound`].
     ScanModels(PathBuf),
+    /// List the LoRAs in these folders (subfolders searched), saying which fit the loaded
+    /// model; answered by [`Event::LorasFound`].
+    ScanLoras(Vec<PathBuf>),
     /// Finish: cancel everything and end the thread.
     Shutdown,
 }
@@ -188,10 +197,11 @@ pub enum Command {
 pub struct TokenCounter(pub Arc<ClipTokenizer>);
 
 impl TokenCounter {
-    /// Prompt tokens and 75-token chunks, as A1111 counts them (weights syntax stripped,
-    /// BREAK and comma backtracking applied); `None` when the text cannot be tokenized.
+    /// Prompt tokens and 75-token chunks, as A1111 counts them (`<lora:…>` tags and weights
+    /// syntax stripped, BREAK and comma backtracking applied); `None` when the text cannot be tokenized.
     pub fn count(&self, text: &str) -> Option<(usize, usize)> {
-        crate::engine::prompt::tokenize(&self.0, text)
+        let (text, _) = crate::engine::extra_networks::strip_tags(text);
+        crate::engine::prompt::tokenize(&self.0, &text)
             .ok()
             .map(|t| (t.token_count, t.chunks.len()))
     }
@@ -202,7 +212,8 @@ impl TokenCounter {
     /// Each 75-token chunk's tokens as text (weights syntax stripped), so the window can
     /// show where chunks break; empty when the text cannot be tokenized.
     pub fn chunks(&self, text: &str) -> Vec<ChunkText> {
-        let Ok(t) = crate::engine::prompt::tokenize(&self.0, text) else {
+        let (text, _) = crate::engine::extra_networks::strip_tags(text);
+        let Ok(t) = crate::engine::prompt::tokenize(&self.0, &text) else {
             return Vec::new();
         };
         let special = [self.0.bos_id(), self.0.eos_id(), self.0.pad_id()];
@@ -231,6 +242,24 @@ pub struct ChunkText {
     pub tokens: usize,
     /// Those tokens decoded back to text.
     pub text: String,
+}
+
+/// A LoRA found by [`Command::ScanLoras`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoundLora {
+    /// The name a `<lora:NAME>` tag uses (the file's stem).
+    pub name: String,
+    pub path: PathBuf,
+    /// "SD 1.x", "SD 2.x", "SDXL", or "" when the file does not say.
+    pub family: String,
+    /// "UNet + text encoder", "UNet", "text encoder".
+    pub parts: String,
+    /// Whether it fits the loaded model (None: no model loaded, or the file does not say).
+    pub fits: Option<bool>,
+    /// `NAME.preview.png` beside the file (as civitai helpers save it).
+    pub preview: Option<PathBuf>,
+    /// Why it cannot be used (a LyCORIS type, a broken header), if so.
+    pub error: Option<String>,
 }
 
 /// A checkpoint found by a folder scan.
@@ -281,6 +310,8 @@ pub enum Event {
         models: Vec<FoundModel>,
         error: Option<String>,
     },
+    /// The answer to [`Command::ScanLoras`].
+    LorasFound { loras: Vec<FoundLora> },
     /// A job entered the queue behind `ahead` others.
     Queued { job: JobId, ahead: usize },
     /// A job left the queue and started.

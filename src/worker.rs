@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::engine::apply::Networks;
 use crate::engine::cache::{CachedModel, LoadOptions, ModelCache};
 use crate::engine::image_ops::{cover_crop, cover_crop_mask};
 use crate::engine::memory::MemoryOptions;
@@ -19,8 +20,8 @@ use crate::engine::rng::RngKind;
 use crate::engine::taesd::{self, Previewer, TaesdDecoder};
 use crate::engine::{self as eng, Error};
 use crate::protocol::{
-    Command, Event, InitInput, JobId, JobRequest, ModelSpec, PreviewMode, RgbImage, TokenCounter,
-    WorkerLink, GRID_CELLS,
+    Command, Event, FoundLora, InitInput, JobId, JobRequest, ModelSpec, PreviewMode, RgbImage,
+    TokenCounter, WorkerLink, GRID_CELLS,
 };
 
 /// The thread's state between commands.
@@ -269,6 +270,12 @@ impl Worker {
                 };
                 self.link.send(Event::ModelsFound { dir, models, error });
             }
+            Command::ScanLoras(dirs) => {
+                let family = self.model.as_ref().map(|m| m.sd.files.family);
+                self.link.send(Event::LorasFound {
+                    loras: scan_loras(&dirs, family),
+                });
+            }
             Command::Shutdown => {
                 self.shutdown = true;
                 self.cancel_running = true;
@@ -500,6 +507,7 @@ impl Worker {
             }
         }
         let mut lanes: Vec<Lane> = Vec::new();
+        let mut warned: Vec<String> = Vec::new();
         for (mi, model) in models.iter().enumerate() {
             let idx: Vec<usize> = (0..job.seeds.len())
                 .filter(|&i| model_of(i) == mi)
@@ -530,9 +538,20 @@ impl Worker {
                         seed: v.seeds[idx[first]],
                         strength: v.strength,
                     }),
+                    networks: Networks {
+                        loras: Vec::new(),
+                        lora_dirs: job.lora_dirs.clone(),
+                        embedding_dirs: job.embedding_dirs.clone(),
+                    },
                     ..Default::default()
                 };
                 let run = model.sd.begin(&req)?;
+                for w in &run.adapters.warnings {
+                    if !warned.contains(w) {
+                        warned.push(w.clone());
+                        self.link.send(Event::Warning { message: w.clone() });
+                    }
+                }
                 lanes.push(Lane {
                     model: model.clone(),
                     label: labels[mi].clone(),
@@ -762,4 +781,71 @@ mod tests {
         assert_eq!(state.0, 3);
         assert_eq!(state.1, vec!["boom 1".to_string(), "boom 2".to_string()]);
     }
+}
+
+/// The LoRAs in `dirs` (subfolders searched), each described from its header and checked
+/// against `family` (the loaded model's).
+pub fn scan_loras(
+    dirs: &[PathBuf],
+    family: Option<crate::engine::family::Family>,
+) -> Vec<FoundLora> {
+    use crate::engine::lora;
+    fn walk(dir: &std::path::Path, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() && depth < 8 {
+                walk(&p, depth + 1, out);
+            } else if p
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+            {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    for d in dirs {
+        walk(d, 0, &mut files);
+    }
+    let mut out: Vec<FoundLora> = Vec::new();
+    for path in files {
+        let name = lora::stem(&path);
+        if out.iter().any(|l| l.name == name) {
+            continue; // the first folder wins, as tags resolve
+        }
+        let preview = path.with_file_name(format!("{name}.preview.png"));
+        let (family_name, parts, fits, error) = match lora::describe(&path) {
+            Ok(i) => (
+                i.family.map(|f| f.name().to_string()).unwrap_or_default(),
+                match (i.unet, i.text) {
+                    (true, true) => "UNet + text encoder",
+                    (true, false) => "UNet",
+                    _ => "text encoder",
+                }
+                .to_string(),
+                family.and_then(|f| i.fits(f)),
+                None,
+            ),
+            Err(e) => (
+                String::new(),
+                String::new(),
+                Some(false),
+                Some(e.to_string()),
+            ),
+        };
+        out.push(FoundLora {
+            name,
+            path,
+            family: family_name,
+            parts,
+            fits,
+            preview: preview.is_file().then_some(preview),
+            error,
+        });
+    }
+    out
 }

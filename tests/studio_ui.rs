@@ -13,7 +13,8 @@ use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 use sd_studio::engine::tokenizer::ClipTokenizer;
 use sd_studio::protocol::{
-    link, Command, Event, FoundModel, JobRequest, ModelSpec, RgbImage, TokenCounter, WorkerLink,
+    link, Command, Event, FoundLora, FoundModel, JobRequest, ModelSpec, RgbImage, TokenCounter,
+    WorkerLink,
 };
 use sd_studio::ui::app::CellStatus;
 use sd_studio::ui::{StudioApp, StudioOptions};
@@ -948,4 +949,104 @@ fn compare_cells_show_their_own_rows_progress() {
     h.get_by_role_and_label(Role::Button, "Cell 5: seed 100, step 1/8");
     // The status bar keeps the whole job's count.
     h.get_by_label_contains("step 3/16");
+}
+
+fn lora(name: &str, family: &str, fits: Option<bool>) -> FoundLora {
+    FoundLora {
+        name: name.into(),
+        path: format!("/loras/{name}.safetensors").into(),
+        family: family.into(),
+        parts: "UNet + text encoder".into(),
+        fits,
+        preview: None,
+        error: None,
+    }
+}
+
+#[test]
+fn the_lora_panel_inserts_tags_sets_their_weight_and_jobs_get_the_folders() {
+    let (mut h, fake) = studio();
+    let dir = tempfile::tempdir().unwrap();
+    let loras = dir.path().join("models").join("Lora");
+    std::fs::create_dir_all(&loras).unwrap();
+    std::fs::create_dir_all(dir.path().join("embeddings")).unwrap();
+    let ckpts = dir.path().join("models").join("Stable-diffusion");
+    std::fs::create_dir_all(&ckpts).unwrap();
+    h.state_mut().state.settings.models_dir = ckpts.clone();
+    click(&mut h, "Scan");
+    let cmds = sent(&fake);
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::ScanLoras(d) if d == &vec![loras.clone()])),
+        "{cmds:?}"
+    );
+    fake.send(Event::LorasFound {
+        loras: vec![
+            lora("pixel_art", "SD 1.x", Some(true)),
+            lora("xl_detail", "SDXL", Some(false)),
+        ],
+    });
+    h.run_steps(2);
+    h.get_by_label("LoRA (2)");
+    h.get_by_label_contains("SDXL: not for the loaded model");
+    type_prompt(&mut h, "a castle");
+    click(&mut h, "pixel_art");
+    assert_eq!(
+        h.state().state.params.prompt,
+        "a castle, <lora:pixel_art:1>"
+    );
+    // The tag is under the cursor: its slider sets the weight in the text.
+    h.get_by_role_and_label(Role::Slider, "<lora:pixel_art> weight");
+    h.state_mut().prompt_cursor = Some(12);
+    h.run_steps(2);
+    let slider = h.get_by_role_and_label(Role::Slider, "<lora:pixel_art> weight");
+    slider.focus();
+    h.run_steps(1);
+    h.key_press(Key::ArrowLeft);
+    h.run_steps(2);
+    assert_eq!(
+        h.state().state.params.prompt,
+        "a castle, <lora:pixel_art:0.95>"
+    );
+    // A LoRA for another model cannot be clicked in.
+    click(&mut h, "xl_detail");
+    assert_eq!(
+        h.state().state.params.prompt,
+        "a castle, <lora:pixel_art:0.95>"
+    );
+    ctrl_enter(&mut h);
+    let j = generate_cmd(&fake);
+    assert_eq!(j.prompt, "a castle, <lora:pixel_art:0.95>");
+    assert_eq!(j.lora_dirs, vec![loras]);
+    assert_eq!(j.embedding_dirs, vec![dir.path().join("embeddings")]);
+}
+
+#[test]
+fn the_token_counter_ignores_lora_tags() {
+    let (mut h, fake) = studio();
+    let tok = ClipTokenizer::builtin("<|endoftext|>").unwrap();
+    fake_ready_with_tokens(&mut h, &fake, tok);
+    type_prompt(&mut h, "a red fox <lora:some_style_lora:0.7> in the snow");
+    h.get_by_label("6/75 tokens");
+}
+
+#[test]
+fn a_dropped_png_with_loras_not_in_the_folder_says_which() {
+    let (mut h, fake) = studio();
+    fake.send(Event::LorasFound {
+        loras: vec![lora("pixel_art", "SD 1.x", Some(true))],
+    });
+    h.run_steps(2);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a1111.png");
+    let text = "a knight <lora:pixel_art:0.8> <lora:gone_lora:1>\nSteps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 1, Size: 512x512, Lora hashes: \"pixel_art: 0123456789ab, gone_lora: ba9876543210\"";
+    let png = sd_studio::engine::metadata::encode_png(&[0; 8 * 8 * 3], 8, 8, text).unwrap();
+    std::fs::write(&path, png).unwrap();
+    h.input_mut().dropped_files.push(Arc::new(Dropped(path)));
+    h.run_steps(2);
+    assert_eq!(
+        h.state().state.params.prompt,
+        "a knight <lora:pixel_art:0.8> <lora:gone_lora:1>"
+    );
+    h.get_by_label_contains("LoRAs that are not in the LoRA folder: gone_lora");
 }

@@ -98,6 +98,8 @@ fn job(rig: &Rig, id: u64, seeds: Vec<u64>, steps: usize) -> JobRequest {
         vae_tiling: Default::default(),
         init: None,
         variation: None,
+        lora_dirs: Vec::new(),
+        embedding_dirs: Vec::new(),
     }
 }
 
@@ -771,4 +773,65 @@ fn variation_seeds_blend_per_cell_and_the_own_seed_keeps_the_image() {
         _ => unreachable!(),
     }
     rig.engine.send(Command::Shutdown);
+}
+
+#[test]
+fn lora_tags_in_a_studio_job_match_the_pipeline_and_reach_the_png() {
+    let rig = start(false);
+    let loras = common::fixtures().join("lora");
+    let embs = common::fixtures().join("embeddings");
+    // The scan says what each LoRA is and whether it fits the loaded SD 1.5 model.
+    rig.engine.send(Command::ScanLoras(vec![loras.clone()]));
+    let found = match next(&rig.engine, |e| matches!(e, Event::LorasFound { .. })) {
+        Event::LorasFound { loras } => loras,
+        _ => unreachable!(),
+    };
+    let by = |n: &str| found.iter().find(|l| l.name == n).unwrap().clone();
+    assert_eq!(found.len(), 4, "{found:?}");
+    assert_eq!(by("sdxl_kohya").family, "SDXL");
+    assert_eq!(by("sdxl_kohya").fits, Some(false));
+    assert_eq!(by("kohya_locon").parts, "UNet + text encoder");
+    assert_eq!(by("te_only").parts, "text encoder");
+    assert_ne!(by("kohya_locon").fits, Some(false));
+    let mut j = job(&rig, 1, vec![5, 6], 3);
+    j.prompt = "a lighthouse <lora:kohya_locon:0.7>, tinyemb".into();
+    j.lora_dirs = vec![loras.clone()];
+    j.embedding_dirs = vec![embs.clone()];
+    rig.engine.send(Command::Generate(j.clone()));
+    let events = collect(&rig.engine, 1);
+    let cells = cell_images(&events);
+    assert_eq!(cells.len(), 2, "{events:?}");
+    let req = GenerateRequest {
+        prompt: j.prompt.clone(),
+        negative_prompt: j.negative_prompt.clone(),
+        seed: 5,
+        batch: 2,
+        steps: 3,
+        guidance: 7.5,
+        scheduler: SchedulerKind::EulerAncestral,
+        width: 64,
+        height: 64,
+        networks: sd_studio::engine::apply::Networks {
+            loras: vec![],
+            lora_dirs: vec![loras],
+            embedding_dirs: vec![embs],
+        },
+        ..Default::default()
+    };
+    let want = pipeline_image("tiny-sd15", &req);
+    let mut plain = req.clone();
+    plain.networks = Default::default();
+    plain.prompt = "a lighthouse , tinyemb".into();
+    let without = pipeline_image("tiny-sd15", &plain);
+    for ((_, _, rgb, path), want) in cells.iter().zip(&want) {
+        assert_eq!(rgb, want, "the studio's image is the pipeline's");
+        let text = read_png_parameters(path.as_ref().unwrap())
+            .unwrap()
+            .unwrap();
+        let p = parse_a1111(&text).unwrap();
+        assert_eq!(p.prompt, j.prompt);
+        assert_eq!(p.lora_hashes()[0].0, "kohya_locon");
+        assert_eq!(p.ti_hashes()[0].0, "tinyemb");
+    }
+    assert_ne!(cells[0].2, without[0], "the LoRA changed the image");
 }

@@ -10,6 +10,7 @@ use super::commands::UiCommand;
 use super::compare::{self, GridLayout};
 use super::errors::{Message, Severity};
 use super::img2img::{self, InitState};
+use super::loras::{self, LoraPanel};
 use super::models_folder::{self, ScanState};
 use super::screenshot::ScreenshotPlan;
 use super::state::{HistoryEntry, Params, Persisted, SeedMode};
@@ -164,6 +165,10 @@ pub struct StudioApp {
     pub layout: GridLayout,
     /// The models folder's last scan.
     pub scan: ScanState,
+    /// The LoRA folders' last scan.
+    pub loras: LoraPanel,
+    /// The prompt cursor's byte offset (kept while other widgets have focus).
+    pub prompt_cursor: Option<usize>,
     /// The img2img init image and its mask.
     pub init: Option<InitState>,
     /// The VAE free-text field.
@@ -252,6 +257,8 @@ impl StudioApp {
             viewer: None,
             layout: GridLayout::plain(),
             scan: ScanState::default(),
+            loras: LoraPanel::default(),
+            prompt_cursor: None,
             init: None,
             vae_input: String::new(),
             img2img_open: false,
@@ -269,7 +276,19 @@ impl StudioApp {
         if !model.is_empty() {
             app.load_model(model);
         }
+        app.scan_loras();
         app
+    }
+
+    /// Asks for the LoRA folders' contents (nothing to ask when none is set).
+    fn scan_loras(&mut self) {
+        let (dirs, _) = self.state.settings.adapter_dirs();
+        if dirs.is_empty() {
+            self.loras.found(Vec::new());
+            return;
+        }
+        self.loras.scanning = true;
+        self.send(Command::ScanLoras(dirs));
     }
 
     pub fn error(&mut self, text: impl Into<String>) {
@@ -343,7 +362,10 @@ impl StudioApp {
         let p = &self.state.params;
         let s = &self.state.settings;
         let request_cells = cells.clone();
+        let (lora_dirs, embedding_dirs) = s.adapter_dirs();
         let request = JobRequest {
+            lora_dirs,
+            embedding_dirs,
             id: self.next_job,
             prompt: p.prompt.clone(),
             negative_prompt: p.negative_prompt.clone(),
@@ -486,7 +508,32 @@ impl StudioApp {
                     self.set_vae(Some(file.display().to_string()));
                 }
             }
-            UiCommand::ScanModels => self.scan_models(),
+            UiCommand::ScanModels => {
+                self.scan_models();
+                self.scan_loras();
+            }
+            UiCommand::ScanLoras => {
+                self.save_state();
+                self.scan_loras();
+            }
+            UiCommand::InsertLora(name) => {
+                let p = &mut self.state.params;
+                let (text, cursor) = loras::insert_tag(&p.prompt, &name, self.prompt_cursor);
+                p.prompt = text;
+                // The new tag is under the cursor: its weight slider shows.
+                self.prompt_cursor = Some(cursor);
+            }
+            UiCommand::SetLoraWeight { start, end, text } => {
+                let p = &mut self.state.params;
+                if start <= end
+                    && end <= p.prompt.len()
+                    && p.prompt.is_char_boundary(start)
+                    && p.prompt.is_char_boundary(end)
+                {
+                    p.prompt.replace_range(start..end, &text);
+                    self.prompt_cursor = Some(start + 1);
+                }
+            }
             UiCommand::BrowseModelsDir => {
                 if let Some(dir) = rfd::FileDialog::new()
                     .set_title("Choose the folder with your checkpoints")
@@ -705,6 +752,13 @@ impl StudioApp {
             .map_err(|e| e.to_string())?
             .ok_or("this PNG has no generation parameters (no `parameters` text chunk)")?;
         let parsed = parse_a1111(&text).map_err(|e| e.to_string())?;
+        let missing = self.loras.missing(&parsed.prompt);
+        if !missing.is_empty() {
+            self.warn(format!(
+                "this image used LoRAs that are not in the LoRA folder: {} (the prompt keeps their tags; generating needs them)",
+                missing.join(", ")
+            ));
+        }
         let p = &mut self.state.params;
         p.prompt = parsed.prompt.clone();
         p.negative_prompt = parsed.negative_prompt.clone();
@@ -812,6 +866,8 @@ impl StudioApp {
                 };
                 self.tokens = tokens;
                 self.save_state();
+                // Whether each LoRA fits depends on the model.
+                self.scan_loras();
                 if let Some(plan) = &mut self.screenshots {
                     plan.model_ready = true;
                 }
@@ -820,6 +876,7 @@ impl StudioApp {
                     self.apply(ctx, UiCommand::Generate);
                 }
             }
+            Event::LorasFound { loras } => self.loras.found(loras),
             Event::ModelFailed { message } => {
                 self.model.loading = None;
                 self.model.progress = None;
@@ -1082,6 +1139,15 @@ impl StudioApp {
                         ui,
                         &mut self.state.params,
                         self.tokens.as_ref(),
+                        &mut self.prompt_cursor,
+                    ));
+                    ui.separator();
+                    cmds.extend(loras::loras_ui(
+                        ui,
+                        &mut self.loras,
+                        &mut self.state.settings,
+                        &self.state.params.prompt,
+                        self.prompt_cursor,
                     ));
                     ui.separator();
                     cmds.extend(seed::seed_ui(ui, &mut self.state.params));

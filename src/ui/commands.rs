@@ -62,6 +62,16 @@ pub enum UiCommand {
     RestoreFromPng(PathBuf),
     /// Put a past generation's parameters (and first seed, locked) back in the editor.
     RestoreHistory(usize),
+    /// List the LoRA folders' LoRAs.
+    ScanLoras,
+    /// Put `<lora:NAME:1>` into the prompt at its cursor.
+    InsertLora(String),
+    /// Replace the prompt's bytes `start..end` (a LoRA tag) with `text`.
+    SetLoraWeight {
+        start: usize,
+        end: usize,
+        text: String,
+    },
     /// Hide a message.
     Dismiss(usize),
 }

@@ -10,6 +10,7 @@ pub mod errors;
 pub mod grid;
 pub mod history;
 pub mod img2img;
+pub mod loras;
 pub mod model_picker;
 pub mod models_folder;
 pub mod prompt;

@@ -59,22 +59,33 @@ fn counter_ui(ui: &mut egui::Ui, tokens: Option<&TokenCounter>, text: &str) {
     }
 }
 
-/// Prompt (Ctrl+Enter generates, handled by the app) and negative prompt.
+/// Prompt (Ctrl+Enter generates, handled by the app) and negative prompt. `cursor` gets
+/// the prompt cursor's byte offset while the prompt has it.
 pub fn prompt_ui(
     ui: &mut egui::Ui,
     p: &mut Params,
     tokens: Option<&TokenCounter>,
+    cursor: &mut Option<usize>,
 ) -> Vec<UiCommand> {
     let mut out = Vec::new();
     let label = ui.strong("Prompt");
-    ui.add(
-        egui::TextEdit::multiline(&mut p.prompt)
-            .id_salt("prompt")
-            .hint_text("what to draw — Ctrl+Enter generates")
-            .desired_rows(4)
-            .desired_width(f32::INFINITY),
-    )
-    .labelled_by(label.id);
+    let output = egui::TextEdit::multiline(&mut p.prompt)
+        .id_salt("prompt")
+        .hint_text("what to draw — Ctrl+Enter generates")
+        .desired_rows(4)
+        .desired_width(f32::INFINITY)
+        .show(ui);
+    let response: egui::Response = (*output.response).clone();
+    let _ = response.labelled_by(label.id);
+    if let Some(range) = output.cursor_range {
+        let chars = range.primary.index.0;
+        *cursor = Some(
+            p.prompt
+                .char_indices()
+                .nth(chars)
+                .map_or(p.prompt.len(), |(b, _)| b),
+        );
+    }
     counter_ui(ui, tokens, &p.prompt);
     let label = ui.strong("Negative prompt");
     ui.add(

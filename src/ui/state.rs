@@ -95,6 +95,38 @@ pub struct Settings {
     pub memory: MemoryOptions,
     /// Model cache size in GiB; 0: automatic.
     pub cache_gib: f64,
+    /// LoRA folder; empty: the models folder's (A1111 models/Lora, ComfyUI models/loras).
+    pub lora_dir: PathBuf,
+    /// Embeddings folder; empty: the models folder's (A1111 embeddings).
+    pub embeddings_dir: PathBuf,
+}
+
+impl Settings {
+    /// Where `<lora:…>` tags and embeddings are looked up: the folders set here, then
+    /// those of the models folder.
+    pub fn adapter_dirs(&self) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let (mut loras, mut embs) = (Vec::new(), Vec::new());
+        if !self.lora_dir.as_os_str().is_empty() {
+            loras.push(self.lora_dir.clone());
+        }
+        if !self.embeddings_dir.as_os_str().is_empty() {
+            embs.push(self.embeddings_dir.clone());
+        }
+        if !self.models_dir.as_os_str().is_empty() {
+            let (l, e) = crate::engine::apply::folders_in(&self.models_dir);
+            loras.extend(
+                l.into_iter()
+                    .filter(|d| !loras.contains(d))
+                    .collect::<Vec<_>>(),
+            );
+            embs.extend(
+                e.into_iter()
+                    .filter(|d| !embs.contains(d))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        (loras, embs)
+    }
 }
 
 impl Default for Settings {
@@ -111,6 +143,8 @@ impl Default for Settings {
             brush_size: 32.0,
             memory: MemoryOptions::default(),
             cache_gib: 0.0,
+            lora_dir: PathBuf::new(),
+            embeddings_dir: PathBuf::new(),
         }
     }
 }

@@ -503,6 +503,97 @@ impl LoraFile {
     }
 }
 
+/// What a LoRA file is, from its header alone (for listing a folder).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraInfo {
+    /// The family its shapes or names say, when they say it.
+    pub family: Option<Family>,
+    /// Whether it has SDXL's two text encoders (None: no text-encoder part).
+    pub dual_text: Option<bool>,
+    pub text: bool,
+    pub unet: bool,
+    /// Its modules (down/up pairs).
+    pub modules: usize,
+}
+
+impl LoraInfo {
+    /// Whether it can go on a model of `family`; None when the file does not say.
+    pub fn fits(&self, family: Family) -> Option<bool> {
+        match (self.family, self.dual_text) {
+            (Some(f), _) => Some(f == family),
+            (None, Some(d)) => Some(d == family.dual_text_encoders()),
+            _ => None,
+        }
+    }
+}
+
+/// Reads a LoRA file's header (strictly) and says what it is; LyCORIS types we refuse and
+/// files without LoRA pairs are errors.
+pub fn describe(path: &Path) -> Result<LoraInfo> {
+    let header = weights::read_header(path)?;
+    for t in &header {
+        if let Some((_, kind)) = REFUSED.iter().find(|(s, _)| t.name.ends_with(s)) {
+            return Err(adapter_err(path, format!("is a {kind} network")));
+        }
+    }
+    let mut info = LoraInfo {
+        family: None,
+        dual_text: None,
+        text: false,
+        unet: false,
+        modules: 0,
+    };
+    let mut context = None;
+    let mut te_width = None;
+    for t in &header {
+        let Some((module, Role::Down)) = split_role(&t.name) else {
+            continue;
+        };
+        let Some((c, key, _)) = classify(module) else {
+            continue;
+        };
+        info.modules += 1;
+        match c {
+            Component::Unet => {
+                info.unet = true;
+                if key.contains("attn2_to_k") {
+                    context = t.shape.get(1).copied();
+                }
+            }
+            Component::Text2 => {
+                info.text = true;
+                info.dual_text = Some(true);
+            }
+            Component::Text => {
+                info.text = true;
+                if module.starts_with("lora_te1_") {
+                    info.dual_text = Some(true);
+                } else {
+                    info.dual_text.get_or_insert(false);
+                }
+                if key.ends_with("q_proj") {
+                    te_width = t.shape.get(1).copied();
+                }
+            }
+        }
+    }
+    if info.modules == 0 {
+        return Err(adapter_err(path, "holds no LoRA weights"));
+    }
+    info.family = match context {
+        Some(768) => Some(Family::Sd1),
+        Some(1024) => Some(Family::Sd2),
+        Some(2048) => Some(Family::Sdxl),
+        _ if info.dual_text == Some(true) => Some(Family::Sdxl),
+        _ => match te_width {
+            Some(768) => Some(Family::Sd1),
+            Some(1024) => Some(Family::Sd2),
+            _ => None,
+        },
+    };
+    Ok(info)
+}
+
 /// The loaded model's weights by LoRA key: per component, the underscored module name →
 /// (weight name, shape).
 pub struct KeyMap {

@@ -36,8 +36,19 @@ fn is_word(c: char) -> bool {
 
 /// The prompt without its tags, and the tags in order.
 pub fn strip_tags(prompt: &str) -> (String, Vec<Tag>) {
+    let (text, spans) = scan(prompt);
+    (text, spans.into_iter().map(|(_, t)| t).collect())
+}
+
+/// Every tag with its byte range in `prompt`.
+pub fn tag_spans(prompt: &str) -> Vec<(std::ops::Range<usize>, Tag)> {
+    scan(prompt).1
+}
+
+fn scan(prompt: &str) -> (String, Vec<(std::ops::Range<usize>, Tag)>) {
     let mut out = String::with_capacity(prompt.len());
     let mut tags = Vec::new();
+    let mut at = 0; // byte offset of `rest` in `prompt`
     let mut rest = prompt;
     while let Some(open) = rest.find('<') {
         out.push_str(&rest[..open]);
@@ -62,22 +73,43 @@ pub fn strip_tags(prompt: &str) -> (String, Vec<Tag>) {
                         _ => positional.push(it.to_string()),
                     }
                 }
-                tags.push(Tag {
-                    kind: after[..kind_len].to_string(),
-                    name,
-                    positional,
-                    named,
-                });
+                let start = at + open;
+                let end = prompt.len() - tail.len();
+                tags.push((
+                    start..end,
+                    Tag {
+                        kind: after[..kind_len].to_string(),
+                        name,
+                        positional,
+                        named,
+                    },
+                ));
+                at = end;
                 rest = tail;
             }
             None => {
                 out.push('<');
+                at += open + 1;
                 rest = after;
             }
         }
     }
     out.push_str(rest);
     (out, tags)
+}
+
+/// The `lora` tag whose text holds byte `at` (or ends right at it), with its range.
+pub fn lora_tag_at(prompt: &str, at: usize) -> Option<(std::ops::Range<usize>, LoraTag)> {
+    tag_spans(prompt)
+        .into_iter()
+        .filter(|(r, t)| (t.kind == "lora" || t.kind == "lyco") && r.start <= at && at <= r.end)
+        .find_map(|(r, t)| Some((r, LoraTag::from_tag(&t).ok()?)))
+}
+
+/// A tag as the studio writes it: `<lora:NAME:W>` with W as short as it reads (1, 0.8, -0.25).
+pub fn format_lora_tag(name: &str, weight: f64) -> String {
+    let w = (weight * 100.0).round() / 100.0;
+    format!("<lora:{name}:{w}>")
 }
 
 fn number(tag: &Tag, what: &str, s: &str) -> Result<f64> {
@@ -174,6 +206,21 @@ mod tests {
             assert_eq!(text, p, "{p}");
             assert!(tags.is_empty(), "{p}");
         }
+    }
+
+    #[test]
+    fn spans_and_the_tag_under_the_cursor() {
+        let p = "a cat, <lora:pixel:0.8>, <hypernet:h> red";
+        let spans = tag_spans(p);
+        assert_eq!(&p[spans[0].0.clone()], "<lora:pixel:0.8>");
+        assert_eq!(&p[spans[1].0.clone()], "<hypernet:h>");
+        let (r, t) = lora_tag_at(p, 10).unwrap();
+        assert_eq!((r.start, t.name.as_str(), t.te), (7, "pixel", 0.8));
+        assert!(lora_tag_at(p, 2).is_none());
+        assert!(lora_tag_at(p, 27).is_none(), "a hypernet tag is not a LoRA");
+        assert_eq!(format_lora_tag("pixel", 0.8000001), "<lora:pixel:0.8>");
+        assert_eq!(format_lora_tag("x", 1.0), "<lora:x:1>");
+        assert_eq!(format_lora_tag("x", -0.25), "<lora:x:-0.25>");
     }
 
     #[test]
