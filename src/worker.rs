@@ -752,37 +752,6 @@ pub fn wait_for(
     }
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn consecutive_seeds_share_a_batch() {
-        assert_eq!(seed_runs(&[5, 6, 7, 8]), vec![(0, 4)]);
-        assert_eq!(seed_runs(&[5, 5, 5]), vec![(0, 1), (1, 1), (2, 1)]);
-        assert_eq!(seed_runs(&[1, 2, 9, 10, 3]), vec![(0, 2), (2, 2), (4, 1)]);
-        assert!(seed_runs(&[]).is_empty());
-    }
-
-    #[test]
-    fn supervisor_restarts_after_a_panic_and_reports_it() {
-        let mut state = (0usize, Vec::<String>::new());
-        supervise(
-            &mut state,
-            |s| {
-                s.0 += 1;
-                if s.0 < 3 {
-                    panic!("boom {}", s.0);
-                }
-            },
-            |s, msg| s.1.push(msg),
-        );
-        assert_eq!(state.0, 3);
-        assert_eq!(state.1, vec!["boom 1".to_string(), "boom 2".to_string()]);
-    }
-}
-
 /// The LoRAs in `dirs` (subfolders searched), each described from its header and checked
 /// against `family` (the loaded model's).
 pub fn scan_loras(
@@ -848,4 +817,35 @@ pub fn scan_loras(
         });
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_seeds_share_a_batch() {
+        assert_eq!(seed_runs(&[5, 6, 7, 8]), vec![(0, 4)]);
+        assert_eq!(seed_runs(&[5, 5, 5]), vec![(0, 1), (1, 1), (2, 1)]);
+        assert_eq!(seed_runs(&[1, 2, 9, 10, 3]), vec![(0, 2), (2, 2), (4, 1)]);
+        assert!(seed_runs(&[]).is_empty());
+    }
+
+    #[test]
+    fn supervisor_restarts_after_a_panic_and_reports_it() {
+        let mut state = (0usize, Vec::<String>::new());
+        supervise(
+            &mut state,
+            |s| {
+                s.0 += 1;
+                if s.0 < 3 {
+                    panic!("boom {}", s.0);
+                }
+            },
+            |s, msg| s.1.push(msg),
+        );
+        assert_eq!(state.0, 3);
+        assert_eq!(state.1, vec!["boom 1".to_string(), "boom 2".to_string()]);
+    }
 }

@@ -298,10 +298,9 @@ impl LoraFile {
         }
         let mut modules = Vec::new();
         let mut dual_text = None;
-        let mut keys: Vec<String> = parts.keys().cloned().collect();
-        keys.sort();
-        for source in keys {
-            let p = parts.remove(&source).expect("key listed from the map");
+        let mut parts: Vec<(String, Parts)> = parts.into_iter().collect();
+        parts.sort_by(|a, b| a.0.cmp(&b.0));
+        for (source, p) in parts {
             let (Some(down), Some(up)) = (p.down, p.up) else {
                 if p.alpha.is_some() {
                     continue; // an alpha for a module the file has no weights for
@@ -754,7 +753,7 @@ mod tests {
 
     #[test]
     fn file_names_classify() {
-        let c = |m: &str| classify(m).map(|(c, k, s)| (c, k, s));
+        let c = classify;
         assert_eq!(
             c("lora_te_text_model_encoder_layers_0_self_attn_q_proj"),
             Some((
