@@ -303,6 +303,11 @@ pub struct BenchArgs {
     /// each timed between device synchronisations: shares, not speed.
     #[arg(long)]
     pub profile: bool,
+    /// LoRAs, FILE[:WEIGHT] (repeatable): times merging them into the loaded weights (first
+    /// time, the same set again, every weight changed, all removed), then runs the timed
+    /// cases with them applied.
+    #[arg(long, allow_hyphen_values = true)]
+    pub lora: Vec<String>,
 }
 
 pub fn main() -> std::process::ExitCode {
@@ -984,6 +989,51 @@ fn bench(a: &BenchArgs) -> Result<()> {
     };
 
     let mut cases = Vec::new();
+    let mut networks = crate::engine::apply::Networks::default();
+    for l in &a.lora {
+        networks
+            .loras
+            .push(crate::engine::apply::parse_lora_arg(l)?);
+    }
+    if !networks.loras.is_empty() {
+        let mut r = req(1);
+        let time = |r: &GenerateRequest| -> Result<(f64, usize)> {
+            let t = Instant::now();
+            let (_, _, report) = sd.prepare_adapters(r)?;
+            sync("lora")?;
+            Ok((t.elapsed().as_secs_f64(), report.rewritten))
+        };
+        r.networks = networks.clone();
+        let (first, n) = time(&r)?;
+        let (again, n_again) = time(&r)?;
+        let kept = sd.kept_original_bytes();
+        for l in &mut r.networks.loras {
+            l.te *= 0.5;
+            l.unet *= 0.5;
+        }
+        let (changed, n_changed) = time(&r)?;
+        r.networks = Default::default();
+        let (removed, n_removed) = time(&r)?;
+        let line = serde_json::json!({
+            "case": "lora", "loras": networks.loras.len(),
+            "first_apply_s": first, "tensors": n,
+            "same_set_s": again, "same_set_tensors": n_again,
+            "weights_changed_s": changed, "weights_changed_tensors": n_changed,
+            "removed_s": removed, "removed_tensors": n_removed,
+            "kept_originals_gib": kept as f64 / (1u64 << 30) as f64,
+        });
+        eprintln!(
+            "{} LoRA(s): first apply {first:.3} s ({n} tensors, originals kept {:.2} GiB), same set {again:.4} s, weights changed {changed:.3} s, removed {removed:.3} s",
+            networks.loras.len(),
+            kept as f64 / (1u64 << 30) as f64
+        );
+        println!("{line}");
+        cases.push(line);
+    }
+    let req = |batch: usize| GenerateRequest {
+        networks: networks.clone(),
+        ..req(batch)
+    };
     for &batch in &batches {
         let r = req(batch);
         let (mut enc, mut step, mut dec) = (Vec::new(), Vec::new(), Vec::new());

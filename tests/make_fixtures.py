@@ -1866,6 +1866,9 @@ def make_lora_refs() -> list[str]:
     ti_case("ti_sdxl", "tiny-sdxl", sdxl, "a photo of tinyxl riding a horse", NEGATIVE)
     with open(REFS / "lora_cases.json", "w") as f:
         json.dump(cases, f, indent=1)
+    # A preview beside one file, as civitai helpers save them (the studio's LoRA panel shows it).
+    Image.open(FIXTURES / "refs/images/lora_kohya_locon_1_seed42.png").save(
+        LORA_DIR / "kohya_locon.preview.png", optimize=True)
     for p in sorted(LORA_DIR.rglob("*.safetensors")):
         print(f"  {p.relative_to(FIXTURES)}: {p.stat().st_size / 1024:.0f} KiB")
     return problems

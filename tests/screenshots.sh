@@ -7,7 +7,8 @@
 # (wgpu runs on Mesa's lavapipe software Vulkan; pass RENDERER=glow for llvmpipe OpenGL).
 # PREVIEW=Taesd|Linear|Off and PREVIEW_EVERY=N choose the previews; OUT the folder.
 # COMPARE=1 runs compare mode instead: tiny-sd15 against the tiny SD 2.x-shaped fixture, one
-# row each, same seeds.
+# row each, same seeds. LORA=1 sets the fixture LoRA and embeddings folders and puts a LoRA
+# tag and an embedding in the prompt (the LoRA panel shows what the folder holds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-screenshots}
@@ -20,10 +21,16 @@ compare=""
 if [ -n "${COMPARE:-}" ]; then
   compare=', "compare": {"enabled": true, "models": ["tests/fixtures/tiny-sd15", "tests/fixtures/tiny-sd2v"]}'
 fi
+prompt="a lighthouse on a cliff at dawn, oil painting"
+folders=""
+if [ -n "${LORA:-}" ]; then
+  prompt="a lighthouse on a cliff at dawn, oil painting, tinyemb, <lora:kohya_locon:0.8>"
+  folders=', "lora_dir": "tests/fixtures/lora", "embeddings_dir": "tests/fixtures/embeddings"'
+fi
 # 128×128 keeps the tiny model quick on a CPU; 16 steps leave time to watch it form.
 cat > "$state/state.json" <<JSON
-{"settings": {"preview": "${PREVIEW:-Taesd}", "preview_every": ${PREVIEW_EVERY:-1}},
- "params": {"prompt": "a lighthouse on a cliff at dawn, oil painting",
+{"settings": {"preview": "${PREVIEW:-Taesd}", "preview_every": ${PREVIEW_EVERY:-1}$folders},
+ "params": {"prompt": "$prompt",
             "negative_prompt": "blurry, low quality", "seed": 1234, "seed_locked": true,
             "sampler": "euler-a", "steps": 16, "cfg": 7.0, "width": 128, "height": 128,
             "count": 8}$compare}

@@ -973,7 +973,7 @@ fn the_lora_panel_inserts_tags_sets_their_weight_and_jobs_get_the_folders() {
     let ckpts = dir.path().join("models").join("Stable-diffusion");
     std::fs::create_dir_all(&ckpts).unwrap();
     h.state_mut().state.settings.models_dir = ckpts.clone();
-    click(&mut h, "Scan");
+    click(&mut h, "Scan LoRAs");
     let cmds = sent(&fake);
     assert!(
         cmds.iter()

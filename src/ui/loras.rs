@@ -71,7 +71,7 @@ pub fn loras_ui(
         .default_open(true)
         .show(ui, |ui| {
             ui.horizontal(|ui| {
-                let label = ui.label("Folder");
+                let label = ui.label("LoRA folder");
                 let mut text = settings.lora_dir.display().to_string();
                 let r = ui
                     .add(
@@ -83,7 +83,7 @@ pub fn loras_ui(
                 if r.changed() {
                     settings.lora_dir = text.into();
                 }
-                if r.lost_focus() || ui.button("Scan").clicked() {
+                if r.lost_focus() || ui.button("Scan LoRAs").clicked() {
                     out.push(UiCommand::ScanLoras);
                 }
             });

@@ -782,6 +782,15 @@ impl StableDiffusion {
         Ok((Tensor::cat(&parts, 1).ctx("prompt chunks")?, tokens.used))
     }
 
+    /// Bytes of original weights kept aside while LoRAs are merged.
+    pub fn kept_original_bytes(&self) -> u64 {
+        let mut n = self.text_encoder.weights().kept_bytes() + self.unet.weights().kept_bytes();
+        if let Some(t) = &self.text_encoder_2 {
+            n += t.weights().kept_bytes();
+        }
+        n
+    }
+
     /// The model's weights by LoRA key.
     fn key_map(&self) -> KeyMap {
         let mut keys = KeyMap::new(self.files.family, self.files.unet_config.layers_per_block);
