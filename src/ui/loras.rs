@@ -154,10 +154,10 @@ pub fn lora_note(l: &FoundLora) -> (String, bool) {
     if let Some(e) = &l.error {
         return (e.clone(), true);
     }
-    let family = if l.family.is_empty() {
-        "family not stated"
-    } else {
-        &l.family
+    let family = match (l.family.is_empty(), l.fits) {
+        (false, _) => l.family.as_str(),
+        (true, Some(true)) => "fits the loaded model",
+        (true, _) => "family not stated",
     };
     match l.fits {
         Some(false) => (format!("{family}: not for the loaded model"), true),
