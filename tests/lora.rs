@@ -320,3 +320,69 @@ fn loras_reach_staged_and_streamed_weights() {
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }
+
+#[test]
+fn lycoris_types_are_named_and_unmatched_modules_are_a_warning() {
+    use candle_core::{DType, Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let mut sd = common::load_model("tiny-sd15");
+    let base = GenerateRequest {
+        prompt: "a cat".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        ..Default::default()
+    };
+    let with = |path: &std::path::Path| GenerateRequest {
+        networks: Networks {
+            loras: vec![LoraUse {
+                path: path.to_path_buf(),
+                te: 1.0,
+                unet: 1.0,
+            }],
+            ..Default::default()
+        },
+        ..base.clone()
+    };
+    // A LoHa (LyCORIS) file: refused with its type.
+    let loha = dir.path().join("loha.safetensors");
+    let t = Tensor::zeros((4, 16), DType::F32, &dev).unwrap();
+    let mut m = HashMap::new();
+    for k in ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] {
+        m.insert(
+            format!("lora_unet_mid_block_attentions_0_proj_in.{k}"),
+            t.clone(),
+        );
+    }
+    candle_core::safetensors::save(&m, &loha).unwrap();
+    let e = match sd.begin(&with(&loha)) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a LoHa was accepted"),
+    };
+    assert!(
+        e.contains("LyCORIS LoHa") && e.contains("loha.safetensors"),
+        "{e}"
+    );
+    // A kohya file with one module the model does not have: it applies, and says so.
+    let mut m = candle_core::safetensors::load(
+        common::fixtures().join("lora/kohya_locon.safetensors"),
+        &dev,
+    )
+    .unwrap();
+    let down = Tensor::zeros((4, 16), DType::F16, &dev).unwrap();
+    let up = Tensor::zeros((16, 4), DType::F16, &dev).unwrap();
+    m.insert("lora_unet_no_such_block_proj.lora_down.weight".into(), down);
+    m.insert("lora_unet_no_such_block_proj.lora_up.weight".into(), up);
+    let extra = dir.path().join("extra.safetensors");
+    candle_core::safetensors::save(&m, &extra).unwrap();
+    let run = sd.begin(&with(&extra)).unwrap();
+    assert!(
+        run.adapters
+            .warnings
+            .iter()
+            .any(|w| w.contains("LoRA extra: 1 of its modules match nothing")),
+        "{:?}",
+        run.adapters.warnings
+    );
+}

@@ -434,4 +434,32 @@ mod tests {
             assert!(close(&got, &want), "{input:?}: {got:?}");
         }
     }
+
+    #[test]
+    fn embeddings_take_their_vectors_positions_and_move_whole_to_the_next_chunk() {
+        let tok = ClipTokenizer::builtin("<|endoftext|>").unwrap();
+        let name = tok.tokenize_raw("myemb").unwrap();
+        let emb = [EmbeddingWord {
+            ids: name.clone(),
+            vectors: 3,
+        }];
+        // In a short prompt: three placeholder positions, weighted as the text around them.
+        let t = tokenize_with(&tok, "a (myemb:1.2) cat", &emb).unwrap();
+        let c = &t.chunks[0];
+        assert_eq!(c.fixes, vec![(2, 0)]);
+        assert_eq!(&c.ids[2..5], &[0, 0, 0]);
+        assert!(c.weights[2..5].iter().all(|&w| (w - 1.2).abs() < 1e-6));
+        assert_eq!(t.token_count, 5);
+        assert_eq!(t.used, vec![0]);
+        // 73 words, then the embedding: 73 + 3 > 75, so it starts the second chunk.
+        let words = "cat ".repeat(73);
+        let t = tokenize_with(&tok, &format!("{words}myemb dog"), &emb).unwrap();
+        assert_eq!(t.chunks.len(), 2);
+        assert!(t.chunks[0].fixes.is_empty());
+        assert_eq!(t.chunks[1].fixes, vec![(1, 0)]);
+        // Without the embedding the name is ordinary text.
+        let plain = tokenize(&tok, "a myemb cat").unwrap();
+        assert_eq!(plain.token_count, 2 + name.len());
+        assert!(plain.used.is_empty());
+    }
 }
