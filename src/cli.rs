@@ -958,6 +958,9 @@ fn bench(a: &BenchArgs) -> Result<()> {
         previews: Vec<f64>,
         decode: f64,
         total: f64,
+        /// Minor page faults and system CPU seconds over the denoising steps.
+        faults: u64,
+        sys: f64,
     }
     let run_once = |req: &GenerateRequest, previews: bool| -> Result<Times> {
         let start = Instant::now();
@@ -965,6 +968,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         sync("prompt")?;
         let encode = start.elapsed().as_secs_f64();
         let (mut steps, mut prev) = (Vec::new(), Vec::new());
+        let before = memory::process_counters().unwrap_or_default();
         while !run.is_done() {
             let t = Instant::now();
             let out = sd.step(&mut run)?;
@@ -976,6 +980,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
                 prev.push(t.elapsed().as_secs_f64());
             }
         }
+        let after = memory::process_counters().unwrap_or_default();
         let t = Instant::now();
         sd.finish(run)?;
         let decode = t.elapsed().as_secs_f64();
@@ -985,6 +990,8 @@ fn bench(a: &BenchArgs) -> Result<()> {
             previews: prev,
             decode,
             total: start.elapsed().as_secs_f64(),
+            faults: after.minor_faults.saturating_sub(before.minor_faults),
+            sys: after.sys_s - before.sys_s,
         })
     };
 
@@ -1037,10 +1044,14 @@ fn bench(a: &BenchArgs) -> Result<()> {
     for &batch in &batches {
         let r = req(batch);
         let (mut enc, mut step, mut dec) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut faults, mut sys, mut counted) = (0u64, 0.0f64, 0usize);
         run_once(&r, false)?; // warm-up
         monitor.reset();
         for _ in 0..a.runs {
             let t = run_once(&r, false)?;
+            faults += t.faults;
+            sys += t.sys;
+            counted += t.steps.len();
             enc.push(t.encode);
             step.extend(t.steps);
             dec.push(t.decode / batch as f64);
@@ -1053,13 +1064,17 @@ fn bench(a: &BenchArgs) -> Result<()> {
             "images_per_s_denoising": if st > 0.0 { batch as f64 / (st * s.steps as f64) } else { 0.0 },
             "decode_per_image_s": median(&mut dec),
             "peak_gib": gib(monitor.peak().map(|p| p.saturating_sub(base))),
+            "minor_faults_per_step": faults / counted.max(1) as u64,
+            "sys_s_per_step": sys / counted.max(1) as f64,
         });
         eprintln!(
-            "batch {batch}: step {:.4} s ({:.1} it/s), decode {:.4} s per image, peak {}",
+            "batch {batch}: step {:.4} s ({:.1} it/s), decode {:.4} s per image, peak {}, per step {} minor faults and {:.2} s system time",
             st,
             if st > 0.0 { 1.0 / st } else { 0.0 },
             line["decode_per_image_s"].as_f64().unwrap_or(0.0),
-            show(&line["peak_gib"])
+            show(&line["peak_gib"]),
+            faults / counted.max(1) as u64,
+            sys / counted.max(1) as f64
         );
         println!("{line}");
         cases.push(line);
@@ -1070,8 +1085,12 @@ fn bench(a: &BenchArgs) -> Result<()> {
         monitor.reset();
         let (mut total, mut step, mut prev, mut dec) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut faults, mut sys, mut counted) = (0u64, 0.0f64, 0usize);
         for _ in 0..a.runs {
             let t = run_once(&r, true)?;
+            faults += t.faults;
+            sys += t.sys;
+            counted += t.steps.len();
             total.push(t.total);
             step.extend(t.steps);
             prev.extend(t.previews);
@@ -1084,6 +1103,8 @@ fn bench(a: &BenchArgs) -> Result<()> {
             "preview_per_step_s": if taesd.is_some() { Some(pv) } else { None },
             "preview_fraction_of_step": if taesd.is_some() && st > 0.0 { Some(pv / st) } else { None },
             "peak_gib": gib(monitor.peak().map(|p| p.saturating_sub(base))),
+            "minor_faults_per_step": faults / counted.max(1) as u64,
+            "sys_s_per_step": sys / counted.max(1) as f64,
         });
         eprintln!(
             "grid 2x4: {:.3} s end to end (previews {}), step {:.4} s, decode {:.3} s, peak {}",

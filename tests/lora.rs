@@ -326,7 +326,7 @@ fn lycoris_types_are_named_and_unmatched_modules_are_a_warning() {
     use candle_core::{DType, Device, Tensor};
     let dir = tempfile::tempdir().unwrap();
     let dev = Device::Cpu;
-    let mut sd = common::load_model("tiny-sd15");
+    let sd = common::load_model("tiny-sd15");
     let base = GenerateRequest {
         prompt: "a cat".into(),
         steps: 2,

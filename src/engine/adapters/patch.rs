@@ -1,8 +1,9 @@
 //! Weights changed in place: every tensor a component was built from is recorded by name as
 //! it is loaded (the module and the table share the storage), so a LoRA is merged into the
-//! loaded weights without rebuilding anything, and taken out again exactly: the first time a
-//! tensor is touched its original is copied aside, and every later state is computed from
-//! that copy (`W = W₀ + Σ scale · up · down`), never by subtracting.
+//! loaded weights without rebuilding anything, and taken out again exactly: every state is
+//! computed from the original (`W = W₀ + Σ scale · up · down`), never by subtracting, and
+//! the original is read again from where the weights were loaded from (the memory-mapped
+//! file, through the same conversion), so no copy of it is kept.
 //!
 //! The table remembers what each touched tensor holds, so moving from one set of LoRAs and
 //! weights to another rewrites only the tensors whose contributions changed, and repeating a
@@ -28,6 +29,41 @@ pub struct Delta {
 }
 
 impl Delta {
+    /// `buf` (a weight of `dims`, row-major f32) += scale · up · down, on the CPU threads.
+    fn add_into(&self, buf: &mut [f32], dims: &[usize]) -> candle_core::Result<()> {
+        let out = self.up.dim(0)?;
+        let rank = self.down.dim(0)?;
+        let inner = self.down.elem_count() / rank.max(1);
+        if dims.first() != Some(&out)
+            || out * inner != buf.len()
+            || self.up.elem_count() != out * rank
+        {
+            candle_core::bail!(
+                "LoRA term up {:?} · down {:?} does not fit a weight {dims:?}",
+                self.up.dims(),
+                self.down.dims()
+            );
+        }
+        let f = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let (up, down) = (f(&self.up)?, f(&self.down)?);
+        let threads = rayon::current_num_threads();
+        crate::engine::attention::gemm_f32(
+            out,
+            inner,
+            rank,
+            buf,
+            (inner, 1),
+            &up,
+            (rank, 1),
+            &down,
+            (inner, 1),
+            true,
+            self.scale as f32,
+            threads,
+        );
+        Ok(())
+    }
+
     /// `scale · up · down` in f32 on `device`, shaped as `shape`.
     fn product(&self, shape: &Shape, device: &Device) -> candle_core::Result<Tensor> {
         let up = self.up.to_device(device)?.to_dtype(DType::F32)?;
@@ -40,9 +76,10 @@ impl Delta {
     }
 }
 
-/// What a touched tensor holds now: its original and the terms added to it.
+/// What a touched tensor holds now: the terms added to its original, and the original
+/// itself when there is no source to read it again from.
 struct Touched {
-    original: Tensor,
+    kept: Option<Tensor>,
     terms: Vec<String>,
 }
 
@@ -51,6 +88,8 @@ struct Touched {
 pub struct WeightTable {
     tensors: Mutex<HashMap<String, Tensor>>,
     touched: Mutex<HashMap<String, Touched>>,
+    /// Where the tensors were read from (set by [`WeightTable::recorder`]).
+    source: Mutex<Option<VarBuilder<'static>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -76,6 +115,7 @@ impl WeightTable {
     /// `vb` with every tensor it serves recorded here under its full name.
     pub fn recorder(self: &Arc<Self>, vb: VarBuilder<'static>) -> VarBuilder<'static> {
         let (dtype, device) = (vb.dtype(), vb.device().clone());
+        *lock(&self.source) = Some(vb.clone());
         VarBuilder::from_backend(
             Box::new(Recorder {
                 source: vb,
@@ -103,6 +143,15 @@ impl WeightTable {
     pub fn apply(&self, want: &HashMap<String, Vec<Delta>>) -> candle_core::Result<Applied> {
         let tensors = lock(&self.tensors);
         let mut touched = lock(&self.touched);
+        let source = lock(&self.source).clone();
+        // The original of `t` (named `name`): read again from the source, else the kept copy.
+        let original = |name: &str, t: &Tensor, kept: Option<&Tensor>| match (&source, kept) {
+            (_, Some(k)) => Ok(k.clone()),
+            (Some(vb), None) => vb
+                .get_unchecked_dtype(name, t.dtype())?
+                .to_device(t.device()),
+            (None, None) => candle_core::bail!("the original of {name} is gone"),
+        };
         let mut done = Applied::default();
         // Restore what is no longer wanted.
         let gone: Vec<String> = touched
@@ -112,7 +161,8 @@ impl WeightTable {
             .collect();
         for name in gone {
             if let (Some(t), Some(entry)) = (tensors.get(&name), touched.remove(&name)) {
-                t.slice_set(&entry.original, 0, 0)?;
+                let o = original(&name, t, entry.kept.as_ref())?;
+                t.slice_set(&o.contiguous()?, 0, 0)?;
                 done.rewritten += 1;
             }
         }
@@ -128,33 +178,44 @@ impl WeightTable {
                 done.patched += 1;
                 continue;
             }
-            let original = match touched.get(name) {
-                Some(e) => e.original.clone(),
-                None => t.copy()?,
+            let kept = match touched.get(name) {
+                Some(e) => e.kept.clone(),
+                None if source.is_some() => None,
+                None => Some(t.copy()?),
             };
-            let mut merged = original.to_dtype(DType::F32)?;
-            for d in terms {
-                merged = (merged + d.product(t.shape(), t.device())?)?;
+            let base = match (touched.contains_key(name), &kept) {
+                // Untouched so far: the tensor holds its original.
+                (false, _) => t.clone(),
+                (true, k) => original(name, t, k.as_ref())?,
+            };
+            if t.device().is_cpu() && t.dtype() == DType::F32 {
+                // In one buffer: the original, then every term added by the matrix kernel
+                // (no temporary per term).
+                let mut buf = base.flatten_all()?.to_vec1::<f32>()?;
+                for d in terms {
+                    d.add_into(&mut buf, t.dims())?;
+                }
+                t.slice_set(&Tensor::from_vec(buf, t.shape(), t.device())?, 0, 0)?;
+            } else {
+                let mut merged = base.to_dtype(DType::F32)?;
+                for d in terms {
+                    merged = (merged + d.product(t.shape(), t.device())?)?;
+                }
+                t.slice_set(&merged.to_dtype(t.dtype())?.contiguous()?, 0, 0)?;
             }
-            t.slice_set(&merged.to_dtype(t.dtype())?.contiguous()?, 0, 0)?;
-            touched.insert(
-                name.clone(),
-                Touched {
-                    original,
-                    terms: ids,
-                },
-            );
+            touched.insert(name.clone(), Touched { kept, terms: ids });
             done.rewritten += 1;
             done.patched += 1;
         }
         Ok(done)
     }
 
-    /// Bytes held by kept originals.
+    /// Bytes held by kept originals (0 when the tensors came through [`Self::recorder`]).
     pub fn kept_bytes(&self) -> u64 {
         lock(&self.touched)
             .values()
-            .map(|e| (e.original.elem_count() * e.original.dtype().size_in_bytes()) as u64)
+            .filter_map(|e| e.kept.as_ref())
+            .map(|k| (k.elem_count() * k.dtype().size_in_bytes()) as u64)
             .sum()
     }
 }

@@ -1,5 +1,6 @@
 //! The networks: CLIP text encoder, UNet, VAE decoder and encoder, TAESD previews, and the
-//! CPU convolution and fused GroupNorm they are built from.
+//! CPU convolution, blocked attention and fused GroupNorm they are built from.
+pub mod attention;
 pub mod clip;
 pub mod conv;
 pub mod fused;

@@ -3,6 +3,7 @@
 //! self- and cross-attention in the levels the config names, skip connections between the
 //! down and up paths. Weight names follow diffusers exactly.
 
+use super::attention;
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
@@ -180,9 +181,19 @@ impl Attention {
         })
     }
 
-    /// softmax(q kᵀ) v over [b, heads, t, d], `slice` queries at a time.
+    /// softmax(q kᵀ) v over [b, heads, t, d]: blocked, without the score matrix, on the CPU
+    /// in f32 (see [`attention`]); elsewhere the plain path, `slice` queries at a time.
     fn core(&self, q: &Tensor, k: &Tensor, v: &Tensor, slice: Option<usize>) -> R<Tensor> {
-        let t = q.dim(2)?;
+        let (b, h, t, d) = q.dims4()?;
+        if attention::blocks(q) {
+            let s = k.dim(2)?;
+            let y = attention::attention(
+                &q.reshape((b * h, t, d))?,
+                &k.reshape((b * h, s, d))?,
+                &v.reshape((b * h, s, d))?,
+            )?;
+            return y.reshape((b, h, t, d));
+        }
         let kt = k.t()?;
         let attend = |q: &Tensor| -> R<Tensor> {
             let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&kt)?)?;

@@ -6,7 +6,7 @@
 //! follow diffusers, with the older `query`/`key`/`value`/`proj_attn` attention names and
 //! 1×1-convolution-shaped attention weights also accepted.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::engine::config::VaeConfig;
@@ -105,8 +105,7 @@ impl Attention {
             f32(self.v.forward(&t)?)?,
         );
         let scale = (c as f64).powf(-0.5);
-        let probs = candle_nn::ops::softmax(&(q * scale)?.matmul(&k.t()?)?, D::Minus1)?;
-        let y = probs.matmul(&v)?.to_dtype(dtype)?;
+        let y = super::attention::attention(&(q * scale)?, &k, &v)?.to_dtype(dtype)?;
         let y = self
             .out
             .forward(&y)?

@@ -235,7 +235,16 @@ pub fn attention_slice(
 /// attention matrix (one head over every latent cell, f32) would take more than half of
 /// `free` memory (8 GiB assumed when unknown). Tiling changes the picture slightly (tiles
 /// are blended), so it is not used where the whole decode fits.
-pub fn tile_decode(t: Tiling, free: Option<u64>, width: usize, height: usize, elt: usize) -> bool {
+///
+/// With `blocked` attention (the CPU in f32) the middle attention builds no matrix.
+pub fn tile_decode(
+    t: Tiling,
+    free: Option<u64>,
+    width: usize,
+    height: usize,
+    elt: usize,
+    blocked: bool,
+) -> bool {
     match t {
         Tiling::On => true,
         Tiling::Off => false,
@@ -243,7 +252,7 @@ pub fn tile_decode(t: Tiling, free: Option<u64>, width: usize, height: usize, el
             let pixels = (width * height) as u64;
             let activations = pixels * 256 * elt as u64 * 6;
             let cells = pixels / 64;
-            let attention = cells * cells * 4;
+            let attention = if blocked { 0 } else { cells * cells * 4 };
             activations.max(attention) > free.unwrap_or(8 * GIB) / 2
         }
     }
@@ -265,6 +274,8 @@ pub struct JobShape {
     pub height: usize,
     /// Bytes per element of the model dtype.
     pub elt: usize,
+    /// Attention runs blocked (the CPU in f32): no score matrix is built.
+    pub blocked_attention: bool,
 }
 
 /// What a job needs in device memory beside the weights, by part, in bytes. An estimate
@@ -316,7 +327,7 @@ pub fn job_needs(
         // ResNet: input, norm, conv out, skip; transformer: q, k, v, out and a GEGLU
         // feed-forward of 8c then 4c channels; up blocks concatenate a skip (2c).
         working = working.max(c * tokens * if attn { 24 } else { 10 });
-        if attn {
+        if attn && !shape.blocked_attention {
             let heads = unet.num_heads.get(l).copied().unwrap_or(8) as u64;
             let q = slice.map_or(tokens, |s| (s as u64).min(tokens));
             attention = attention.max(heads * q * tokens * elt * 2);
@@ -338,8 +349,13 @@ pub fn job_needs(
     let widest = vae.block_out_channels.iter().copied().max().unwrap_or(512) as u64;
     let top = vae.block_out_channels.first().copied().unwrap_or(128) as u64;
     let mid_cells = dh * dw / (f * f) as u64;
+    let mid_scores = if shape.blocked_attention {
+        0
+    } else {
+        mid_cells * mid_cells * 4 * 4
+    };
     let decode_one = (dh * dw * elt * 6 * (2 * top).max(widest / 2))
-        .max(mid_cells * mid_cells * 4 * 4 + mid_cells * widest * elt * 6);
+        .max(mid_scores + mid_cells * widest * elt * 6);
     // Decoded pictures: f32 [3, h, w] and RGB8 for every image of the batch.
     let pictures = batch * shape.height as u64 * shape.width as u64 * 3 * 5;
     JobNeeds {
@@ -449,6 +465,29 @@ impl Drop for PeakMemory {
             }
         }
     }
+}
+
+/// This process's minor page faults and CPU time so far (Linux: `/proc/self/stat`, as
+/// getrusage reports them), for the benchmark's per-step fault and system-time figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessCounters {
+    pub minor_faults: u64,
+    pub user_s: f64,
+    pub sys_s: f64,
+}
+
+pub fn process_counters() -> Option<ProcessCounters> {
+    let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces), from the state on.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Clock ticks: 100 per second on every Linux we run on (sysconf(_SC_CLK_TCK)).
+    let tick = |i: usize| f.get(i)?.parse::<f64>().ok().map(|t| t / 100.0);
+    Some(ProcessCounters {
+        minor_faults: f.get(7)?.parse().ok()?,
+        user_s: tick(11)?,
+        sys_s: tick(12)?,
+    })
 }
 
 fn proc_status_kb(key: &str) -> Option<u64> {
@@ -674,14 +713,28 @@ mod tests {
     fn auto_tiling_only_for_large_images() {
         // An 80 GB GPU decodes 1024² whole (≈ 3 GiB), tiles 4096² (a 64 GiB attention matrix).
         let h100 = Some(78 * GIB);
-        assert!(!tile_decode(Tiling::Auto, h100, 1024, 1024, 2));
-        assert!(!tile_decode(Tiling::Auto, h100, 2048, 2048, 2));
-        assert!(tile_decode(Tiling::Auto, h100, 4096, 4096, 2));
+        assert!(!tile_decode(Tiling::Auto, h100, 1024, 1024, 2, false));
+        assert!(!tile_decode(Tiling::Auto, h100, 2048, 2048, 2, false));
+        assert!(tile_decode(Tiling::Auto, h100, 4096, 4096, 2, false));
         // A 4 GB card tiles 1024².
-        assert!(tile_decode(Tiling::Auto, Some(4 * GIB), 1024, 1024, 2));
-        assert!(!tile_decode(Tiling::Auto, Some(4 * GIB), 512, 512, 2));
-        assert!(tile_decode(Tiling::On, h100, 64, 64, 2));
-        assert!(!tile_decode(Tiling::Off, Some(1), 4096, 4096, 2));
+        assert!(tile_decode(
+            Tiling::Auto,
+            Some(4 * GIB),
+            1024,
+            1024,
+            2,
+            false
+        ));
+        assert!(!tile_decode(
+            Tiling::Auto,
+            Some(4 * GIB),
+            512,
+            512,
+            2,
+            false
+        ));
+        assert!(tile_decode(Tiling::On, h100, 64, 64, 2, false));
+        assert!(!tile_decode(Tiling::Off, Some(1), 4096, 4096, 2, false));
     }
 
     #[test]

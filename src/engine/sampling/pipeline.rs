@@ -648,7 +648,9 @@ impl StableDiffusion {
         let free = memory::free_memory(&self.device);
         let opts = self.memory_options();
         let elt = self.dtype.size_in_bytes();
+        let blocked = self.blocked_attention();
         let slice = (0..c.block_out_channels.len())
+            .filter(|_| !blocked)
             .find(|&i| c.cross_attn[i])
             .and_then(|level| {
                 let tokens = (lh >> level).max(1) * (lw >> level).max(1);
@@ -661,13 +663,14 @@ impl StableDiffusion {
                     elt,
                 )
             });
-        let tiled = memory::tile_decode(opts.vae_tiling, free, req.width, req.height, elt);
+        let tiled = memory::tile_decode(opts.vae_tiling, free, req.width, req.height, elt, blocked);
         let shape = memory::JobShape {
             batch: req.batch,
             rows,
             width: req.width,
             height: req.height,
             elt,
+            blocked_attention: blocked,
         };
         let needs = memory::job_needs(c, &self.files.vae_config, shape, slice, tiled);
         let Some(free) = free else {
@@ -780,6 +783,12 @@ impl StableDiffusion {
             });
         }
         Ok((Tensor::cat(&parts, 1).ctx("prompt chunks")?, tokens.used))
+    }
+
+    /// Whether attention runs blocked here (the CPU in f32): no score matrix, nothing for
+    /// attention slicing to bound.
+    fn blocked_attention(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32 && crate::engine::attention::enabled()
     }
 
     /// Bytes of original weights kept aside while LoRAs are merged.
@@ -1396,6 +1405,7 @@ impl StableDiffusion {
             lw * f,
             lh * f,
             self.dtype.size_in_bytes(),
+            self.blocked_attention(),
         )
         .then(|| c.tile());
         let img = decode_with(&*self.vae()?, &z.to_dtype(self.dtype).ctx("decode")?, tiled)?;
