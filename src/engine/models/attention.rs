@@ -107,20 +107,22 @@ impl CustomOp3 for Blocked {
                 items.push((h, b, rows));
             }
         }
-        items.into_par_iter().for_each_init(
-            || Scratch::new(d),
-            |scratch, (h, b, rows)| {
+        items.into_par_iter().for_each(|(h, b, rows)| {
+            SCRATCH.with(|cell| {
+                let mut scratch = cell.borrow_mut();
+                scratch.fit(d);
                 let q0 = h * t * d + b * Q_BLOCK * d;
                 let rq = rows.len() / d;
                 let kv = h * s * d..(h + 1) * s * d;
                 scratch.attend(&q[q0..q0 + rq * d], &k[kv.clone()], &v[kv], d, rows);
-            },
-        );
+            })
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, t, d))))
     }
 }
 
-/// One thread's tiles, reused for every work item it takes.
+/// One thread's tiles, reused for every work item it takes (and kept between calls).
+#[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,
     acc: Vec<f32>,
@@ -128,14 +130,19 @@ struct Scratch {
     sum: Vec<f32>,
 }
 
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
 impl Scratch {
-    fn new(d: usize) -> Self {
-        Self {
-            scores: vec![0.0; Q_BLOCK * K_BLOCK],
-            acc: vec![0.0; Q_BLOCK * d],
-            max: vec![f32::NEG_INFINITY; Q_BLOCK],
-            sum: vec![0.0; Q_BLOCK],
+    /// Grows the buffers for heads of width `d` (once per thread and width).
+    fn fit(&mut self, d: usize) {
+        self.scores.resize(Q_BLOCK * K_BLOCK, 0.0);
+        if self.acc.len() < Q_BLOCK * d {
+            self.acc.resize(Q_BLOCK * d, 0.0);
         }
+        self.max.resize(Q_BLOCK, f32::NEG_INFINITY);
+        self.sum.resize(Q_BLOCK, 0.0);
     }
 
     /// `out` [rq, d] = softmax(q kᵀ) v for q [rq, d], k and v [s, d].
@@ -314,6 +321,21 @@ fn row_sum(row: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// `x / (1 + exp(−x))` in place (SiLU), with the vectorised `exp`.
+pub(crate) fn silu_in_place(xs: &mut [f32]) {
+    let mut tmp = [0f32; 256];
+    for chunk in xs.chunks_mut(256) {
+        let t = &mut tmp[..chunk.len()];
+        for (t, x) in t.iter_mut().zip(chunk.iter()) {
+            *t = -*x;
+        }
+        exp_shifted(t, 0.0);
+        for (x, e) in chunk.iter_mut().zip(t.iter()) {
+            *x /= 1.0 + *e;
+        }
+    }
 }
 
 /// `exp(x)` for one value (the same polynomial as [`exp_shifted`]).

@@ -53,6 +53,16 @@ fn candle_only() -> bool {
     *ON.get_or_init(|| std::env::var("SD_STUDIO_CANDLE_CONV").is_ok_and(|v| v == "1"))
 }
 
+/// Output positions from which 3×3 convolutions go through Winograd's F(2×2, 3×3)
+/// (`winograd.rs`); below, the blocks are too few to keep the threads busy.
+const WINOGRAD_MIN: usize = 16 * 16;
+
+/// `SD_STUDIO_WINOGRAD=0`: the column convolution for every 3×3 (for A/B measurements).
+fn winograd_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SD_STUDIO_WINOGRAD").map_or(true, |v| v != "0"))
+}
+
 /// Output positions (oh·ow) from which `W × cols` is computed directly (32×32 measured 1.5×
 /// faster than candle's path, 16×16 the same, 8×8 slower); below, `colsᵀ × Wᵀ` (8×8 ×1280
 /// channels: about 3× faster than candle's path). Above it, copying colsᵀ costs more than
@@ -72,6 +82,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     }
     let oh = (h + 2 * padding - kh) / stride + 1;
     let ow = (wd + 2 * padding - kw) / stride + 1;
+    if (kh, kw, stride, padding) == (3, 3, 1, 1) && oh * ow >= WINOGRAD_MIN && winograd_on() {
+        return super::winograd::conv3x3(x, w);
+    }
     let k = cin * kh * kw;
     let w2 = w.reshape((cout, k))?;
     let cols = if kh == 1 && kw == 1 && stride == 1 && padding == 0 {

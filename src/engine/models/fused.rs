@@ -141,35 +141,47 @@ fn cpu_group_norm(
     eps: f64,
     silu: bool,
 ) -> Vec<f32> {
+    use rayon::prelude::*;
     let cpg = c / groups;
     let len = cpg * hw;
     let mut out = vec![0f32; x.len()];
-    for i in 0..n * groups {
-        let base = i * len;
-        let xs = &x[base..base + len];
-        let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-        let var = xs
-            .iter()
-            .map(|&v| {
-                let d = v as f64 - mean;
-                d * d
-            })
-            .sum::<f64>()
-            / len as f64;
+    debug_assert_eq!(x.len(), n * groups * len);
+    // One (image, group) per task: statistics in f64, then one scale-and-shift pass per
+    // channel in f32 and a vectorised SiLU.
+    out.par_chunks_mut(len).enumerate().for_each(|(i, o)| {
+        let xs = &x[i * len..(i + 1) * len];
+        let mean = lanes_sum(xs, |v| v) / len as f64;
+        let var = lanes_sum(xs, |v| (v - mean) * (v - mean)) / len as f64;
         let inv = 1.0 / (var + eps).sqrt();
         let g = i % groups;
         for ch in 0..cpg {
             let cc = g * cpg + ch;
-            let (scale, shift) = (inv * w[cc] as f64, b[cc] as f64 - mean * inv * w[cc] as f64);
-            let o = &mut out[base + ch * hw..base + (ch + 1) * hw];
-            let xi = &xs[ch * hw..(ch + 1) * hw];
-            for (o, &v) in o.iter_mut().zip(xi) {
-                let y = (v as f64 * scale + shift) as f32;
-                *o = if silu { y / (1.0 + (-y).exp()) } else { y };
+            let scale = (inv * w[cc] as f64) as f32;
+            let shift = (b[cc] as f64 - mean * inv * w[cc] as f64) as f32;
+            let oc = &mut o[ch * hw..(ch + 1) * hw];
+            for (o, &v) in oc.iter_mut().zip(&xs[ch * hw..(ch + 1) * hw]) {
+                *o = v * scale + shift;
+            }
+            if silu {
+                super::attention::silu_in_place(oc);
             }
         }
-    }
+    });
     out
+}
+
+/// Σ f(x) in f64 over eight running sums (so the loop vectorises).
+#[inline(always)]
+fn lanes_sum(xs: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v as f64);
+        }
+    }
+    lanes.iter().sum::<f64>() + rest.iter().map(|&v| f(v as f64)).sum::<f64>()
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -187,10 +199,11 @@ impl CustomOp3 for GroupNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, hw) = self.dims(l1, l2, l3)?;
-        fn f32s(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+        // f32 is read in place; half precision is widened first.
+        fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
             let (a, b) = (l.start_offset(), l.start_offset() + l.shape().elem_count());
             Ok(match s {
-                CpuStorage::F32(v) => v[a..b].to_vec(),
+                CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
                 CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
                 CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
                 _ => candle_core::bail!("fused group norm: unsupported dtype {:?}", s.dtype()),

@@ -1,5 +1,6 @@
 //! The networks: CLIP text encoder, UNet, VAE decoder and encoder, TAESD previews, and the
-//! CPU convolution, blocked attention and fused GroupNorm they are built from.
+//! CPU convolutions (columns, Winograd), blocked attention and fused GroupNorm they are
+//! built from.
 pub mod attention;
 pub mod clip;
 pub mod conv;
@@ -8,3 +9,4 @@ pub mod taesd;
 pub mod unet;
 pub mod vae_decoder;
 pub mod vae_encoder;
+pub mod winograd;
