@@ -65,6 +65,8 @@ pub fn spawn(link: WorkerLink) -> std::io::Result<std::thread::JoinHandle<()>> {
 pub struct Faults {
     /// Panic inside this job, after its first denoising step.
     pub panic_in_job: Option<JobId>,
+    /// Treat at most this many bytes as free (a small machine, for the memory guard).
+    pub free_memory: Option<u64>,
 }
 
 /// [`spawn`] with injected faults (tests only).
@@ -481,6 +483,7 @@ impl Worker {
                 vae_tiling: job.vae_tiling,
                 ..m.sd.memory_options()
             });
+            m.sd.set_free_memory_limit(self.faults.free_memory);
         }
         let labels: Vec<String> = if job.models.is_empty() {
             models.iter().map(|m| m.label.clone()).collect()

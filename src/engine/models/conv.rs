@@ -35,6 +35,23 @@ impl Conv2d {
             padding,
         })
     }
+
+    /// A convolution without bias (`weight` only).
+    pub fn no_bias(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((cout, cin, k, k), "weight")?,
+            bias: None,
+            stride,
+            padding,
+        })
+    }
 }
 
 impl Module for Conv2d {

@@ -17,8 +17,9 @@
 use crate::engine::family::Family;
 use std::path::{Path, PathBuf};
 
+use super::conv::Conv2d;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{conv2d, conv2d_no_bias, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::engine::config::JsonConfig;
 use crate::engine::error::{Context, Error, Result};
@@ -87,16 +88,12 @@ struct Block {
 
 impl Block {
     fn new(vb: VarBuilder, ch: usize) -> candle_core::Result<Self> {
-        let c = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let vb = vb.pp("conv");
         Ok(Self {
             convs: [
-                conv2d(ch, ch, 3, c, vb.pp("0"))?,
-                conv2d(ch, ch, 3, c, vb.pp("2"))?,
-                conv2d(ch, ch, 3, c, vb.pp("4"))?,
+                Conv2d::new(ch, ch, 3, 1, 1, vb.pp("0"))?,
+                Conv2d::new(ch, ch, 3, 1, 1, vb.pp("2"))?,
+                Conv2d::new(ch, ch, 3, 1, 1, vb.pp("4"))?,
             ],
         })
     }
@@ -149,17 +146,14 @@ impl TaesdDecoder {
     }
 
     fn build(vb: VarBuilder, c: &TaesdConfig) -> candle_core::Result<Vec<Layer>> {
-        let pad = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let mut layers = Vec::new();
         let first = c.block_out_channels[0];
-        layers.push(Layer::Conv(conv2d(
+        layers.push(Layer::Conv(Conv2d::new(
             c.latent_channels,
             first,
             3,
-            pad,
+            1,
+            1,
             vb.pp(layers.len().to_string()),
         )?));
         layers.push(Layer::Relu);
@@ -173,10 +167,11 @@ impl TaesdDecoder {
             if !last {
                 layers.push(Layer::Upsample(c.upsampling_scaling_factor));
             }
+            let at = vb.pp(layers.len().to_string());
             let conv = if last {
-                conv2d(ch, c.out_channels, 3, pad, vb.pp(layers.len().to_string()))?
+                Conv2d::new(ch, c.out_channels, 3, 1, 1, at)?
             } else {
-                conv2d_no_bias(ch, ch, 3, pad, vb.pp(layers.len().to_string()))?
+                Conv2d::no_bias(ch, ch, 3, 1, 1, at)?
             };
             layers.push(Layer::Conv(conv));
         }

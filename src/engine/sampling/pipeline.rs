@@ -386,6 +386,8 @@ pub struct StableDiffusion {
     pub last_timings: Timings,
     /// Parsed LoRA and embedding files.
     adapters: Mutex<AdapterCache>,
+    /// At most this many bytes count as free for the memory plan (None: what the device says).
+    free_limit: Mutex<Option<u64>>,
 }
 
 /// 0..=1 inclusive (NaN is outside).
@@ -470,6 +472,7 @@ impl StableDiffusion {
             vae_encoder: OnceLock::new(),
             last_timings: Timings::default(),
             adapters: Mutex::new(AdapterCache::default()),
+            free_limit: Mutex::new(None),
         })
     }
 
@@ -646,6 +649,10 @@ impl StableDiffusion {
         let f = self.scale_factor();
         let (lh, lw) = (req.height / f, req.width / f);
         let free = memory::free_memory(&self.device);
+        let free = match *self.free_limit.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(limit) => Some(free.map_or(limit, |f| f.min(limit))),
+            None => free,
+        };
         let opts = self.memory_options();
         let elt = self.dtype.size_in_bytes();
         let blocked = self.blocked_attention();
@@ -789,6 +796,11 @@ impl StableDiffusion {
     /// attention slicing to bound.
     fn blocked_attention(&self) -> bool {
         self.device.is_cpu() && self.dtype == DType::F32 && crate::engine::attention::enabled()
+    }
+
+    /// Plan jobs as if at most `limit` bytes were free (None: what the device reports).
+    pub fn set_free_memory_limit(&self, limit: Option<u64>) {
+        *self.free_limit.lock().unwrap_or_else(|p| p.into_inner()) = limit;
     }
 
     /// Bytes of original weights kept aside while LoRAs are merged.
