@@ -762,27 +762,13 @@ pub fn scan_loras(
     family: Option<crate::engine::family::Family>,
 ) -> Vec<FoundLora> {
     use crate::engine::lora;
-    fn walk(dir: &std::path::Path, depth: usize, out: &mut Vec<PathBuf>) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
-        entries.sort();
-        for p in entries {
-            if p.is_dir() && depth < 8 {
-                walk(&p, depth + 1, out);
-            } else if p
-                .extension()
+    let files: Vec<PathBuf> = crate::engine::adapters::files_under(dirs)
+        .into_iter()
+        .filter(|p| {
+            p.extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
-            {
-                out.push(p);
-            }
-        }
-    }
-    let mut files = Vec::new();
-    for d in dirs {
-        walk(d, 0, &mut files);
-    }
+        })
+        .collect();
     let mut out: Vec<FoundLora> = Vec::new();
     for path in files {
         let name = lora::stem(&path);

@@ -212,34 +212,18 @@ fn check_ext(path: &Path) -> Result<()> {
 /// Every embedding file in `dirs` (subfolders searched): (name, path), `.safetensors` and
 /// pickles both (a pickle is refused only when the prompt uses it).
 pub fn list(dirs: &[PathBuf]) -> Vec<(String, PathBuf)> {
-    fn walk(dir: &Path, depth: usize, out: &mut Vec<(String, PathBuf)>) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
-        entries.sort();
-        for p in entries {
-            if p.is_dir() {
-                if depth < 8 {
-                    walk(&p, depth + 1, out);
-                }
-                continue;
-            }
-            let ext = p
-                .extension()
-                .map(|e| e.to_string_lossy().to_lowercase())
-                .unwrap_or_default();
-            if matches!(ext.as_str(), "safetensors" | "pt" | "bin") {
-                let name = stem(&p);
-                if !out.iter().any(|(n, _)| *n == name) {
-                    out.push((name, p));
-                }
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for p in super::files_under(dirs) {
+        let ext = p
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        if matches!(ext.as_str(), "safetensors" | "pt" | "bin") {
+            let name = stem(&p);
+            if !out.iter().any(|(n, _)| *n == name) {
+                out.push((name, p));
             }
         }
-    }
-    let mut out = Vec::new();
-    for d in dirs {
-        walk(d, 0, &mut out);
     }
     out
 }

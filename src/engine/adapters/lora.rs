@@ -662,26 +662,10 @@ pub fn addnet_hash(path: &Path) -> Result<String> {
 /// The file a tag's `name` means: a `.safetensors` whose stem is `name` in one of `dirs`
 /// (subfolders searched, the first folder first). Pickles of that name are refused.
 pub fn find_named(dirs: &[PathBuf], name: &str, what: &str) -> Result<PathBuf> {
-    fn walk(dir: &Path, name: &str, depth: usize, found: &mut Vec<PathBuf>) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
-        entries.sort();
-        for p in entries {
-            if p.is_dir() {
-                if depth < 8 {
-                    walk(&p, name, depth + 1, found);
-                }
-            } else if stem(&p) == name {
-                found.push(p);
-            }
-        }
-    }
-    let mut found = Vec::new();
-    for d in dirs {
-        walk(d, name, 0, &mut found);
-    }
+    let found: Vec<PathBuf> = super::files_under(dirs)
+        .into_iter()
+        .filter(|p| stem(p) == name)
+        .collect();
     let is_st = |p: &PathBuf| {
         p.extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))

@@ -63,14 +63,30 @@ pub fn plain(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 struct Blocked;
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+/// A contiguous f32 CPU tensor's values (for the CPU kernels here and in `winograd.rs`).
+pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
-        candle_core::bail!("blocked attention: {what} is not f32");
+        candle_core::bail!("{what} is not f32");
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("blocked attention: {what} is not contiguous"),
+        None => candle_core::bail!("{what} is not contiguous"),
     }
+}
+
+/// max |a − b| / max |b| (the kernels' tests).
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let max = |t: Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    max((a - b).unwrap()) / max(b.clone()).max(1e-12)
 }
 
 impl CustomOp3 for Blocked {
@@ -97,7 +113,11 @@ impl CustomOp3 for Blocked {
                 l3.shape()
             );
         }
-        let (q, k, v) = (f32s(s1, l1, "q")?, f32s(s2, l2, "k")?, f32s(s3, l3, "v")?);
+        let (q, k, v) = (
+            f32s(s1, l1, "attention q")?,
+            f32s(s2, l2, "attention k")?,
+            f32s(s3, l3, "attention v")?,
+        );
         let mut out = vec![0f32; n * t * d];
         let blocks = t.div_ceil(Q_BLOCK);
         // One work item per (head, query block): its rows of the output.
@@ -414,25 +434,6 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let m = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        d / m.max(1e-12)
-    }
-
     #[test]
     fn exp_is_accurate_over_the_softmax_range() {
         let mut xs: Vec<f32> = (0..20000).map(|i| -90.0 + i as f32 * 0.0045).collect();
@@ -466,7 +467,7 @@ mod tests {
             let v = rand((n, s, d), 3, 1.0);
             let got = q.apply_op3_no_bwd(&k, &v, &Blocked).unwrap();
             let want = plain(&q, &k, &v).unwrap();
-            let e = rel(&got, &want);
+            let e = max_rel_err(&got, &want);
             assert!(e < 1e-5, "({n}, {t}, {s}, {d}): relative error {e}");
         }
     }

@@ -11,6 +11,8 @@
 //! rounding: results stay within about 1e-5 relative of the direct convolution.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
+
+use super::attention::f32s;
 use rayon::prelude::*;
 
 /// Tiles per block (the `n` of each block's 16 products).
@@ -64,16 +66,6 @@ pub fn conv3x3(x: &candle_core::Tensor, w: &candle_core::Tensor) -> Result<candl
         .apply_op2_no_bwd(&w.contiguous()?, &Winograd { cout })
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("winograd: f32 only");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("winograd: not contiguous"),
-    }
-}
-
 /// Output pointer shared by the threads; each writes only its own tiles' pixels.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -118,7 +110,10 @@ impl CustomOp2 for Winograd {
                 l1.shape()
             );
         }
-        let (x, wt) = (f32s(s1, l1)?, f32s(s2, l2)?);
+        let (x, wt) = (
+            f32s(s1, l1, "winograd input")?,
+            f32s(s2, l2, "winograd weight")?,
+        );
         let u = transform_filters(wt, cout, cin);
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let tiles = th * tw;
@@ -259,25 +254,8 @@ mod tests {
             let wt = Tensor::randn(0f32, 1.0, (cout, cin, 3, 3), &dev).unwrap();
             let want = x.conv2d(&wt, 1, 1, 1, 1).unwrap();
             let got = conv3x3(&x, &wt).unwrap();
-            let err = (&got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                err / scale < 1e-5,
-                "({b},{cin},{cout},{h},{w}): {err} of {scale}"
-            );
+            let e = crate::engine::attention::max_rel_err(&got, &want);
+            assert!(e < 1e-5, "({b},{cin},{cout},{h},{w}): relative error {e}");
         }
     }
 }
