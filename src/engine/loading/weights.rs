@@ -170,6 +170,36 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorEntry>> {
     Ok(out)
 }
 
+/// Tensor `name` of `st` as f32 on the CPU when it is stored as f16 (the usual case: fp16
+/// files, an f32 CPU model), converted on every thread straight from the mapped bytes;
+/// None for every other combination (candle's single-threaded path then converts).
+fn f16_to_f32_cpu(
+    st: &MmapedSafetensors,
+    name: &str,
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    if !dev.is_cpu() || dtype != DType::F32 {
+        return Ok(None);
+    }
+    let view = st.get(name)?;
+    if format!("{:?}", view.dtype()) != "F16" {
+        return Ok(None);
+    }
+    let bytes = view.data();
+    let shape = view.shape().to_vec();
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; bytes.len() / 2];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+        let b = &bytes[i * CHUNK * 2..];
+        for (j, x) in o.iter_mut().enumerate() {
+            *x = half::f16::from_le_bytes([b[2 * j], b[2 * j + 1]]).to_f32();
+        }
+    });
+    Tensor::from_vec(out, shape, dev).map(Some)
+}
+
 /// Loads tensor `name` from `st` (a map of `path`), refusing non-float storage.
 pub fn load_float(
     st: &MmapedSafetensors,
@@ -257,14 +287,73 @@ impl SimpleBackend for Checked {
         if !self.routing.contains_key(name) {
             candle_core::bail!("{}: missing weight {name}", path.display());
         }
+        if let Some(t) = f16_to_f32_cpu(&self.st, name, dtype, dev)? {
+            return expect_shape(path, name, t, &s);
+        }
         expect_shape(path, name, load_float(&self.st, path, name, dev)?, &s)?.to_dtype(dtype)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some(t) = f16_to_f32_cpu(&self.st, name, dtype, dev)? {
+            return Ok(t);
+        }
         load_float(&self.st, self.path_of(name), name, dev)?.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.routing.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_weights_widen_to_the_same_f32_as_candle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        // Values across the f16 range, subnormals and signed zero included; more than one
+        // conversion chunk.
+        let n = (1 << 16) + 123;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as f32) - 30000.0) * 1.7e-3 * if i % 7 == 0 { 1e-4 } else { 1.0 })
+            .collect();
+        let t = Tensor::from_vec(v, (n,), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let mut m = HashMap::new();
+        m.insert("w".to_string(), t.clone());
+        candle_core::safetensors::save(&m, &path).unwrap();
+        let backend = Checked::open(std::slice::from_ref(&path)).unwrap();
+        let got = backend
+            .get_unchecked("w", DType::F32, &Device::Cpu)
+            .unwrap();
+        let want = t.to_dtype(DType::F32).unwrap();
+        assert_eq!(
+            got.to_vec1::<f32>().unwrap(),
+            want.to_vec1::<f32>().unwrap()
+        );
+        let shaped = backend
+            .get(
+                Shape::from((n,)),
+                "w",
+                candle_nn::Init::Const(0.0),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        assert_eq!(shaped.dims(), &[n]);
+        assert!(backend
+            .get(
+                Shape::from((n + 1,)),
+                "w",
+                candle_nn::Init::Const(0.0),
+                DType::F32,
+                &Device::Cpu
+            )
+            .is_err());
     }
 }
