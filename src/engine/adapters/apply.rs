@@ -206,6 +206,7 @@ pub fn resolve_loras(prompt: &str, negative: &str, n: &Networks) -> Result<Resol
 
 /// Per component, weight name → the terms the LoRAs add (what the model's weight tables
 /// are set to), with each LoRA's A1111 hash and warnings for modules that matched nothing.
+#[derive(Default)]
 pub struct LoraTerms {
     pub want: HashMap<Component, HashMap<String, Vec<Delta>>>,
     pub hashes: Vec<(String, String)>,

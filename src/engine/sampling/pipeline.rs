@@ -831,7 +831,12 @@ impl StableDiffusion {
     ) -> Result<(String, EmbeddingSet, AdapterReport)> {
         let resolved = apply::resolve_loras(&req.prompt, &req.negative_prompt, &req.networks)?;
         let mut cache = self.adapters.lock().unwrap_or_else(|p| p.into_inner());
-        let terms = apply::lora_terms(&mut cache, &resolved.uses, &self.key_map())?;
+        // With no LoRA the key map (every weight's name) is not needed: only restoring is.
+        let terms = if resolved.uses.is_empty() {
+            apply::LoraTerms::default()
+        } else {
+            apply::lora_terms(&mut cache, &resolved.uses, &self.key_map())?
+        };
         let mut report = AdapterReport {
             lora_hashes: terms.hashes,
             warnings: resolved.warnings,
