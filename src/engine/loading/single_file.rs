@@ -742,20 +742,22 @@ struct Renamed {
 }
 
 impl Renamed {
-    fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         match self.map.get(name) {
             None => candle_core::bail!(
                 "{}: missing weight {name} (not in this checkpoint)",
                 self.path.display()
             ),
-            Some(Src::Same(s)) => crate::engine::weights::load_float(&self.st, &self.path, s, dev),
+            Some(Src::Same(s)) => {
+                crate::engine::weights::load_as(&self.st, &self.path, s, dtype, dev)
+            }
             Some(Src::Third(s, part)) => {
-                let t = crate::engine::weights::load_float(&self.st, &self.path, s, dev)?;
+                let t = crate::engine::weights::load_as(&self.st, &self.path, s, dtype, dev)?;
                 let rows = t.dim(0)? / 3;
                 t.narrow(0, part * rows, rows)
             }
             Some(Src::Transposed(s)) => {
-                crate::engine::weights::load_float(&self.st, &self.path, s, dev)?
+                crate::engine::weights::load_as(&self.st, &self.path, s, dtype, dev)?
                     .t()?
                     .contiguous()
             }
@@ -772,7 +774,7 @@ impl SimpleBackend for Renamed {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.load(name, dev)?;
+        let t = self.load(name, dtype, dev)?;
         // 1×1 convolutions stored where diffusers has linear layers (VAE attention).
         let t = if t.dims() != s.dims() && t.elem_count() == s.elem_count() {
             t.reshape(s.clone())?
@@ -783,7 +785,7 @@ impl SimpleBackend for Renamed {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, dev)?.to_dtype(dtype)
+        self.load(name, dtype, dev)?.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

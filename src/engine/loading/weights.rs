@@ -200,6 +200,21 @@ fn f16_to_f32_cpu(
     Tensor::from_vec(out, shape, dev).map(Some)
 }
 
+/// Tensor `name` of `st` (a map of `path`) in `dtype`: f16 widened to f32 on every thread
+/// on the CPU, anything else through [`load_float`] and candle's conversion.
+pub fn load_as(
+    st: &MmapedSafetensors,
+    path: &Path,
+    name: &str,
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    match f16_to_f32_cpu(st, name, dtype, dev)? {
+        Some(t) => Ok(t),
+        None => load_float(st, path, name, dev)?.to_dtype(dtype),
+    }
+}
+
 /// Loads tensor `name` from `st` (a map of `path`), refusing non-float storage.
 pub fn load_float(
     st: &MmapedSafetensors,
