@@ -153,6 +153,31 @@ pub struct SamplingArgs {
     pub batch: usize,
 }
 
+/// ControlNets: the i-th image, scale, start, end and preprocessor belong to the i-th
+/// `--controlnet` (one value given applies to all).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ControlArgs {
+    /// A ControlNet: diffusers folder, hub id (lllyasviel/control_v11p_sd15_canny) or an
+    /// A1111-layout .safetensors (repeat for several).
+    #[arg(long)]
+    pub controlnet: Vec<String>,
+    /// The picture steering it (resized to the output size; then preprocessed).
+    #[arg(long)]
+    pub control_image: Vec<PathBuf>,
+    /// diffusers' controlnet_conditioning_scale [default: 1.0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub control_scale: Vec<f64>,
+    /// First fraction of the steps it steers, 0..1 [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub control_start: Vec<f64>,
+    /// Last fraction of the steps it steers, 0..1 [default: 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub control_end: Vec<f64>,
+    /// none (the picture is the map) or canny (edges, low 100 / high 200) [default: none].
+    #[arg(long)]
+    pub control_preprocess: Vec<String>,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct GenerateArgs {
     #[command(flatten)]
@@ -220,6 +245,8 @@ pub struct GenerateArgs {
     /// (A1111: models/Lora, embeddings; ComfyUI: models/loras, models/embeddings).
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub control: ControlArgs,
     /// Output folder (created if missing).
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
@@ -308,6 +335,10 @@ pub struct BenchArgs {
     /// cases with them applied.
     #[arg(long, allow_hyphen_values = true)]
     pub lora: Vec<String>,
+    /// ControlNets: the timed cases run with them (a synthetic edge map unless
+    /// --control-image is given).
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 pub fn main() -> std::process::ExitCode {
@@ -603,6 +634,99 @@ fn networks(a: &GenerateArgs) -> Result<crate::engine::apply::Networks> {
     Ok(n)
 }
 
+/// The i-th of `v` for `n` ControlNets: none given → `default`, one → for all, n → each.
+fn per_unit<T: Clone>(v: &[T], n: usize, i: usize, flag: &'static str, default: T) -> Result<T> {
+    match v.len() {
+        0 => Ok(default),
+        1 => Ok(v[0].clone()),
+        k if k == n => Ok(v[i].clone()),
+        k => Err(Error::invalid(
+            flag,
+            format!("given {k} times for {n} --controlnet (give it once, or once per ControlNet)"),
+        )),
+    }
+}
+
+/// The job's ControlNets, every file and value checked (and each ControlNet's architecture
+/// against the model's UNet) before any weights load; maps at `w`×`h`.
+fn controls(
+    c: &ControlArgs,
+    files: &model::ModelFiles,
+    w: usize,
+    h: usize,
+    synthetic: bool,
+) -> Result<Vec<crate::engine::control::ControlUse>> {
+    use crate::engine::control::{self, ControlUse, Preprocess};
+    let n = c.controlnet.len();
+    if n == 0 {
+        for (flag, given) in [
+            ("control image", !c.control_image.is_empty()),
+            ("control scale", !c.control_scale.is_empty()),
+            ("control start", !c.control_start.is_empty()),
+            ("control end", !c.control_end.is_empty()),
+            ("control preprocess", !c.control_preprocess.is_empty()),
+        ] {
+            if given {
+                return Err(Error::invalid(flag, "needs --controlnet"));
+            }
+        }
+        return Ok(Vec::new());
+    }
+    if c.control_image.len() != n && !(synthetic && c.control_image.is_empty()) {
+        return Err(Error::invalid(
+            "control image",
+            format!(
+                "{} --control-image for {n} --controlnet: give one picture per ControlNet",
+                c.control_image.len()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(n);
+    for (i, spec) in c.controlnet.iter().enumerate() {
+        let pre = Preprocess::parse(&per_unit(
+            &c.control_preprocess,
+            n,
+            i,
+            "control preprocess",
+            "none".to_string(),
+        )?)?;
+        let picture = match c.control_image.get(i) {
+            Some(path) => {
+                let img = open_image(path)?;
+                let (sw, sh) = (img.width() as usize, img.height() as usize);
+                control::fit(img.as_raw(), sw, sh, w, h)?
+            }
+            None => synthetic_map(w, h),
+        };
+        let unit = ControlUse {
+            model: spec.clone(),
+            image: pre.apply(&picture, w, h),
+            module: pre.name().to_string(),
+            scale: per_unit(&c.control_scale, n, i, "control scale", 1.0)?,
+            start: per_unit(&c.control_start, n, i, "control start", 0.0)?,
+            end: per_unit(&c.control_end, n, i, "control end", 1.0)?,
+        };
+        unit.check(i)?;
+        let cn = crate::engine::controlnet_files::ControlNetFiles::open(spec, false)?;
+        cn.check_fits(&files.unet_config, files.vae_config.scale_factor())?;
+        out.push(unit);
+    }
+    Ok(out)
+}
+
+/// The bench's control map: white squares' outlines on black, every 64 pixels.
+fn synthetic_map(w: usize, h: usize) -> Vec<u8> {
+    let mut rgb = vec![0u8; w * h * 3];
+    for y in 0..h {
+        for x in 0..w {
+            if x % 64 == 16 || y % 64 == 16 {
+                rgb[(y * w + x) * 3..][..3].fill(255);
+            }
+        }
+    }
+    rgb
+}
+
 fn generate(a: &GenerateArgs) -> Result<()> {
     let rng = RngKind::parse(&a.rng)
         .ok_or_else(|| Error::invalid("rng", format!("{:?} is not torch-cpu", a.rng)))?;
@@ -705,6 +829,13 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             })
         }
     };
+    let controls = controls(
+        &a.control,
+        &p.files,
+        p.settings.width,
+        p.settings.height,
+        false,
+    )?;
     let st = &p.settings;
     let req = GenerateRequest {
         prompt: a.prompt.clone(),
@@ -728,6 +859,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             target: a.target_size,
         },
         networks,
+        controls,
     };
     let mut cache = ModelCache::new(match a.model.cache_gib {
         Some(g) => (g * (1u64 << 30) as f64) as u64,
@@ -899,6 +1031,13 @@ fn bench(a: &BenchArgs) -> Result<()> {
         return Err(Error::invalid("runs", "must be at least 1"));
     }
     let p = prepare(a.model.single()?, &a.model, &a.sampling)?;
+    let bench_controls = controls(
+        &a.control,
+        &p.files,
+        p.settings.width,
+        p.settings.height,
+        true,
+    )?;
     let s = &p.settings;
     let device = p.device.clone();
     let sync = |what: &str| {
@@ -943,6 +1082,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         clip_skip: 1,
         spacing: s.spacing,
         networks: Default::default(),
+        controls: bench_controls.clone(),
     };
     let gib = |b: Option<u64>| b.map(|b| b as f64 / (1u64 << 30) as f64);
     let show = |v: &serde_json::Value| match v.as_f64() {

@@ -1875,6 +1875,196 @@ def make_lora_refs() -> list[str]:
 
 
 
+# --------------------------------------------------------------------------
+# ControlNet: tiny random ControlNets made from the tiny UNets (diffusers folders, one A1111
+# single file), StableDiffusion(XL)ControlNet(Img2Img)Pipeline references, and OpenCV Canny
+# references for the built-in preprocessor.
+# --------------------------------------------------------------------------
+
+CN_DIR = FIXTURES / "controlnet"
+CANNY_DIR = REFS / "canny"
+
+
+def make_controlnet(unet, seed: int, embedding=(8, 8, 16, 16)):
+    """ControlNetModel.from_unet, then every weight perturbed (so a loader that read the UNet's
+    weights instead would fail) and the zero convolutions / hint output randomised so the
+    control image visibly matters."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)  # from_unet initialises the hint CNN from the global generator
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.copy_(noise * (0.3 if "weight" in name else 0.05))
+            else:
+                p.add_(noise * (0.1 * float(p.std()) if p.numel() > 1 else 0.01))
+    return cn.eval()
+
+
+def _orig_controlnet_key(k: str, lpb: int, n_levels: int, n_blocks: int) -> str:
+    """A diffusers ControlNet name in A1111's layout (without the control_model. prefix)."""
+    if k.startswith("controlnet_down_blocks."):
+        i, rest = k.split(".", 2)[1:]
+        return f"zero_convs.{i}.0.{rest}"
+    if k.startswith("controlnet_mid_block."):
+        return "middle_block_out.0." + k[len("controlnet_mid_block."):]
+    if k.startswith("controlnet_cond_embedding."):
+        rest = k[len("controlnet_cond_embedding."):]
+        if rest.startswith("conv_in."):
+            return "input_hint_block.0." + rest[len("conv_in."):]
+        if rest.startswith("conv_out."):
+            return f"input_hint_block.{2 * (n_blocks + 1)}." + rest[len("conv_out."):]
+        j, w = rest[len("blocks."):].split(".", 1)
+        return f"input_hint_block.{2 * (int(j) + 1)}.{w}"
+    return _orig_unet_key(k, lpb, n_levels)
+
+
+def edge_picture(w: int, h: int, kind: str) -> np.ndarray:
+    """Synthetic control maps: white outlines on black."""
+    y, x = np.mgrid[0:h, 0:w]
+    if kind == "squares":
+        on = ((x % 24 == 6) | (y % 24 == 6)) & (x > 3) & (y > 3)
+    else:
+        r = np.sqrt((x - w / 2) ** 2 + (y - h / 2) ** 2)
+        on = np.abs(r - min(w, h) / 3) < 1.0
+    return np.repeat((on * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def canny_inputs() -> dict[str, np.ndarray]:
+    import skimage.data
+
+    rng = np.random.default_rng(1601)
+    y, x = np.mgrid[0:96, 0:96].astype(np.float64)
+    pics = {
+        "disc_gradient": init_picture(96, 96),
+        "blocks": np.kron(rng.integers(0, 256, (12, 12, 3)), np.ones((8, 8, 1))).astype(np.uint8),
+        "rings": np.repeat((127.5 + 127.5 * np.sin(np.sqrt((x - 40) ** 2 + (y - 52) ** 2) / 3))
+                           .round().astype(np.uint8)[..., None], 3, axis=-1),
+        "stripes": np.stack([(x * 7) % 256, (y * 5) % 256, ((x + y) * 3) % 256], -1).astype(np.uint8),
+    }
+    photo = Image.fromarray(skimage.data.astronaut()).resize((160, 160), Image.LANCZOS)
+    pics["astronaut"] = np.asarray(photo)
+    return pics
+
+
+def make_canny_refs() -> None:
+    import cv2
+
+    CANNY_DIR.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for name, pic in canny_inputs().items():
+        Image.fromarray(pic).save(CANNY_DIR / f"{name}.png", optimize=True)
+        for low, high in ((100, 200), (50, 120)):
+            edges = cv2.Canny(pic, low, high)
+            rel = f"refs/canny/{name}_{low}_{high}_cv2.png"
+            Image.fromarray(edges).save(FIXTURES / rel, optimize=True)
+            cases.append(dict(image=f"refs/canny/{name}.png", low=low, high=high, edges=rel,
+                              edge_fraction=float((edges > 0).mean())))
+            print(f"  canny {name} {low}/{high}: {100 * (edges > 0).mean():.1f}% edge pixels")
+    with open(REFS / "canny_cases.json", "w") as f:
+        json.dump(cases, f, indent=1)
+
+
+@torch.no_grad()
+def make_controlnet_refs() -> list[str]:
+    from diffusers import (StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline,
+                           StableDiffusionXLControlNetPipeline)
+    from diffusers.models.controlnets import MultiControlNetModel
+
+    problems = []
+    if CN_DIR.exists():
+        shutil.rmtree(CN_DIR)
+    CN_DIR.mkdir(parents=True)
+    (REFS / "images").mkdir(parents=True, exist_ok=True)
+    sd15 = load_pipe("tiny-sd15", None)
+    sched = make_scheduler("euler", sd15.scheduler.config)
+    cn_a = make_controlnet(sd15.unet, 1601)
+    cn_b = make_controlnet(sd15.unet, 1602)
+    cn_a.save_pretrained(CN_DIR / "tiny-cn-sd15", safe_serialization=True)
+    cn_b.save_pretrained(CN_DIR / "tiny-cn-sd15-b", safe_serialization=True)
+    # The same weights as one A1111-layout file.
+    c = sd15.unet.config
+    n_blocks = 2 * (len(cn_a.config.conditioning_embedding_out_channels) - 1)
+    sd = {"control_model." + _orig_controlnet_key(k, c.layers_per_block, len(c.block_out_channels), n_blocks):
+          v.contiguous() for k, v in cn_a.state_dict().items()}
+    save_file(sd, CN_DIR / "tiny_cn_sd15_a1111.safetensors")
+    # An SDXL ControlNet (another architecture for SD 1.5, and an SDXL case).
+    sdxl = load_sdxl("tiny-sdxl")
+    cn_xl = make_controlnet(sdxl.unet, 1603)
+    # Stored in f16 (half the size); the reference runs the same rounded weights in f32.
+    cn_xl.half().save_pretrained(CN_DIR / "tiny-cn-sdxl", safe_serialization=True)
+    cn_xl.float()
+
+    for name, kind in (("squares", "squares"), ("ring", "ring")):
+        Image.fromarray(edge_picture(64, 64, kind)).save(CN_DIR / f"control_{name}_64.png")
+    squares = Image.open(CN_DIR / "control_squares_64.png")
+    ring = Image.open(CN_DIR / "control_ring_64.png")
+    init = Image.open(REFS / "init_64x64.png")
+    seeds = [42, 43]
+    gens = lambda: [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    common = dict(num_inference_steps=8, output_type="np", width=64, height=64)
+    cases = []
+
+    def record(name, pipe_kind, images, units, guidance=7.5, model="tiny-sd15", **extra):
+        paths = save_images(f"cn_{name}", seeds, images)
+        cases.append(dict(name=name, model=model, pipeline=pipe_kind, scheduler="euler", steps=8, guidance=guidance,
+                          width=64, height=64, seeds=seeds, prompt=PROMPT, negative_prompt=NEGATIVE,
+                          controlnets=units, images=paths, **extra))
+
+    def unit(folder, image, scale=1.0, start=0.0, end=1.0):
+        return dict(model=f"controlnet/{folder}", image=f"controlnet/control_{image}_64.png", scale=scale,
+                    start=start, end=end)
+
+    pipe = StableDiffusionControlNetPipeline(**sd15.components, controlnet=cn_a)
+    pipe.scheduler = sched
+    pipe.set_progress_bar_config(disable=True)
+    plain = _run(sd15, PROMPT, NEGATIVE, seeds)
+    run = lambda **kw: pipe(PROMPT, negative_prompt=NEGATIVE, generator=gens(), num_images_per_prompt=2,
+                            **{**common, **kw}).images
+    full = run(image=squares, guidance_scale=7.5)
+    record("scale1", "txt2img", full, [unit("tiny-cn-sd15", "squares")])
+    d = _max_diff(full, plain)
+    print(f"  controlnet scale 1: max |Δ| vs no ControlNet {d}/255")
+    if d < 40:
+        problems.append(f"controlnet: the control image barely matters (max Δ {d})")
+    record("scale05", "txt2img", run(image=squares, guidance_scale=7.5, controlnet_conditioning_scale=0.5),
+           [unit("tiny-cn-sd15", "squares", scale=0.5)])
+    record("window", "txt2img", run(image=squares, guidance_scale=7.5, control_guidance_start=0.2,
+                                    control_guidance_end=0.7),
+           [unit("tiny-cn-sd15", "squares", start=0.2, end=0.7)])
+    record("cfg1", "txt2img", run(image=squares, guidance_scale=1.0), [unit("tiny-cn-sd15", "squares")],
+           guidance=1.0)
+    multi = StableDiffusionControlNetPipeline(**sd15.components, controlnet=MultiControlNetModel([cn_a, cn_b]))
+    multi.scheduler = sched
+    multi.set_progress_bar_config(disable=True)
+    record("two", "txt2img", multi(PROMPT, negative_prompt=NEGATIVE, generator=gens(), num_images_per_prompt=2,
+                                   image=[squares, ring], controlnet_conditioning_scale=[1.0, 0.6],
+                                   control_guidance_start=[0.0, 0.25], control_guidance_end=[1.0, 0.9],
+                                   guidance_scale=7.5, **common).images,
+           [unit("tiny-cn-sd15", "squares"), unit("tiny-cn-sd15-b", "ring", scale=0.6, start=0.25, end=0.9)])
+    i2i = StableDiffusionControlNetImg2ImgPipeline(**sd15.components, controlnet=cn_a)
+    i2i.scheduler = sched
+    i2i.set_progress_bar_config(disable=True)
+    record("img2img", "img2img", i2i(PROMPT, negative_prompt=NEGATIVE, generator=gens(), num_images_per_prompt=2,
+                                     image=init, control_image=squares, strength=0.6, guidance_scale=7.5,
+                                     controlnet_conditioning_scale=1.0,  # this pipeline's default is 0.8
+                                     **common).images,
+           [unit("tiny-cn-sd15", "squares")], init_image="refs/init_64x64.png", strength=0.6)
+    xl = StableDiffusionXLControlNetPipeline(**sdxl.components, controlnet=cn_xl)
+    xl.scheduler = make_scheduler("euler", sdxl.scheduler.config)
+    xl.set_progress_bar_config(disable=True)
+    record("sdxl", "txt2img", xl(PROMPT, negative_prompt=NEGATIVE, generator=gens(), num_images_per_prompt=2,
+                                 image=squares, guidance_scale=7.5, **common).images,
+           [unit("tiny-cn-sdxl", "squares")], model="tiny-sdxl")
+    with open(REFS / "controlnet_cases.json", "w") as f:
+        json.dump(cases, f, indent=1)
+    make_canny_refs()
+    return problems
+
+
 def check_no_nan_files() -> list[str]:
     problems = []
     for p in sorted(FIXTURES.rglob("*.safetensors")):
@@ -1918,7 +2108,8 @@ def summary() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bpe", help="path to bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip)")
-    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd", "memory", "minsched", "sdxl", "lora"],
+    ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd", "memory", "minsched", "sdxl", "lora",
+                                         "controlnet"],
                     help="only remake one set of references from the committed models")
     args = ap.parse_args()
     if args.only == "taesd":
@@ -1931,6 +2122,14 @@ def main() -> None:
         transformers_logging.set_verbosity_error()
         make_sdxl_refs()
         return
+    if args.only == "controlnet":
+        torch.set_num_threads(2)
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+        problems = make_controlnet_refs()
+        for p in problems:
+            print("PROBLEM: " + p)
+        sys.exit(1 if problems else 0)
     if args.only == "lora":
         torch.set_num_threads(2)
         diffusers_logging.set_verbosity_error()
@@ -1982,6 +2181,7 @@ def main() -> None:
     make_minimal_scheduler_refs(pipes)
     make_sdxl_refs()
     problems += make_lora_refs()
+    problems += make_controlnet_refs()
     make_taesd()
     problems += check_no_nan_files()
 

@@ -4,6 +4,7 @@
 //! samplers), `output/` (PNGs and grids).
 
 pub mod adapters;
+pub mod control;
 pub mod error;
 pub mod family;
 pub mod loading;
@@ -14,8 +15,8 @@ pub mod text;
 
 // Every module also answers at `engine::NAME`, the path the rest of the crate uses.
 pub use adapters::{apply, embedding, lora, patch};
-pub use loading::{cache, config, hash, model, scan, single_file, weights};
-pub use models::{attention, clip, conv, fused, taesd, unet, vae_decoder, vae_encoder};
+pub use loading::{cache, config, controlnet_files, hash, model, scan, single_file, weights};
+pub use models::{attention, clip, controlnet, conv, fused, taesd, unet, vae_decoder, vae_encoder};
 pub use output::{grid, image_ops, metadata};
 pub use sampling::{memory, pipeline, presets, profile, rng, schedulers};
 pub use text::{extra_networks, prompt, tokenizer};

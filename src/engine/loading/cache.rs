@@ -113,6 +113,7 @@ impl CachedModel {
             },
             lora_hashes: img.lora_hashes.clone(),
             ti_hashes: img.ti_hashes.clone(),
+            controlnets: img.controlnets.clone(),
         }
     }
 }

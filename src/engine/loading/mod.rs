@@ -2,6 +2,7 @@
 //! headers, models-folder scans, content hashes and the model cache.
 pub mod cache;
 pub mod config;
+pub mod controlnet_files;
 pub mod hash;
 pub mod model;
 pub mod scan;

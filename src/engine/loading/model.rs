@@ -25,7 +25,7 @@ pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 
 const PICKLE_EXTS: [&str; 4] = ["ckpt", "bin", "pt", "pth"];
 
-fn is_pickle(p: &Path) -> bool {
+pub(crate) fn is_pickle(p: &Path) -> bool {
     p.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| PICKLE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
@@ -55,7 +55,7 @@ fn offline() -> bool {
     )
 }
 
-fn looks_like_repo_id(s: &str) -> bool {
+pub(crate) fn looks_like_repo_id(s: &str) -> bool {
     let parts: Vec<_> = s.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
@@ -385,6 +385,12 @@ pub fn resolve_vae(spec: &str, prefer_fp16: bool) -> Result<PathBuf> {
             path: path.to_path_buf(),
         });
     }
+    resolve_hub_component(spec, prefer_fp16, "VAE")
+}
+
+/// A hub repository holding one component at its top (`config.json` + weights: a VAE, a
+/// ControlNet), from the cache or downloaded.
+pub(crate) fn resolve_hub_component(spec: &str, prefer_fp16: bool, what: &str) -> Result<PathBuf> {
     let cache_dir = hub_cache_dir();
     let cached = hf_hub::Cache::new(cache_dir.clone()).model(spec.to_string());
     if let Some(config) = cached.get("config.json") {
@@ -393,7 +399,7 @@ pub fn resolve_vae(spec: &str, prefer_fp16: bool) -> Result<PathBuf> {
             return Ok(root);
         }
     }
-    let (r, files) = hub_listing(spec, cache_dir, "VAE ")?;
+    let (r, files) = hub_listing(spec, cache_dir, &format!("{what} "))?;
     let hub_err = |e: hf_hub::api::sync::ApiError| Error::Hub {
         repo: spec.into(),
         reason: e.to_string(),
@@ -405,7 +411,7 @@ pub fn resolve_vae(spec: &str, prefer_fp16: bool) -> Result<PathBuf> {
         .collect();
     let chosen = choose_weight_names(&names, prefer_fp16).ok_or_else(|| Error::Hub {
         repo: spec.into(),
-        reason: "no .safetensors VAE weights at the top of the repository".into(),
+        reason: format!("no .safetensors {what} weights at the top of the repository"),
     })?;
     let config = r.get("config.json").map_err(hub_err)?;
     for name in chosen {

@@ -481,125 +481,12 @@ impl SingleFile {
             })
         };
 
-        // UNet architecture from shapes.
-        let conv_in = shape(&format!("{UNET}input_blocks.0.0.weight"))?;
-        let (c0, in_channels) = (conv_in[0], conv_in[1]);
-        let downs: Vec<usize> = {
-            let mut v: Vec<usize> = shapes
-                .keys()
-                .filter_map(|k| k.strip_prefix(&format!("{UNET}input_blocks.")))
-                .filter(|r| r.contains(".0.op.weight"))
-                .filter_map(|r| r.split('.').next()?.parse().ok())
-                .collect();
-            v.sort();
-            v
-        };
-        let lpb = downs.first().map(|d| d - 1).unwrap_or(2);
-        let levels = downs.len() + 1;
-        let mut block_out = Vec::new();
-        let mut cross = Vec::new();
-        for i in 0..levels {
-            let b = i * (lpb + 1) + 1;
-            block_out.push(shape(&format!("{UNET}input_blocks.{b}.0.out_layers.3.weight"))?[0]);
-            cross.push(shapes.contains_key(&format!("{UNET}input_blocks.{b}.1.proj_in.weight")));
-        }
-        let ctx_key = shapes
-            .keys()
-            .find(|k| k.starts_with(UNET) && k.ends_with("attn2.to_k.weight"))
-            .cloned();
-        let ctx_dim =
-            match &ctx_key {
-                Some(k) => shape(k)?[1],
-                None => return Err(Error::Weights {
-                    component: "checkpoint",
-                    path: path.to_path_buf(),
-                    reason:
-                        "no UNet cross-attention found: not a Stable Diffusion 1.x/2.x or SDXL checkpoint"
-                            .into(),
-                }),
-            };
-        let is_sdxl = shapes.contains_key(&format!("{SDXL_OPEN_CLIP}positional_embedding"))
-            || shapes.contains_key(&format!("{UNET}label_emb.0.0.weight"));
-        let is_sd2 = !is_sdxl && ctx_dim == 1024;
-        let linear = shapes
-            .iter()
-            .any(|(k, s)| k.starts_with(UNET) && k.ends_with("proj_in.weight") && s.len() == 2);
-        // Heads 64 wide (SD 2.x, SDXL), or 8 per block (SD 1.x).
-        let heads: Vec<usize> = block_out
-            .iter()
-            .map(|&c| {
-                if is_sd2 || is_sdxl {
-                    (c / 64).max(1)
-                } else {
-                    8
-                }
-            })
-            .collect();
-        // Transformer layers per level, counted in each level's first attention.
-        let transformer_layers: Vec<usize> = (0..levels)
-            .map(|i| {
-                let b = i * (lpb + 1) + 1;
-                (0..64)
-                    .take_while(|t| {
-                        shapes.contains_key(&format!(
-                            "{UNET}input_blocks.{b}.1.transformer_blocks.{t}.attn1.to_q.weight"
-                        ))
-                    })
-                    .count()
-                    .max(1)
-            })
-            .collect();
-        let added = if is_sdxl {
-            let emb = shape(&format!("{UNET}label_emb.0.0.weight"))?;
-            let pooled = shape(&format!("{SDXL_OPEN_CLIP}text_projection"))?[1];
-            let in_dim = emb[1];
-            if in_dim <= pooled || (in_dim - pooled) % 6 != 0 {
-                return Err(Error::Weights {
-                    component: "unet",
-                    path: path.to_path_buf(),
-                    reason: format!("label_emb takes {in_dim} inputs, not the pooled {pooled} + 6 size features"),
-                });
-            }
-            Some(crate::engine::config::AddedConditions {
-                time_dim: (in_dim - pooled) / 6,
-                in_dim,
-            })
-        } else {
-            None
-        };
-        let unet_config = UNetConfig {
-            in_channels,
-            out_channels: shape(&format!("{UNET}out.2.weight"))?[0],
-            block_out_channels: block_out.clone(),
-            cross_attn: cross,
-            layers_per_block: lpb,
-            num_heads: heads,
-            transformer_layers,
-            cross_attention_dim: ctx_dim,
-            use_linear_projection: linear,
-            norm_num_groups: 32,
-            norm_eps: 1e-5,
-            flip_sin_to_cos: true,
-            freq_shift: 0.0,
-            center_input_sample: false,
-            downsample_padding: 1,
-            mid_block_scale_factor: 1.0,
-            sample_size: if is_sdxl {
-                128
-            } else if is_sd2 && v_prediction.unwrap_or(false) {
-                96
-            } else {
-                64
-            },
-            added,
-        };
-        if c0 != block_out[0] {
-            return Err(Error::Weights {
-                component: "unet",
-                path: path.to_path_buf(),
-                reason: "unexpected conv_in width".into(),
-            });
-        }
+        let sdxl_text = shapes.contains_key(&format!("{SDXL_OPEN_CLIP}positional_embedding"));
+        let pooled = shapes
+            .get(&format!("{SDXL_OPEN_CLIP}text_projection"))
+            .map(|s| s[1]);
+        let (unet_config, lpb, is_sd2, is_sdxl) =
+            infer_unet(&shapes, UNET, path, sdxl_text, pooled, v_prediction)?;
 
         // VAE.
         let (vae_config, vae_levels) = vae_config_from(&shapes, VAE, path)?;
@@ -732,6 +619,170 @@ impl SingleFile {
     pub fn tensor_count(&self) -> usize {
         self.shapes.len()
     }
+}
+
+/// The UNet architecture of an original-layout UNet (or ControlNet copy of one) from its
+/// tensor shapes under `prefix`: (config, layers per block, SD 2.x, SDXL). `sdxl_text`: the
+/// file has SDXL's text towers; `pooled`: their pooled width, when known.
+pub(crate) fn infer_unet(
+    shapes: &HashMap<String, Vec<usize>>,
+    prefix: &str,
+    path: &Path,
+    sdxl_text: bool,
+    pooled: Option<usize>,
+    v_prediction: Option<bool>,
+) -> Result<(UNetConfig, usize, bool, bool)> {
+    let shape = |k: &str| -> Result<&Vec<usize>> {
+        shapes.get(k).ok_or_else(|| Error::Weights {
+            component: "checkpoint",
+            path: path.to_path_buf(),
+            reason: format!("missing tensor {k}"),
+        })
+    };
+    // UNet architecture from shapes.
+    let conv_in = shape(&format!("{prefix}input_blocks.0.0.weight"))?;
+    let (c0, in_channels) = (conv_in[0], conv_in[1]);
+    let downs: Vec<usize> = {
+        let mut v: Vec<usize> = shapes
+            .keys()
+            .filter_map(|k| k.strip_prefix(&format!("{prefix}input_blocks.")))
+            .filter(|r| r.contains(".0.op.weight"))
+            .filter_map(|r| r.split('.').next()?.parse().ok())
+            .collect();
+        v.sort();
+        v
+    };
+    let lpb = downs.first().map(|d| d - 1).unwrap_or(2);
+    let levels = downs.len() + 1;
+    let mut block_out = Vec::new();
+    let mut cross = Vec::new();
+    for i in 0..levels {
+        let b = i * (lpb + 1) + 1;
+        block_out.push(shape(&format!("{prefix}input_blocks.{b}.0.out_layers.3.weight"))?[0]);
+        cross.push(shapes.contains_key(&format!("{prefix}input_blocks.{b}.1.proj_in.weight")));
+    }
+    let ctx_key = shapes
+        .keys()
+        .find(|k| k.starts_with(prefix) && k.ends_with("attn2.to_k.weight"))
+        .cloned();
+    let ctx_dim = match &ctx_key {
+        Some(k) => shape(k)?[1],
+        None => return Err(Error::Weights {
+            component: "checkpoint",
+            path: path.to_path_buf(),
+            reason:
+                "no UNet cross-attention found: not a Stable Diffusion 1.x/2.x or SDXL checkpoint"
+                    .into(),
+        }),
+    };
+    let is_sdxl = sdxl_text || shapes.contains_key(&format!("{prefix}label_emb.0.0.weight"));
+    let is_sd2 = !is_sdxl && ctx_dim == 1024;
+    let linear = shapes
+        .iter()
+        .any(|(k, s)| k.starts_with(prefix) && k.ends_with("proj_in.weight") && s.len() == 2);
+    // Heads 64 wide (SD 2.x, SDXL), or 8 per block (SD 1.x).
+    let heads: Vec<usize> = block_out
+        .iter()
+        .map(|&c| {
+            if is_sd2 || is_sdxl {
+                (c / 64).max(1)
+            } else {
+                8
+            }
+        })
+        .collect();
+    // Transformer layers per level, counted in each level's first attention.
+    let transformer_layers: Vec<usize> = (0..levels)
+        .map(|i| {
+            let b = i * (lpb + 1) + 1;
+            (0..64)
+                .take_while(|t| {
+                    shapes.contains_key(&format!(
+                        "{prefix}input_blocks.{b}.1.transformer_blocks.{t}.attn1.to_q.weight"
+                    ))
+                })
+                .count()
+                .max(1)
+        })
+        .collect();
+    let added = if is_sdxl {
+        let emb = shape(&format!("{prefix}label_emb.0.0.weight"))?;
+        let in_dim = emb[1];
+        // Without a text tower to ask (ControlNet files), SDXL's 6 × 256 size features.
+        let pooled = match pooled {
+            Some(p) => p,
+            None => in_dim.saturating_sub(6 * 256),
+        };
+        if in_dim <= pooled || (in_dim - pooled) % 6 != 0 {
+            return Err(Error::Weights {
+                component: "unet",
+                path: path.to_path_buf(),
+                reason: format!(
+                    "label_emb takes {in_dim} inputs, not the pooled {pooled} + 6 size features"
+                ),
+            });
+        }
+        Some(crate::engine::config::AddedConditions {
+            time_dim: (in_dim - pooled) / 6,
+            in_dim,
+        })
+    } else {
+        None
+    };
+    let unet_config = UNetConfig {
+        in_channels,
+        out_channels: shapes
+            .get(&format!("{prefix}out.2.weight"))
+            .map_or(in_channels, |s| s[0]),
+        block_out_channels: block_out.clone(),
+        cross_attn: cross,
+        layers_per_block: lpb,
+        num_heads: heads,
+        transformer_layers,
+        cross_attention_dim: ctx_dim,
+        use_linear_projection: linear,
+        norm_num_groups: 32,
+        norm_eps: 1e-5,
+        flip_sin_to_cos: true,
+        freq_shift: 0.0,
+        center_input_sample: false,
+        downsample_padding: 1,
+        mid_block_scale_factor: 1.0,
+        sample_size: if is_sdxl {
+            128
+        } else if is_sd2 && v_prediction.unwrap_or(false) {
+            96
+        } else {
+            64
+        },
+        added,
+    };
+    if c0 != block_out[0] {
+        return Err(Error::Weights {
+            component: "unet",
+            path: path.to_path_buf(),
+            reason: "unexpected conv_in width".into(),
+        });
+    }
+
+    Ok((unet_config, lpb, is_sd2, is_sdxl))
+}
+
+/// A VarBuilder serving diffusers names (`map`: diffusers name → the file's name) from a
+/// mapped original-layout file (ControlNet files use it).
+pub(crate) fn renamed_vb(
+    st: Arc<MmapedSafetensors>,
+    map: HashMap<String, String>,
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    let backend = Renamed {
+        st,
+        map: map.into_iter().map(|(k, v)| (k, Src::Same(v))).collect(),
+        path: path.to_path_buf(),
+    };
+    VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
 }
 
 /// A VarBuilder backend serving diffusers names from the checkpoint's tensors.

@@ -3,6 +3,7 @@
 //! built from.
 pub mod attention;
 pub mod clip;
+pub mod controlnet;
 pub mod conv;
 pub mod fused;
 pub mod taesd;

@@ -339,7 +339,7 @@ impl SpatialTransformer {
     }
 }
 
-struct Level {
+pub(crate) struct Level {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<SpatialTransformer>,
     /// Downsampler (down path) or upsampler (up path) convolution.
@@ -347,16 +347,116 @@ struct Level {
 }
 
 /// Input convolution and timestep embedding (plus SDXL's added-condition embedding).
-struct Head {
+pub(crate) struct Head {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
     add_linear: Option<(Linear, Linear)>,
 }
 
-struct Mid {
+pub(crate) struct Mid {
     resnets: [ResnetBlock; 2],
     attention: SpatialTransformer,
+}
+
+impl Head {
+    /// The timestep embedding (plus SDXL's added conditions) for a batch of `b`.
+    pub(crate) fn embed(
+        &self,
+        c: &UNetConfig,
+        timestep: f64,
+        b: usize,
+        dtype: DType,
+        dev: &candle_core::Device,
+        added: Option<(&Tensor, &Tensor)>,
+    ) -> R<Tensor> {
+        let t = timestep_features(
+            timestep,
+            b,
+            c.block_out_channels[0],
+            c.flip_sin_to_cos,
+            c.freq_shift,
+            dev,
+        )?
+        .to_dtype(dtype)?;
+        let temb = scope("time embedding", dev, || {
+            self.time_linear_2
+                .forward(&candle_nn::ops::silu(&self.time_linear_1.forward(&t)?)?)
+        })?;
+        match (&self.add_linear, c.added, added) {
+            (Some((l1, l2)), Some(a), Some((text, time_ids))) => {
+                let ids = time_ids.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let feats: Vec<f32> = ids
+                    .iter()
+                    .flat_map(|row| {
+                        row.iter()
+                            .flat_map(|&v| sinusoid(v, a.time_dim, c.flip_sin_to_cos, c.freq_shift))
+                    })
+                    .collect();
+                let time = Tensor::from_vec(feats, (b, 6 * a.time_dim), dev)?.to_dtype(dtype)?;
+                let x = Tensor::cat(&[&text.to_dtype(dtype)?, &time], 1)?;
+                let aug = l2.forward(&candle_nn::ops::silu(&l1.forward(&x)?)?)?;
+                temb + aug
+            }
+            (None, None, None) => Ok(temb),
+            (Some(_), _, None) => candle_core::bail!(
+                "this UNet (SDXL) needs the pooled text embedding and size conditions"
+            ),
+            _ => candle_core::bail!("this UNet takes no added conditions"),
+        }
+    }
+
+    pub(crate) fn conv_in(&self, x: &Tensor) -> R<Tensor> {
+        scope("conv 3x3", x.device(), || self.conv_in.forward(x))
+    }
+}
+
+impl Level {
+    /// One down-path level: its resnets (and transformers), then its downsampler; every
+    /// output is pushed to `skips`.
+    pub(crate) fn down(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        slice: Option<usize>,
+        c: &UNetConfig,
+        skips: &mut Vec<Tensor>,
+    ) -> R<Tensor> {
+        let dev = x.device();
+        let mut x = x.clone();
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            x = resnet.forward(&x, temb)?;
+            if let Some(attn) = self.attentions.get(j) {
+                x = attn.forward(&x, context, slice)?;
+            }
+            skips.push(x.clone());
+        }
+        if let Some(ds) = &self.sampler {
+            if c.downsample_padding == 0 {
+                x = x
+                    .pad_with_zeros(D::Minus1, 0, 1)?
+                    .pad_with_zeros(D::Minus2, 0, 1)?;
+            }
+            x = scope("down/upsampling", dev, || ds.forward(&x))?;
+            skips.push(x.clone());
+        }
+        Ok(x)
+    }
+}
+
+impl Mid {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        slice: Option<usize>,
+    ) -> R<Tensor> {
+        let x = self.resnets[0].forward(x, temb)?;
+        let x = self.attention.forward(&x, context, slice)?;
+        self.resnets[1].forward(&x, temb)
+    }
 }
 
 /// Output norm and convolution.
@@ -404,6 +504,40 @@ pub struct Forward<'a> {
     /// SDXL's added conditions: the pooled text embedding [b, p] and the six time ids
     /// [b, 6] (original size, crop top-left, target size, each as (height, width)).
     pub added: Option<(&'a Tensor, &'a Tensor)>,
+    /// ControlNet residuals added to the skip connections and the middle block's output
+    /// (diffusers' `down_block_additional_residuals` / `mid_block_additional_residual`).
+    pub control: Option<&'a Residuals>,
+}
+
+/// What a ControlNet adds to a UNet pass: one tensor per skip connection (the input
+/// convolution's output, then every down-path resnet/attention and downsampler output) and
+/// one for the middle block, each the shape of what it is added to.
+#[derive(Debug, Clone)]
+pub struct Residuals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+impl Residuals {
+    /// The element-wise sum of two ControlNets' residuals (diffusers' MultiControlNet).
+    pub fn add(&self, other: &Residuals) -> R<Residuals> {
+        if self.down.len() != other.down.len() {
+            candle_core::bail!(
+                "controlnet residuals: {} and {} skip connections",
+                self.down.len(),
+                other.down.len()
+            );
+        }
+        Ok(Residuals {
+            down: self
+                .down
+                .iter()
+                .zip(&other.down)
+                .map(|(a, b)| a + b)
+                .collect::<R<_>>()?,
+            mid: (&self.mid + &other.mid)?,
+        })
+    }
 }
 
 /// The whole UNet.
@@ -428,7 +562,7 @@ fn temb_dim(c: &UNetConfig) -> usize {
     c.block_out_channels[0] * 4
 }
 
-fn build_head(vb: &VarBuilder, c: &UNetConfig) -> R<Head> {
+pub(crate) fn build_head(vb: &VarBuilder, c: &UNetConfig) -> R<Head> {
     let ch0 = c.block_out_channels[0];
     let temb = temb_dim(c);
     Ok(Head {
@@ -445,7 +579,7 @@ fn build_head(vb: &VarBuilder, c: &UNetConfig) -> R<Head> {
     })
 }
 
-fn build_down(vb: &VarBuilder, c: &UNetConfig, i: usize) -> R<Level> {
+pub(crate) fn build_down(vb: &VarBuilder, c: &UNetConfig, i: usize) -> R<Level> {
     let ch = &c.block_out_channels;
     let n = ch.len();
     let (g, eps, temb) = (c.norm_num_groups, c.norm_eps, temb_dim(c));
@@ -487,7 +621,7 @@ fn build_down(vb: &VarBuilder, c: &UNetConfig, i: usize) -> R<Level> {
     })
 }
 
-fn build_mid(vb: &VarBuilder, c: &UNetConfig) -> R<Mid> {
+pub(crate) fn build_mid(vb: &VarBuilder, c: &UNetConfig) -> R<Mid> {
     let n = c.block_out_channels.len();
     let last = c.block_out_channels[n - 1];
     let (g, eps, temb) = (c.norm_num_groups, c.norm_eps, temb_dim(c));
@@ -645,47 +779,12 @@ impl UNet {
         } else {
             sample.clone()
         };
-        let t = timestep_features(
-            timestep,
-            b,
-            c.block_out_channels[0],
-            c.flip_sin_to_cos,
-            c.freq_shift,
-            sample.device(),
-        )?
-        .to_dtype(dtype)?;
         let dev = sample.device();
         let (temb, mut x) = {
             let head = scope("weights to device (lowvram)", dev, || {
                 self.part(|r| &r.head, build_head)
             })?;
-            let temb = scope("time embedding", dev, || {
-                head.time_linear_2
-                    .forward(&candle_nn::ops::silu(&head.time_linear_1.forward(&t)?)?)
-            })?;
-            let temb = match (&head.add_linear, c.added, opts.added) {
-                (Some((l1, l2)), Some(a), Some((text, time_ids))) => {
-                    let ids = time_ids.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                    let feats: Vec<f32> = ids
-                        .iter()
-                        .flat_map(|row| {
-                            row.iter().flat_map(|&v| {
-                                sinusoid(v, a.time_dim, c.flip_sin_to_cos, c.freq_shift)
-                            })
-                        })
-                        .collect();
-                    let time =
-                        Tensor::from_vec(feats, (b, 6 * a.time_dim), dev)?.to_dtype(dtype)?;
-                    let x = Tensor::cat(&[&text.to_dtype(dtype)?, &time], 1)?;
-                    let aug = l2.forward(&candle_nn::ops::silu(&l1.forward(&x)?)?)?;
-                    (temb + aug)?
-                }
-                (None, None, None) => temb,
-                (Some(_), _, None) => candle_core::bail!(
-                    "this UNet (SDXL) needs the pooled text embedding and size conditions"
-                ),
-                _ => candle_core::bail!("this UNet takes no added conditions"),
-            };
+            let temb = head.embed(c, timestep, b, dtype, dev, opts.added)?;
             (
                 temb,
                 scope("conv 3x3", dev, || head.conv_in.forward(&sample))?,
@@ -697,31 +796,35 @@ impl UNet {
             let level = scope("weights to device (lowvram)", dev, || {
                 self.part(|r| &r.down[i], |vb, c| build_down(vb, c, i))
             })?;
-            for (j, resnet) in level.resnets.iter().enumerate() {
-                x = resnet.forward(&x, &temb)?;
-                if let Some(attn) = level.attentions.get(j) {
-                    x = attn.forward(&x, context, slice)?;
-                }
-                skips.push(x.clone());
+            x = level.down(&x, &temb, context, slice, c, &mut skips)?;
+        }
+        if let Some(control) = opts.control {
+            if control.down.len() != skips.len() {
+                candle_core::bail!(
+                    "the ControlNet gives {} residuals, the UNet has {} skip connections",
+                    control.down.len(),
+                    skips.len()
+                );
             }
-            if let Some(ds) = &level.sampler {
-                if c.downsample_padding == 0 {
-                    x = x
-                        .pad_with_zeros(D::Minus1, 0, 1)?
-                        .pad_with_zeros(D::Minus2, 0, 1)?;
-                }
-                x = scope("down/upsampling", dev, || ds.forward(&x))?;
-                skips.push(x.clone());
-            }
+            skips = scope("controlnet residuals", dev, || {
+                skips
+                    .iter()
+                    .zip(&control.down)
+                    .map(|(s, r)| s.broadcast_add(r))
+                    .collect::<R<Vec<_>>>()
+            })?;
         }
 
         {
             let mid = scope("weights to device (lowvram)", dev, || {
                 self.part(|r| &r.mid, build_mid)
             })?;
-            x = mid.resnets[0].forward(&x, &temb)?;
-            x = mid.attention.forward(&x, context, slice)?;
-            x = mid.resnets[1].forward(&x, &temb)?;
+            x = mid.forward(&x, &temb, context, slice)?;
+        }
+        if let Some(control) = opts.control {
+            x = scope("controlnet residuals", dev, || {
+                x.broadcast_add(&control.mid)
+            })?;
         }
 
         for i in 0..n {

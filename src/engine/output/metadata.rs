@@ -43,6 +43,61 @@ pub struct Parameters {
     pub lora_hashes: Vec<(String, String)>,
     /// "TI hashes": (name, 12-digit sha256) for every embedding the prompts used.
     pub ti_hashes: Vec<(String, String)>,
+    /// "ControlNet 0", "ControlNet 1", … as A1111's ControlNet extension writes them.
+    pub controlnets: Vec<ControlNetUnit>,
+}
+
+/// One ControlNet's metadata entry: `Module: canny, Model: NAME [HASH], Weight: 1.0,
+/// Guidance Start: 0.0, Guidance End: 1.0`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlNetUnit {
+    /// The preprocessor ("canny", "none").
+    pub module: String,
+    /// `NAME [HASH]` (A1111's short model hash).
+    pub model: String,
+    pub weight: f64,
+    pub guidance_start: f64,
+    pub guidance_end: f64,
+}
+
+impl ControlNetUnit {
+    pub fn to_a1111(&self) -> String {
+        format!(
+            "Module: {}, Model: {}, Weight: {}, Guidance Start: {}, Guidance End: {}",
+            self.module,
+            self.model,
+            py_float(self.weight),
+            py_float(self.guidance_start),
+            py_float(self.guidance_end)
+        )
+    }
+
+    /// Reads an entry back; None when it is not one.
+    pub fn parse(v: &str) -> Option<Self> {
+        let pairs = parse_pairs(v)?;
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        let num = |k: &str, d: f64| get(k).map_or(Some(d), |v| v.parse().ok());
+        Some(Self {
+            module: get("Module")?.to_string(),
+            model: get("Model")?.to_string(),
+            weight: num("Weight", 1.0)?,
+            guidance_start: num("Guidance Start", 0.0)?,
+            guidance_end: num("Guidance End", 1.0)?,
+        })
+    }
+
+    /// The model's name without the ` [hash]`.
+    pub fn model_name(&self) -> &str {
+        match self.model.rsplit_once(" [") {
+            Some((n, h)) if h.ends_with(']') => n,
+            _ => &self.model,
+        }
+    }
 }
 
 /// A1111's `"name: hash, name: hash"` list.
@@ -125,6 +180,16 @@ impl Parameters {
         }
         if !self.ti_hashes.is_empty() {
             pairs.push(("TI hashes", hash_list(&self.ti_hashes)));
+        }
+        let units: Vec<(String, String)> = self
+            .controlnets
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (format!("ControlNet {i}"), u.to_a1111()))
+            .collect();
+        let mut pairs: Vec<(&str, String)> = pairs;
+        for (k, v) in &units {
+            pairs.push((k.as_str(), v.clone()));
         }
         pairs.push((
             "Version",
@@ -359,6 +424,20 @@ impl ParsedParameters {
         self.get("Lora hashes")
             .map(parse_hash_list)
             .unwrap_or_default()
+    }
+
+    /// "ControlNet 0", "ControlNet 1", … in order (entries that do not parse are skipped).
+    pub fn controlnets(&self) -> Vec<ControlNetUnit> {
+        let mut units: Vec<(usize, ControlNetUnit)> = self
+            .other
+            .iter()
+            .filter_map(|(k, v)| {
+                let i = k.strip_prefix("ControlNet ")?.parse().ok()?;
+                Some((i, ControlNetUnit::parse(v)?))
+            })
+            .collect();
+        units.sort_by_key(|(i, _)| *i);
+        units.into_iter().map(|(_, u)| u).collect()
     }
 
     /// "TI hashes" as (name, hash) pairs.

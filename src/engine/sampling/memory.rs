@@ -276,6 +276,8 @@ pub struct JobShape {
     pub elt: usize,
     /// Attention runs blocked (the CPU in f32): no score matrix is built.
     pub blocked_attention: bool,
+    /// ControlNets run beside the UNet.
+    pub controlnets: usize,
 }
 
 /// What a job needs in device memory beside the weights, by part, in bytes. An estimate
@@ -333,7 +335,9 @@ pub fn job_needs(
             attention = attention.max(heads * q * tokens * elt * 2);
         }
     }
-    let unet_bytes = rows * elt * (skips + working);
+    // ControlNets: their own skips while running, and the summed residuals kept for the UNet.
+    let control_skips = if shape.controlnets > 0 { 2 * skips } else { 0 };
+    let unet_bytes = rows * elt * (skips + control_skips + working);
     let attention = rows * attention;
     // One image through the decoder: ~6 live tensors of the widest full-resolution block,
     // and the mid block's single-head attention over every latent cell (f32: the scores,

@@ -14,9 +14,13 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::engine::apply::{self, AdapterCache, EmbeddingSet, Networks};
 use crate::engine::clip::ClipTextModel;
+use crate::engine::control::ControlUse;
+use crate::engine::controlnet::ControlNet;
+use crate::engine::controlnet_files::{self, ControlNetFiles};
 use crate::engine::error::{Context, Error, Result};
 use crate::engine::lora::{Component, KeyMap};
 use crate::engine::memory::{self, MemoryOptions, Offload, Part};
+use crate::engine::metadata::ControlNetUnit;
 use crate::engine::model::ModelFiles;
 use crate::engine::prompt;
 use crate::engine::rng::{NoiseStream, RngKind};
@@ -52,6 +56,9 @@ pub struct GenerateRequest {
     pub size_conditions: SizeConditions,
     /// LoRAs (besides the prompt's `<lora:…>` tags) and where tags and embeddings are found.
     pub networks: Networks,
+    /// ControlNets steering every image (several: their residuals add up, as diffusers'
+    /// MultiControlNet).
+    pub controls: Vec<ControlUse>,
 }
 
 /// SDXL's micro-conditioning (A1111's and diffusers' `original_size`,
@@ -113,6 +120,7 @@ impl Default for GenerateRequest {
             spacing: None,
             size_conditions: SizeConditions::default(),
             networks: Networks::default(),
+            controls: Vec::new(),
         }
     }
 }
@@ -282,6 +290,27 @@ pub struct Run {
     pub timings: Timings,
     /// The LoRAs and embeddings it uses.
     pub adapters: AdapterReport,
+    /// Its ControlNets, each with its control map's embedding.
+    controls: Vec<RunControl>,
+}
+
+/// One ControlNet of a run.
+struct RunControl {
+    net: Arc<Part<ControlNet>>,
+    /// The control map through the hint embedding, [1, c, h/f, w/f] (the same every step).
+    hint: Tensor,
+    unit: ControlUse,
+    /// Its metadata entry.
+    meta: ControlNetUnit,
+}
+
+/// A ControlNet kept loaded between jobs, with what identifies its file.
+struct LoadedControl {
+    spec: String,
+    stamp: Option<(u64, std::time::SystemTime)>,
+    name: String,
+    hash: String,
+    net: Arc<Part<ControlNet>>,
 }
 
 impl Run {
@@ -335,6 +364,8 @@ pub struct GeneratedImage {
     /// A1111's "Lora hashes" and "TI hashes" for the adapters the job used.
     pub lora_hashes: Vec<(String, String)>,
     pub ti_hashes: Vec<(String, String)>,
+    /// The ControlNet extension's "ControlNet i" entries.
+    pub controlnets: Vec<ControlNetUnit>,
 }
 
 /// The adapters a run uses, as the metadata and the status line report them.
@@ -388,6 +419,8 @@ pub struct StableDiffusion {
     adapters: Mutex<AdapterCache>,
     /// At most this many bytes count as free for the memory plan (None: what the device says).
     free_limit: Mutex<Option<u64>>,
+    /// The ControlNets of the last job (kept for the next).
+    controlnets: Mutex<Vec<LoadedControl>>,
 }
 
 /// 0..=1 inclusive (NaN is outside).
@@ -473,6 +506,7 @@ impl StableDiffusion {
             last_timings: Timings::default(),
             adapters: Mutex::new(AdapterCache::default()),
             free_limit: Mutex::new(None),
+            controlnets: Mutex::new(Vec::new()),
         })
     }
 
@@ -678,6 +712,7 @@ impl StableDiffusion {
             height: req.height,
             elt,
             blocked_attention: blocked,
+            controlnets: req.controls.len(),
         };
         let needs = memory::job_needs(c, &self.files.vae_config, shape, slice, tiled);
         let Some(free) = free else {
@@ -884,6 +919,114 @@ impl StableDiffusion {
             .ctx("text encoder")
     }
 
+    /// The job's ControlNets: each opened, checked against this UNet, loaded (or kept from
+    /// the last job while its file is unchanged; memory checked before loading) and its
+    /// control map embedded once for the whole run.
+    fn prepare_controls(&self, req: &GenerateRequest) -> Result<Vec<RunControl>> {
+        let mut loaded = self.controlnets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut old: Vec<LoadedControl> = std::mem::take(&mut *loaded);
+        let mut out = Vec::with_capacity(req.controls.len());
+        for (i, unit) in req.controls.iter().enumerate() {
+            let stamp = std::fs::metadata(&unit.model)
+                .ok()
+                .and_then(|m| Some((m.len(), m.modified().ok()?)));
+            let same = |l: &LoadedControl| l.spec == unit.model && l.stamp == stamp;
+            let at = match loaded.iter().position(same) {
+                Some(at) => at,
+                None => {
+                    let entry = match old.iter().position(same) {
+                        Some(p) => old.swap_remove(p),
+                        None => {
+                            old.clear(); // free what this job does not use first
+                            self.load_controlnet(&unit.model, stamp, i)?
+                        }
+                    };
+                    loaded.push(entry);
+                    loaded.len() - 1
+                }
+            };
+            let l = &loaded[at];
+            let net = l.net.get()?;
+            let image = crate::engine::controlnet::image_tensor(
+                &unit.image,
+                req.width,
+                req.height,
+                self.dtype,
+                &self.device,
+            )
+            .ctx("control image")?;
+            let hint = net.embed_hint(&image).ctx("controlnet hint")?;
+            out.push(RunControl {
+                net: l.net.clone(),
+                hint,
+                unit: unit.clone(),
+                meta: ControlNetUnit {
+                    module: unit.module.clone(),
+                    model: format!("{} [{}]", l.name, l.hash),
+                    weight: unit.scale,
+                    guidance_start: unit.start,
+                    guidance_end: unit.end,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    fn load_controlnet(
+        &self,
+        spec: &str,
+        stamp: Option<(u64, std::time::SystemTime)>,
+        i: usize,
+    ) -> Result<LoadedControl> {
+        let mut files = ControlNetFiles::open(spec, self.dtype != DType::F32)?;
+        files.check_fits(&self.files.unet_config, self.scale_factor())?;
+        files.adapt_to(&self.files.unet_config);
+        let need = files.loaded_bytes(self.dtype)?;
+        let place_free = match self.offload {
+            memory::Offload::Full => memory::free_memory(&self.device),
+            _ => memory::free_memory(&Device::Cpu),
+        };
+        let limit = *self.free_limit.lock().unwrap_or_else(|p| p.into_inner());
+        let free = match (place_free, limit) {
+            (Some(f), Some(l)) => Some(f.min(l)),
+            (f, l) => f.or(l),
+        };
+        if let Some(free) = free {
+            if need > free {
+                return Err(Error::WontFit {
+                    what: format!("ControlNet {i} ({})", files.name),
+                    needs: memory::human_bytes(need),
+                    place: if matches!(self.device, Device::Cpu) {
+                        "RAM"
+                    } else {
+                        "GPU memory"
+                    },
+                    free: memory::human_bytes(free),
+                    advice: "try fewer ControlNets, a smaller model, or Memory: medvram".into(),
+                });
+            }
+        }
+        let net = Arc::new(files.load(self.dtype, &self.device, self.offload)?);
+        let hash = controlnet_files::legacy_hash(&files.weights)?;
+        Ok(LoadedControl {
+            spec: spec.to_string(),
+            stamp,
+            name: files.name,
+            hash,
+            net,
+        })
+    }
+
+    /// The names and short hashes of the ControlNets kept loaded.
+    pub fn loaded_controlnets(&self) -> Vec<String> {
+        self.controlnets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|l| format!("{} [{}]", l.name, l.hash))
+            .collect()
+    }
+
     /// Checks a request against this model before any work starts.
     pub fn check(&self, req: &GenerateRequest) -> Result<()> {
         let f = self.scale_factor();
@@ -916,6 +1059,20 @@ impl StableDiffusion {
         }
         if let Some(v) = &req.variation {
             in_unit_range("variation strength", v.strength)?;
+        }
+        for (i, c) in req.controls.iter().enumerate() {
+            c.check(i)?;
+            if c.image.len() != req.width * req.height * 3 {
+                return Err(Error::invalid(
+                    "control image",
+                    format!(
+                        "ControlNet {i}: the map is {} bytes, not {}x{} RGB",
+                        c.image.len(),
+                        req.width,
+                        req.height
+                    ),
+                ));
+            }
         }
         if let Some(l) = &req.init_latents {
             let want = [
@@ -1010,6 +1167,9 @@ impl StableDiffusion {
         )?;
         timings.encode = t0.elapsed().as_secs_f64();
 
+        // 2b. ControlNets: loaded, their control maps embedded once.
+        let controls = self.prepare_controls(req)?;
+
         // 3. Timesteps.
         let config = self
             .files
@@ -1102,6 +1262,7 @@ impl StableDiffusion {
             attention_slice,
             timings,
             adapters,
+            controls,
         })
     }
 
@@ -1115,6 +1276,31 @@ impl StableDiffusion {
         let ts = Instant::now();
         let unet_model = self.unet()?;
         let slice = run.attention_slice;
+        // ControlNets that steer this step (diffusers' controlnet_keep; a zero scale adds
+        // nothing, so it is not run).
+        let active: Vec<(Arc<ControlNet>, &RunControl)> = run
+            .controls
+            .iter()
+            .filter(|c| c.unit.scale != 0.0 && c.unit.active(i - run.start, len - run.start))
+            .map(|c| Ok((c.net.get()?, c)))
+            .collect::<Result<_>>()?;
+        let control_residuals = |x: &Tensor,
+                                 e: &Embeds,
+                                 added: Option<(&Tensor, &Tensor)>|
+         -> Result<Option<unet::Residuals>> {
+            let mut sum: Option<unet::Residuals> = None;
+            let x = x.to_dtype(self.dtype).ctx("controlnet input")?;
+            for (net, c) in &active {
+                let r = net
+                    .forward(&x, t, &e.context, &c.hint, c.unit.scale, slice, added)
+                    .ctx("controlnet")?;
+                sum = Some(match sum {
+                    None => r,
+                    Some(s) => s.add(&r).ctx("controlnet")?,
+                });
+            }
+            Ok(sum)
+        };
         let scheduler = &mut run.scheduler;
         let unet = |x: &Tensor, e: &Embeds| -> Result<Tensor> {
             let added = match &e.added {
@@ -1127,11 +1313,14 @@ impl StableDiffusion {
                     ))
                 }
             };
+            let added = added.as_ref().map(|(p, t)| (p, t));
+            let mut x = scheduler.scale_model_input(x, i)?;
+            let residuals = control_residuals(&x, e, added)?;
             let fwd = unet::Forward {
                 attention_slice: slice,
-                added: added.as_ref().map(|(p, t)| (p, t)),
+                added,
+                control: residuals.as_ref(),
             };
-            let mut x = scheduler.scale_model_input(x, i)?;
             if let (true, Some(ip)) = (run.nine_channels, &run.inpaint) {
                 // The inpainting UNet also sees the mask and the masked picture.
                 let rows = x.dim(0).ctx("unet input")?;
@@ -1211,8 +1400,14 @@ impl StableDiffusion {
             latents,
             mut timings,
             adapters,
+            controls,
             ..
         } = run;
+        // medvram: the ControlNets leave the device with the UNet.
+        for c in &controls {
+            c.net.release();
+        }
+        let units: Vec<ControlNetUnit> = controls.into_iter().map(|c| c.meta).collect();
         let t0 = Instant::now();
         let mut images = Vec::with_capacity(req.batch);
         for i in 0..req.batch {
@@ -1227,6 +1422,7 @@ impl StableDiffusion {
                 rgb,
                 lora_hashes: adapters.lora_hashes.clone(),
                 ti_hashes: adapters.ti_hashes.clone(),
+                controlnets: units.clone(),
             });
         }
         timings.decode = t0.elapsed().as_secs_f64();
