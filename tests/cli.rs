@@ -571,6 +571,32 @@ fn hub_ids_resolve_from_the_python_hub_cache_offline() {
         stderr(&o)
     );
 
+    // A ControlNet repo (config.json + weights at its top) by hub id, named by the repo.
+    let cn = home.path().join("hub").join("models--someone--tiny-cn");
+    common::copy_dir(
+        &common::fixtures().join("controlnet/tiny-cn-sd15"),
+        &cn.join("snapshots").join("89abcdef"),
+    );
+    std::fs::create_dir_all(cn.join("refs")).unwrap();
+    std::fs::write(cn.join("refs").join("main"), "89abcdef").unwrap();
+    let cn_out = home.path().join("cn-out");
+    let mut c = bin();
+    c.env_remove("HF_HUB_CACHE").env("HF_HOME", home.path());
+    c.args(["generate", "--model", "someone/tiny-sd15", "--prompt", "x"])
+        .args([
+            "--steps", "1", "--seed", "3", "--width", "64", "--height", "64",
+        ])
+        .args(["--controlnet", "someone/tiny-cn", "--control-image"])
+        .arg(common::fixtures().join("controlnet/control_squares_64.png"))
+        .arg("--out")
+        .arg(&cn_out);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let params = sd_studio::engine::metadata::read_png_parameters(&cn_out.join("3.png"))
+        .unwrap()
+        .unwrap();
+    assert!(params.contains("Model: tiny-cn ["), "{params}");
+
     // An SDXL repo in the cache: complete only with text_encoder_2's weights.
     let xl = home.path().join("hub").join("models--someone--tiny-sdxl");
     let snap = xl.join("snapshots").join("4567cdef");
@@ -1259,6 +1285,214 @@ fn bad_loras_give_one_clear_line_and_no_png() {
         (
             vec!["--lora-dir", "no/such/dir"],
             "folder not found: no/such/dir",
+        ),
+    ] {
+        let o = generate(&out, &extra);
+        assert_fails(&out, &o, needle);
+    }
+}
+
+#[test]
+fn controlnet_from_the_cli_matches_diffusers_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = common::fixtures();
+    let cn = fx.join("controlnet/tiny-cn-sd15");
+    let squares = fx.join("controlnet/control_squares_64.png");
+    let o = generate(
+        dir.path(),
+        &[
+            "--prompt",
+            "a photo of an astronaut riding a horse",
+            "--negative-prompt",
+            "blurry, low quality",
+            "--scheduler",
+            "euler",
+            "--steps",
+            "8",
+            "--guidance",
+            "7.5",
+            "--rng",
+            "torch-cpu",
+            "--seed",
+            "42",
+            "--batch",
+            "2",
+            "--controlnet",
+            cn.to_str().unwrap(),
+            "--control-image",
+            squares.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cases = common::refs_json("controlnet_cases.json");
+    let case = cases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "scale1")
+        .unwrap();
+    for (seed, want) in [42, 43].iter().zip(case["images"].as_array().unwrap()) {
+        let path = dir.path().join(format!("{seed}.png"));
+        let (_, _, got) = common::read_png_rgb(&path);
+        let (_, _, want) = common::read_png_rgb(&fx.join(want.as_str().unwrap()));
+        let d = common::max_pixel_diff(&got, &want);
+        assert!(d <= 2, "seed {seed}: max |Δpixel| {d}");
+        let params = sd_studio::engine::metadata::read_png_parameters(&path)
+            .unwrap()
+            .unwrap();
+        let parsed = sd_studio::engine::metadata::parse_a1111(&params).unwrap();
+        let units = parsed.controlnets();
+        assert_eq!(units.len(), 1, "{params}");
+        assert_eq!(units[0].module, "none");
+        assert_eq!(units[0].model_name(), "tiny-cn-sd15");
+        assert!(
+            params.contains("ControlNet 0: \"Module: none, Model: tiny-cn-sd15 ["),
+            "{params}"
+        );
+        assert!(
+            params.contains("Weight: 1.0, Guidance Start: 0.0, Guidance End: 1.0\""),
+            "{params}"
+        );
+    }
+
+    // A photograph through the built-in Canny steers every image of the batch: each differs
+    // from the same seed without it, and the recorded module is canny.
+    let photo = fx.join("refs/canny/astronaut.png");
+    let with = dir.path().join("canny");
+    let without = dir.path().join("plain");
+    let common_args = ["--batch", "2", "--seed", "5", "--steps", "4"];
+    let mut args: Vec<&str> = common_args.to_vec();
+    args.extend([
+        "--controlnet",
+        cn.to_str().unwrap(),
+        "--control-image",
+        photo.to_str().unwrap(),
+        "--control-preprocess",
+        "canny",
+        "--control-scale",
+        "0.8",
+        "--control-end",
+        "0.75",
+    ]);
+    let o = generate(&with, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = generate(&without, &common_args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for seed in [5, 6] {
+        let a = common::read_png_rgb(&with.join(format!("{seed}.png"))).2;
+        let b = common::read_png_rgb(&without.join(format!("{seed}.png"))).2;
+        assert!(
+            common::max_pixel_diff(&a, &b) > 10,
+            "seed {seed}: the edge map did not steer the image"
+        );
+        let params =
+            sd_studio::engine::metadata::read_png_parameters(&with.join(format!("{seed}.png")))
+                .unwrap()
+                .unwrap();
+        assert!(
+            params.contains("Module: canny, Model: tiny-cn-sd15 [")
+                && params.contains("Weight: 0.8, Guidance Start: 0.0, Guidance End: 0.75"),
+            "{params}"
+        );
+    }
+}
+
+#[test]
+fn bad_controlnet_inputs_give_one_clear_line_and_no_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = common::fixtures();
+    let cn = fx.join("controlnet/tiny-cn-sd15");
+    let cn = cn.to_str().unwrap();
+    let xl = fx.join("controlnet/tiny-cn-sdxl");
+    let squares = fx.join("controlnet/control_squares_64.png");
+    let squares = squares.to_str().unwrap();
+    let pickle = dir.path().join("control_sd15_canny.pth");
+    std::fs::write(&pickle, b"PK\x03\x04 not really").unwrap();
+    let checkpoint = fx.join("single/tiny-sd15.safetensors");
+    let out = dir.path().join("out");
+    for (extra, needle) in [
+        (
+            vec!["--controlnet", cn, "--control-image", "missing.png"],
+            "image not found: missing.png",
+        ),
+        (
+            vec!["--controlnet", cn],
+            "0 --control-image for 1 --controlnet",
+        ),
+        (
+            vec!["--control-image", squares],
+            "control image: needs --controlnet",
+        ),
+        (
+            vec![
+                "--controlnet",
+                xl.to_str().unwrap(),
+                "--control-image",
+                squares,
+            ],
+            "is a ControlNet for SDXL and the model is SD 1.x/2.x",
+        ),
+        (
+            vec![
+                "--controlnet",
+                cn,
+                "--control-image",
+                squares,
+                "--control-scale",
+                "NaN",
+            ],
+            "control scale NaN is not a finite number",
+        ),
+        (
+            vec![
+                "--controlnet",
+                cn,
+                "--control-image",
+                squares,
+                "--control-start",
+                "0.8",
+                "--control-end",
+                "0.3",
+            ],
+            "control start 0.8 must be smaller than control end 0.3",
+        ),
+        (
+            vec![
+                "--controlnet",
+                cn,
+                "--control-image",
+                squares,
+                "--control-preprocess",
+                "depth",
+            ],
+            "\"depth\" is not one of: none, canny",
+        ),
+        (
+            vec![
+                "--controlnet",
+                pickle.to_str().unwrap(),
+                "--control-image",
+                squares,
+            ],
+            "pickle",
+        ),
+        (
+            vec![
+                "--controlnet",
+                checkpoint.to_str().unwrap(),
+                "--control-image",
+                squares,
+            ],
+            "a Stable Diffusion checkpoint, not a ControlNet",
+        ),
+        (
+            vec![
+                "--controlnet",
+                "no/such/controlnet",
+                "--control-image",
+                squares,
+            ],
+            "no/such/controlnet",
         ),
     ] {
         let o = generate(&out, &extra);

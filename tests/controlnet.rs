@@ -181,3 +181,38 @@ fn canny_matches_opencv() {
     }
     assert!(worst >= 0.99, "worst agreement {:.3}%", 100.0 * worst);
 }
+
+#[test]
+fn medvram_and_lowvram_give_the_same_pixels_and_the_controlnet_leaves_with_the_unet() {
+    use candle_core::{DType, Device};
+    use sd_studio::engine::memory::Offload;
+    use sd_studio::engine::model::ModelFiles;
+    let cases = common::refs_json("controlnet_cases.json");
+    let case = cases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "two")
+        .unwrap();
+    let req = request(case);
+    let run = |offload| {
+        let files = ModelFiles::from_dir(&common::model_path("tiny-sd15"), false).unwrap();
+        let mut sd =
+            StableDiffusion::load_offloaded(files, Device::Cpu, DType::F32, offload).unwrap();
+        let images = sd.generate(&req, &mut |_| Ok(())).unwrap();
+        (images, sd.loaded_controlnets())
+    };
+    let (full, loaded) = run(Offload::Full);
+    assert_eq!(loaded.len(), 2);
+    assert!(loaded.iter().all(|(_, staged, on)| !staged && *on));
+    for offload in [Offload::Medvram, Offload::Lowvram] {
+        let (images, loaded) = run(offload);
+        for (a, b) in images.iter().zip(&full) {
+            assert_eq!(a.rgb, b.rgb, "{offload:?} changed the pixels");
+        }
+        assert!(
+            loaded.iter().all(|(_, staged, on)| *staged && !on),
+            "{offload:?}: {loaded:?}"
+        );
+    }
+}

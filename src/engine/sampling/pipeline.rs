@@ -1017,13 +1017,20 @@ impl StableDiffusion {
         })
     }
 
-    /// The names and short hashes of the ControlNets kept loaded.
-    pub fn loaded_controlnets(&self) -> Vec<String> {
+    /// The ControlNets kept loaded: `NAME [hash]`, whether staged in RAM (medvram,
+    /// lowvram) and whether a device copy exists now.
+    pub fn loaded_controlnets(&self) -> Vec<(String, bool, bool)> {
         self.controlnets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|l| format!("{} [{}]", l.name, l.hash))
+            .map(|l| {
+                (
+                    format!("{} [{}]", l.name, l.hash),
+                    l.net.is_staged(),
+                    l.net.on_device(),
+                )
+            })
             .collect()
     }
 
