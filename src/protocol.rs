@@ -97,6 +97,20 @@ pub struct InitInput {
     pub mask: Option<MaskImage>,
 }
 
+/// The studio's ControlNet for a job: the control map already made (fitted and
+/// preprocessed at the job's size by the window, which shows it), and how it steers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlInput {
+    /// A ControlNet folder, `.safetensors` file or hub id.
+    pub model: String,
+    pub map: RgbImage,
+    /// The preprocessor that made the map ("canny", "none"): A1111's "Module".
+    pub module: String,
+    pub scale: f64,
+    pub start: f64,
+    pub end: f64,
+}
+
 /// One job: up to 8 images sharing prompt and settings, each with its own seed and cell.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct JobRequest {
@@ -147,6 +161,9 @@ pub struct JobRequest {
     /// Where embeddings named in the prompts are looked up.
     #[serde(default)]
     pub embedding_dirs: Vec<PathBuf>,
+    /// A ControlNet steering every image (every row in compare mode; not persisted).
+    #[serde(skip)]
+    pub control: Option<ControlInput>,
 }
 
 /// A1111's "Variation seed" for a job: one per image (same length as the job's seeds).

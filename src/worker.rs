@@ -456,6 +456,7 @@ impl Worker {
         previewer: Option<&Previewer>,
     ) -> eng::Result<()> {
         let init = prepare_init(job)?;
+        let controls = prepare_control(job)?;
         // Which model draws each image.
         let mut models: Vec<Arc<CachedModel>> = Vec::new();
         if job.models.is_empty() {
@@ -546,6 +547,7 @@ impl Worker {
                         lora_dirs: job.lora_dirs.clone(),
                         embedding_dirs: job.embedding_dirs.clone(),
                     },
+                    controls: controls.clone(),
                     ..Default::default()
                 };
                 let run = model.sd.begin(&req)?;
@@ -710,6 +712,23 @@ fn prepare_init(job: &JobRequest) -> eng::Result<Option<InitImage>> {
         strength: *strength,
         mask,
     }))
+}
+
+/// The job's ControlNet with its map at the job's size.
+fn prepare_control(job: &JobRequest) -> eng::Result<Vec<crate::engine::control::ControlUse>> {
+    let Some(c) = &job.control else {
+        return Ok(Vec::new());
+    };
+    let image =
+        crate::engine::control::fit(&c.map.rgb, c.map.width, c.map.height, job.width, job.height)?;
+    Ok(vec![crate::engine::control::ControlUse {
+        model: c.model.clone(),
+        image,
+        module: c.module.clone(),
+        scale: c.scale,
+        start: c.start,
+        end: c.end,
+    }])
 }
 
 /// A model label as part of a file name.

@@ -44,6 +44,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         spacing: None,
         size_conditions: Default::default(),
         networks: Default::default(),
+        controls: Vec::new(),
     }
 }
 
@@ -158,6 +159,7 @@ fn batch_size_never_changes_an_image() {
         spacing: None,
         size_conditions: Default::default(),
         networks: Default::default(),
+        controls: Vec::new(),
     };
     let batch = sd.generate(&base, &mut |_| Ok(())).unwrap();
     let single = sd
@@ -202,6 +204,7 @@ fn steps_are_reported_and_cancel_stops_the_job() {
         spacing: None,
         size_conditions: Default::default(),
         networks: Default::default(),
+        controls: Vec::new(),
     };
     let mut seen = Vec::new();
     sd.generate(&req, &mut |s| {

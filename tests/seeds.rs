@@ -28,6 +28,7 @@ fn req(seed: u64, variation: Option<Variation>) -> GenerateRequest {
         spacing: None,
         size_conditions: Default::default(),
         networks: Default::default(),
+        controls: Vec::new(),
     }
 }
 

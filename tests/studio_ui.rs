@@ -1050,3 +1050,105 @@ fn a_dropped_png_with_loras_not_in_the_folder_says_which() {
     );
     h.get_by_label_contains("LoRAs that are not in the LoRA folder: gone_lora");
 }
+
+#[test]
+fn a_picture_dropped_on_the_controlnet_panel_becomes_the_map_every_cell_gets() {
+    let (mut h, fake) = studio();
+    let dir = tempfile::tempdir().unwrap();
+    // Switched on without a model or picture: a message, no job.
+    click(&mut h, "ControlNet");
+    click(&mut h, "Use ControlNet");
+    h.get_by_label("ControlNet (on)");
+    ctrl_enter(&mut h);
+    assert!(sent(&fake).is_empty());
+    h.get_by_label_contains("no ControlNet model is chosen");
+    h.state_mut().state.params.control.model = "lllyasviel/control_v11p_sd15_canny".into();
+    ctrl_enter(&mut h);
+    assert!(sent(&fake).is_empty());
+    h.get_by_label_contains("no control picture");
+    // A 64×32 picture with a bright square, dropped on the panel.
+    let path = dir.path().join("pose.png");
+    image::RgbImage::from_fn(64, 32, |x, y| {
+        let on = (20..44).contains(&x) && (8..24).contains(&y);
+        image::Rgb(if on { [230, 230, 230] } else { [10, 10, 10] })
+    })
+    .save(&path)
+    .unwrap();
+    h.get_by_label("ControlNet (on)").hover();
+    h.run_steps(1);
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(Dropped(path.clone())));
+    h.run_steps(3);
+    h.get_by_label_contains("pose.png (64×32)");
+    h.get_by_label_contains("control map (canny, 512×512)");
+    assert!(
+        h.state().init.is_none(),
+        "the picture went to ControlNet, not img2img"
+    );
+    ctrl_enter(&mut h);
+    let j = generate_cmd(&fake);
+    let c = j.control.expect("the job carries the ControlNet");
+    assert_eq!(c.model, "lllyasviel/control_v11p_sd15_canny");
+    assert_eq!((c.map.width, c.map.height), (512, 512));
+    assert_eq!(
+        (c.module.as_str(), c.scale, c.start, c.end),
+        ("canny", 1.0, 0.0, 1.0)
+    );
+    // The map is the square's Canny outline, as the engine's preprocessor makes it.
+    let rgb = image::open(&path).unwrap().to_rgb8();
+    let fitted = sd_studio::engine::control::fit(rgb.as_raw(), 64, 32, 512, 512).unwrap();
+    let want = sd_studio::engine::control::Preprocess::CANNY.apply(&fitted, 512, 512);
+    assert_eq!(c.map.rgb, want);
+    let edges = c.map.rgb.iter().filter(|&&v| v == 255).count();
+    assert!(edges > 3 * 500, "an outline: {edges} edge bytes");
+    assert!(c.map.rgb.iter().all(|&v| v == 0 || v == 255));
+    // "none" sends the fitted picture itself; the size follows the editor.
+    h.state_mut().state.params.control.preprocess = "none".into();
+    h.state_mut().state.params.width = 256;
+    h.state_mut().state.params.control.scale = 0.5;
+    ctrl_enter(&mut h);
+    let c = generate_cmd(&fake).control.unwrap();
+    assert_eq!(
+        (c.map.width, c.map.height, c.module.as_str(), c.scale),
+        (256, 512, "none", 0.5)
+    );
+    assert_eq!(
+        c.map.rgb,
+        sd_studio::engine::control::fit(rgb.as_raw(), 64, 32, 256, 512).unwrap()
+    );
+    // Switched off: no ControlNet in the job.
+    click(&mut h, "Use ControlNet");
+    ctrl_enter(&mut h);
+    assert!(generate_cmd(&fake).control.is_none());
+}
+
+#[test]
+fn a_dropped_png_with_a_controlnet_restores_the_unit_and_finds_the_model() {
+    let (mut h, _fake) = studio();
+    let dir = tempfile::tempdir().unwrap();
+    let cn_dir = dir.path().join("models/ControlNet");
+    std::fs::create_dir_all(&cn_dir).unwrap();
+    std::fs::write(cn_dir.join("control_v11p_sd15_canny.safetensors"), b"").unwrap();
+    h.state_mut().state.settings.models_dir = dir.path().join("models/Stable-diffusion");
+    std::fs::create_dir_all(dir.path().join("models/Stable-diffusion")).unwrap();
+    let path = dir.path().join("a1111.png");
+    let text = "a house\nSteps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 1, Size: 512x512, ControlNet 0: \"Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.6, Guidance Start: 0.1, Guidance End: 0.8\", ControlNet 1: \"Module: depth_midas, Model: control_v11f1p_sd15_depth [cfd03158], Weight: 1.0, Guidance Start: 0.0, Guidance End: 1.0\"";
+    let png = sd_studio::engine::metadata::encode_png(&[0; 8 * 8 * 3], 8, 8, text).unwrap();
+    std::fs::write(&path, png).unwrap();
+    h.input_mut().dropped_files.push(Arc::new(Dropped(path)));
+    h.run_steps(3);
+    let c = h.state().state.params.control.clone();
+    assert!(c.enabled);
+    assert_eq!(
+        (c.preprocess.as_str(), c.scale, c.start, c.end),
+        ("canny", 0.6, 0.1, 0.8)
+    );
+    assert_eq!(
+        std::path::PathBuf::from(&c.model),
+        cn_dir.join("control_v11p_sd15_canny.safetensors")
+    );
+    h.get_by_label_contains("does not hold the ControlNet's picture");
+    h.get_by_label_contains("this image used 2 ControlNets");
+    h.get_by_label("ControlNet (on)");
+}

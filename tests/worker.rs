@@ -100,6 +100,7 @@ fn job(rig: &Rig, id: u64, seeds: Vec<u64>, steps: usize) -> JobRequest {
         variation: None,
         lora_dirs: Vec::new(),
         embedding_dirs: Vec::new(),
+        control: None,
     }
 }
 
@@ -842,4 +843,99 @@ fn lora_tags_in_a_studio_job_match_the_pipeline_and_reach_the_png() {
         assert_eq!(p.ti_hashes()[0].0, "tinyemb");
     }
     assert_ne!(cells[0].2, without[0], "the LoRA changed the image");
+}
+
+#[test]
+fn a_controlnet_job_steers_every_cell_and_compare_row_as_the_pipeline_does() {
+    use sd_studio::engine::control::ControlUse;
+    use sd_studio::protocol::ControlInput;
+    let rig = start(false);
+    let cn = common::fixtures().join("controlnet/tiny-cn-sd15");
+    // A 32×32 map: the worker fits it to the job's 64×64 as the pipeline's caller would.
+    let (_, _, squares) =
+        common::read_png_rgb(&common::fixtures().join("controlnet/control_squares_64.png"));
+    let small = image::imageops::resize(
+        &image::RgbImage::from_raw(64, 64, squares).unwrap(),
+        32,
+        32,
+        image::imageops::FilterType::Nearest,
+    );
+    let control = ControlInput {
+        model: cn.display().to_string(),
+        map: RgbImage {
+            width: 32,
+            height: 32,
+            rgb: small.as_raw().clone(),
+        },
+        module: "none".into(),
+        scale: 0.9,
+        start: 0.0,
+        end: 0.8,
+    };
+    let mut j = job(&rig, 1, vec![5, 6], 3);
+    j.control = Some(control.clone());
+    rig.engine.send(Command::Generate(j.clone()));
+    let events = collect(&rig.engine, 1);
+    let cells = cell_images(&events);
+    assert_eq!(cells.len(), 2, "{events:?}");
+    let map = sd_studio::engine::control::fit(small.as_raw(), 32, 32, 64, 64).unwrap();
+    let req = GenerateRequest {
+        prompt: j.prompt.clone(),
+        negative_prompt: j.negative_prompt.clone(),
+        seed: 5,
+        batch: 2,
+        steps: 3,
+        guidance: 7.5,
+        scheduler: SchedulerKind::EulerAncestral,
+        width: 64,
+        height: 64,
+        controls: vec![ControlUse {
+            model: control.model.clone(),
+            image: map,
+            module: "none".into(),
+            scale: 0.9,
+            start: 0.0,
+            end: 0.8,
+        }],
+        ..Default::default()
+    };
+    let want = pipeline_image("tiny-sd15", &req);
+    let without = pipeline_image(
+        "tiny-sd15",
+        &GenerateRequest {
+            controls: vec![],
+            ..req.clone()
+        },
+    );
+    for ((_, _, rgb, path), want) in cells.iter().zip(&want) {
+        assert_eq!(rgb, want, "the studio's image is the pipeline's");
+        let text = read_png_parameters(path.as_ref().unwrap())
+            .unwrap()
+            .unwrap();
+        let units = parse_a1111(&text).unwrap().controlnets();
+        assert_eq!(units.len(), 1, "{text}");
+        assert_eq!(units[0].model_name(), "tiny-cn-sd15");
+        assert_eq!((units[0].weight, units[0].guidance_end), (0.9, 0.8));
+    }
+    assert_ne!(cells[0].2, without[0], "the ControlNet changed the image");
+
+    // Compare mode: both rows (the model and a copy of it) use the same map.
+    let mut j = job(&rig, 2, vec![5, 5], 3);
+    let copy = tempfile::tempdir().unwrap();
+    common::copy_dir(
+        &common::model_dir("tiny-sd15"),
+        &copy.path().join("tiny-copy"),
+    );
+    j.models = vec![
+        common::model_dir("tiny-sd15").display().to_string(),
+        copy.path().join("tiny-copy").display().to_string(),
+    ];
+    j.model_of = vec![0, 1];
+    j.control = Some(control);
+    rig.engine.send(Command::Generate(j));
+    let events = collect(&rig.engine, 2);
+    let cells = cell_images(&events);
+    assert_eq!(cells.len(), 2, "{events:?}");
+    assert_eq!(cells[0].2, want[0], "row 1 is the pipeline's image");
+    assert_eq!(cells[1].2, want[0], "row 2 is steered the same way");
 }

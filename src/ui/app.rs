@@ -8,6 +8,7 @@ use egui::{Key, Modifiers};
 
 use super::commands::UiCommand;
 use super::compare::{self, GridLayout};
+use super::control::{self, ControlPanel};
 use super::errors::{Message, Severity};
 use super::img2img::{self, InitState};
 use super::loras::{self, LoraPanel};
@@ -177,6 +178,12 @@ pub struct StudioApp {
     img2img_open: bool,
     /// Where the Image input panel was last drawn (files dropped there become the init image).
     init_drop_rect: Option<egui::Rect>,
+    /// The ControlNet panel's pictures and the ControlNets found.
+    pub control: ControlPanel,
+    /// Where the ControlNet panel was last drawn (files dropped there become its picture).
+    control_drop_rect: Option<egui::Rect>,
+    /// The saved control picture, read on the first frame.
+    pending_control_image: Option<PathBuf>,
     pub next_job: JobId,
     pub timings: Timings,
     pub options: StudioOptions,
@@ -245,6 +252,7 @@ impl StudioApp {
             state.params.prompt = p.clone();
         }
         let model = options.model.clone().unwrap_or_else(|| state.model.clone());
+        let pending_control_image = state.params.control.image.clone();
         let mut app = Self {
             model_input: model.clone(),
             state,
@@ -263,6 +271,9 @@ impl StudioApp {
             vae_input: String::new(),
             img2img_open: false,
             init_drop_rect: None,
+            control: ControlPanel::default(),
+            control_drop_rect: None,
+            pending_control_image,
             next_job: 1,
             timings: Timings::default(),
             screenshots: options.screenshot_dir.clone().map(ScreenshotPlan::new),
@@ -277,7 +288,32 @@ impl StudioApp {
             app.load_model(model);
         }
         app.scan_loras();
+        app.scan_controlnets();
         app
+    }
+
+    /// Lists the models folder's ControlNet folders (names only; nothing is read).
+    fn scan_controlnets(&mut self) {
+        let dir = &self.state.settings.models_dir;
+        self.control.found = if dir.as_os_str().is_empty() {
+            Vec::new()
+        } else {
+            crate::engine::controlnet_files::list(&crate::engine::controlnet_files::folders_in(dir))
+        };
+    }
+
+    fn set_control_from_file(&mut self, ctx: &egui::Context, path: &std::path::Path) {
+        match img2img::load_image_file(path) {
+            Ok(img) => {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| path.display().to_string());
+                self.control.set_image(ctx, name, img);
+                self.state.params.control.image = Some(path.to_path_buf());
+            }
+            Err(e) => self.error(format!("ControlNet picture: {e}")),
+        }
     }
 
     /// Asks for the LoRA folders' contents (nothing to ask when none is set).
@@ -359,11 +395,20 @@ impl StudioApp {
             Ok(s) => s,
             Err(e) => return self.error(e),
         };
+        let control = match self.control.input(
+            &self.state.params.control,
+            self.state.params.width,
+            self.state.params.height,
+        ) {
+            Ok(c) => c,
+            Err(e) => return self.error(e),
+        };
         let p = &self.state.params;
         let s = &self.state.settings;
         let request_cells = cells.clone();
         let (lora_dirs, embedding_dirs) = s.adapter_dirs();
         let request = JobRequest {
+            control,
             lora_dirs,
             embedding_dirs,
             id: self.next_job,
@@ -578,6 +623,38 @@ impl StudioApp {
                 None => self.error(format!("cell {} has no finished image", i + 1)),
             },
             UiCommand::ClearInit => self.init = None,
+            UiCommand::PickControlImage => {
+                if let Some(f) = rfd::FileDialog::new()
+                    .set_title("Choose the ControlNet's picture")
+                    .add_filter("images", &["png", "jpg", "jpeg", "webp"])
+                    .pick_file()
+                {
+                    self.set_control_from_file(ctx, &f);
+                }
+            }
+            UiCommand::SetControlImage(path) => self.set_control_from_file(ctx, &path),
+            UiCommand::ClearControlImage => {
+                self.control.clear_image();
+                self.state.params.control.image = None;
+            }
+            UiCommand::BrowseControlNet => {
+                if let Some(f) = pick_safetensors("Choose a ControlNet") {
+                    self.state.params.control.model = f.display().to_string();
+                }
+            }
+            UiCommand::ScanControlNets => {
+                self.scan_controlnets();
+                if self.control.found.is_empty() {
+                    self.warn(if self.state.settings.models_dir.as_os_str().is_empty() {
+                        "choose a models folder first: its ControlNet folder is listed".to_string()
+                    } else {
+                        format!(
+                            "no ControlNets found near {} (looked for ControlNet/ and controlnet/)",
+                            self.state.settings.models_dir.display()
+                        )
+                    });
+                }
+            }
             UiCommand::BrowseOutput => {
                 if let Some(dir) = rfd::FileDialog::new()
                     .set_title("Choose where images are saved")
@@ -808,6 +885,61 @@ impl StudioApp {
                 p.denoising_strength = v;
             }
         }
+        // A1111's ControlNet extension writes "ControlNet 0", "ControlNet 1", …; the picture
+        // itself is not in the PNG.
+        let units = parsed.controlnets();
+        let mut notes = Vec::new();
+        match units.first() {
+            None => self.state.params.control.enabled = false,
+            Some(u) => {
+                if self.control.found.is_empty() {
+                    self.scan_controlnets();
+                }
+                let c = &mut self.state.params.control;
+                c.enabled = true;
+                c.scale = u.weight;
+                c.start = u.guidance_start;
+                c.end = u.guidance_end;
+                c.preprocess = match u.module.as_str() {
+                    "none" | "canny" => u.module.clone(),
+                    other => {
+                        notes.push(format!(
+                            "ControlNet preprocessor {other:?} is not available here (none, canny): set to none, give the map itself"
+                        ));
+                        "none".into()
+                    }
+                };
+                let name = u.model_name();
+                match self
+                    .control
+                    .found
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                {
+                    Some((_, path)) => c.model = path.display().to_string(),
+                    None => notes.push(format!(
+                        "this image used ControlNet {name}, which is not in the models folder's ControlNet folder"
+                    )),
+                }
+                if !self.control.has_image() {
+                    notes.push(
+                        "a PNG does not hold the ControlNet's picture: drop it on the ControlNet panel"
+                            .into(),
+                    );
+                }
+                if units.len() > 1 {
+                    notes.push(format!(
+                        "this image used {} ControlNets; the studio runs one (the first), the CLI runs several",
+                        units.len()
+                    ));
+                }
+                self.control.open = true;
+            }
+        }
+        for n in notes {
+            self.warn(n);
+        }
+        let p = &mut self.state.params;
         match parsed.scheduler() {
             Some(k) => p.sampler = k.cli_name().into(),
             None => {
@@ -1096,10 +1228,16 @@ impl StudioApp {
                 (Some(r), Some(p)) => r.contains(p),
                 _ => false,
             };
+            let on_control = match (self.control_drop_rect, i.pointer.latest_pos()) {
+                (Some(r), Some(p)) => r.contains(p),
+                _ => false,
+            };
             for f in &i.raw.dropped_files {
                 let path = f.path().to_path_buf();
                 out.push(if on_init {
                     UiCommand::SetInitImage(path)
+                } else if on_control {
+                    UiCommand::SetControlImage(path)
                 } else {
                     UiCommand::RestoreFromPng(path)
                 });
@@ -1116,6 +1254,18 @@ impl StudioApp {
             self.handle_event(&ctx, e);
         }
         let mut cmds = self.shortcuts(&ctx);
+        if let Some(path) = self.pending_control_image.take() {
+            if path.is_file() {
+                self.set_control_from_file(&ctx, &path);
+                self.control.open = false;
+            } else {
+                self.warn(format!(
+                    "the ControlNet picture {} is gone; pick it again",
+                    path.display()
+                ));
+                self.state.params.control.image = None;
+            }
+        }
 
         egui::Panel::top("model").show(ui, |ui| {
             cmds.extend(model_picker::model_picker_ui(
@@ -1163,6 +1313,15 @@ impl StudioApp {
                         &mut self.img2img_open,
                         hovering,
                         &mut self.init_drop_rect,
+                    ));
+                    ui.separator();
+                    cmds.extend(control::control_ui(
+                        ui,
+                        &mut self.control,
+                        &mut self.state.params.control,
+                        (self.state.params.width, self.state.params.height),
+                        hovering,
+                        &mut self.control_drop_rect,
                     ));
                     ui.separator();
                     cmds.extend(compare::compare_ui(

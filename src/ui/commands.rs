@@ -45,6 +45,16 @@ pub enum UiCommand {
     SendToImg2img(usize),
     /// Drop the init image and its mask (back to txt2img).
     ClearInit,
+    /// Pick the ControlNet's picture with the system dialog.
+    PickControlImage,
+    /// Read an image file as the ControlNet's picture.
+    SetControlImage(PathBuf),
+    /// Drop the ControlNet's picture.
+    ClearControlImage,
+    /// Pick a ControlNet file with the system dialog.
+    BrowseControlNet,
+    /// List the models folder's ControlNets.
+    ScanControlNets,
     /// Pick the output folder with the system dialog.
     BrowseOutput,
     /// Remove a queued job.

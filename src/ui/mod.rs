@@ -6,6 +6,7 @@
 pub mod app;
 pub mod commands;
 pub mod compare;
+pub mod control;
 pub mod errors;
 pub mod grid;
 pub mod history;

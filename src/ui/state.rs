@@ -48,6 +48,38 @@ pub struct Params {
     pub variation_seed: u64,
     /// A1111's "Variation strength": 0 = off (the main seed alone), 1 = the variation seed's.
     pub variation_strength: f64,
+    /// The ControlNet panel.
+    pub control: ControlSettings,
+}
+
+/// The ControlNet panel's settings (A1111's ControlNet unit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ControlSettings {
+    pub enabled: bool,
+    /// ControlNet folder, `.safetensors` file or hub id.
+    pub model: String,
+    /// The picture the map is made from (reloaded at start).
+    pub image: Option<PathBuf>,
+    /// "none" or "canny".
+    pub preprocess: String,
+    pub scale: f64,
+    pub start: f64,
+    pub end: f64,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            model: String::new(),
+            image: None,
+            preprocess: "canny".into(),
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+        }
+    }
 }
 
 impl Default for Params {
@@ -68,6 +100,7 @@ impl Default for Params {
             denoising_strength: 0.75,
             variation_seed: 0,
             variation_strength: 0.0,
+            control: ControlSettings::default(),
         }
     }
 }

@@ -157,7 +157,7 @@ impl ControlNetFiles {
             .filter_map(|r| r.strip_suffix(".weight")?.parse().ok())
             .collect();
         hint.sort_unstable();
-        if hint.len() < 2 || (hint.len() - 2) % 2 != 0 {
+        if hint.len() < 2 || !(hint.len() - 2).is_multiple_of(2) {
             return Err(bad(format!(
                 "input_hint_block has {} convolutions; expected conv_in, pairs, conv_out",
                 hint.len()
@@ -425,4 +425,64 @@ pub fn legacy_hash(path: &Path) -> Result<String> {
         .map_err(|e| Error::read(path, e))?;
     let digest = Sha256::digest(&buf);
     Ok(digest.iter().take(4).map(|b| format!("{b:02x}")).collect())
+}
+
+/// The ControlNet folders of an A1111 or ComfyUI install (given as its root, its `models`
+/// folder or its checkpoint folder), those that exist: A1111's `models/ControlNet`,
+/// ComfyUI's `models/controlnet`.
+pub fn folders_in(dir: &Path) -> Vec<PathBuf> {
+    let up = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for base in [dir.to_path_buf(), dir.join("models"), up] {
+        for name in ["ControlNet", "controlnet"] {
+            let p = base.join(name);
+            if p.is_dir() && !out.iter().any(|o| same_dir(o, &p)) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// The ControlNets in `dirs` by name, without reading any weights: `.safetensors` files
+/// (name = stem) and folders holding a `config.json` (name = folder), sorted by name; a
+/// name found twice keeps the first folder's.
+pub fn list(dirs: &[PathBuf]) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for d in dirs {
+        let Ok(entries) = std::fs::read_dir(d) else {
+            continue;
+        };
+        let mut found: Vec<(String, PathBuf)> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|p| {
+                let name = if p.is_dir() && p.join("config.json").is_file() {
+                    p.file_name()?.to_str()?.to_string()
+                } else if p
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+                {
+                    p.file_stem()?.to_str()?.to_string()
+                } else {
+                    return None;
+                };
+                Some((name, p))
+            })
+            .collect();
+        found.sort();
+        for (n, p) in found {
+            if !out.iter().any(|(m, _)| *m == n) {
+                out.push((n, p));
+            }
+        }
+    }
+    out.sort_by_key(|a| a.0.to_lowercase());
+    out
 }

@@ -11,7 +11,9 @@ use candle_nn::VarBuilder;
 use crate::engine::config::UNetConfig;
 use crate::engine::conv::Conv2d;
 use crate::engine::profile::scope;
-use crate::engine::unet::{build_down, build_head, build_mid, Head, Level, Mid, Residuals};
+use crate::engine::unet::{
+    build_down, build_head, build_mid, Forward, Head, Level, Mid, Residuals,
+};
 
 type R<T> = candle_core::Result<T>;
 
@@ -157,7 +159,8 @@ impl ControlNet {
     }
 
     /// The residuals for one UNet pass over `sample` (the scaled model input, every CFG row)
-    /// at `timestep`, times `scale` (diffusers' `conditioning_scale`).
+    /// at `timestep`, times `scale` (diffusers' `conditioning_scale`); `opts` as the UNet's
+    /// (attention slicing, SDXL's added conditions; its `control` is ignored).
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -165,9 +168,9 @@ impl ControlNet {
         context: &Tensor,
         hint: &Tensor,
         scale: f64,
-        slice: Option<usize>,
-        added: Option<(&Tensor, &Tensor)>,
+        opts: Forward<'_>,
     ) -> R<Residuals> {
+        let (slice, added) = (opts.attention_slice, opts.added);
         let u = &self.config.unet;
         let (b, _, _, _) = sample.dims4()?;
         let dtype = sample.dtype();

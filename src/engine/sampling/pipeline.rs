@@ -1299,7 +1299,18 @@ impl StableDiffusion {
             let x = x.to_dtype(self.dtype).ctx("controlnet input")?;
             for (net, c) in &active {
                 let r = net
-                    .forward(&x, t, &e.context, &c.hint, c.unit.scale, slice, added)
+                    .forward(
+                        &x,
+                        t,
+                        &e.context,
+                        &c.hint,
+                        c.unit.scale,
+                        unet::Forward {
+                            attention_slice: slice,
+                            added,
+                            control: None,
+                        },
+                    )
                     .ctx("controlnet")?;
                 sum = Some(match sum {
                     None => r,
