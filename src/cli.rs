@@ -1344,6 +1344,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         "scheduler": s.scheduler.cli_name(), "steps": s.steps, "runs": a.runs,
         "threads": if a.threads > 0 { a.threads } else { candle_core::utils::get_num_threads() },
         "load_s": load, "weights_gib": gib(weights_resident),
+        "controlnets": a.control.controlnet,
         // The first case's numbers at the top level (what tests/bench_diffusers.py reads).
         "batch": first["batch"], "text_encode_s": first["text_encode_s"], "step_s": first["step_s"],
         "it_per_s": first["it_per_s"], "decode_s": first["decode_per_image_s"],

@@ -163,6 +163,40 @@ def make_model(path: Path) -> None:
     print(f"  made in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
+def make_controlnet(model: Path, path: Path) -> None:
+    """A random full-size ControlNet for the random model: ControlNetModel.from_unet (its
+    zero convolutions randomised so the residuals are not all zero), saved in f16 as the
+    hub's ControlNets are."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    if (path / "config.json").exists():
+        return
+    print(f"making a random ControlNet in {path} (once)", file=sys.stderr)
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float32)
+    cn = ControlNetModel.from_unet(unet)
+    with torch.no_grad():
+        for name, q in cn.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                q.normal_(0, 0.02)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cn.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(path)
+
+
+def control_map(size: int):
+    """The map `sd-studio bench --controlnet` uses without --control-image: white lines every
+    64 pixels (at 16 mod 64) on black."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]
+    on = (x % 64 == 16) | (y % 64 == 16)
+    return Image.fromarray(np.repeat((on * 255).astype(np.uint8)[..., None], 3, axis=-1))
+
+
 def make_taesd(path: Path) -> None:
     """A random TAESD for SD 1.x: AutoencoderTiny's default config, saved as our loader reads
     it (config.json + diffusion_pytorch_model.safetensors)."""
@@ -359,8 +393,9 @@ def run_once(pipe, a, batch: int, dev: Dev, taesd=None, encode_apart=True, mark_
             marks.append((end, time.perf_counter()))
             return kw
 
+        extra = {"image": control_map(a.size)} if hasattr(pipe, "controlnet") else {}
         start = time.perf_counter()
-        latents = pipe(PROMPT, height=a.size, width=a.size, num_inference_steps=a.steps,
+        latents = pipe(PROMPT, **extra, height=a.size, width=a.size, num_inference_steps=a.steps,
                        guidance_scale=GUIDANCE, num_images_per_prompt=batch, output_type="latent",
                        generator=torch.Generator("cpu").manual_seed(0),
                        callback_on_step_end=on_step).images
@@ -453,6 +488,17 @@ def bench_diffusers(path: Path, taesd_dir: Path | None, a, dev: Dev, res: dict, 
         out["cases"].append(grid_case(pipe, taesd, a, dev))
         del taesd
         save()
+    if a.controlnet:
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        cn = ControlNetModel.from_pretrained(a.controlnet_dir, torch_dtype=torch_dtype(a.dtype)).to(dev.name)
+        cpipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=cn)
+        cpipe.set_progress_bar_config(disable=True)
+        cases = res["diffusers_controlnet"] = {"cases": []}
+        for batch in a.batch_list:
+            cases["cases"].append(steps_case(cpipe, a, batch, dev, "diffusers + ControlNet"))
+            save()
+        del cpipe, cn
     del pipe
     dev.release()
 
@@ -502,7 +548,8 @@ def bench_compiled(path: Path, a, dev: Dev, res: dict, save) -> None:
 # sd-studio
 
 
-def bench_ours(path: Path, taesd_dir: Path | None, a, res: dict) -> None:
+def bench_ours(path: Path, taesd_dir: Path | None, a, res: dict, key: str = "sd_studio",
+               extra: list[str] | None = None) -> None:
     cmd = [str(a.sd_studio), "bench", "--model", str(path), "--device", a.device, "--dtype", a.dtype,
            "--width", str(a.size), "--height", str(a.size), "--steps", str(a.steps),
            "--batches", ",".join(map(str, a.batch_list)), "--runs", str(a.runs),
@@ -512,9 +559,9 @@ def bench_ours(path: Path, taesd_dir: Path | None, a, res: dict) -> None:
         cmd.append("--grid")
         if taesd_dir is not None:
             cmd += ["--taesd", str(taesd_dir)]
-    cmd += shlex.split(a.ours_args)
-    res["sd_studio_cmd"] = shlex.join(cmd)
-    print(f"running: {res['sd_studio_cmd']}", file=sys.stderr)
+    cmd += shlex.split(a.ours_args) + (extra or [])
+    res[key + "_cmd"] = shlex.join(cmd)
+    print(f"running: {res[key + '_cmd']}", file=sys.stderr)
     out_lines, err_tail = [], []
 
     def pump(stream, sink, echo):
@@ -529,9 +576,9 @@ def bench_ours(path: Path, taesd_dir: Path | None, a, res: dict) -> None:
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except OSError as e:
-        res["sd_studio"] = None
-        res["sd_studio_error"] = f"could not start {cmd[0]}: {e}"
-        print(f"sd-studio bench failed: {res['sd_studio_error']}", file=sys.stderr)
+        res[key] = None
+        res[key + "_error"] = f"could not start {cmd[0]}: {e}"
+        print(f"sd-studio bench failed: {res[key + '_error']}", file=sys.stderr)
         return
     threads = [threading.Thread(target=pump, args=(proc.stdout, out_lines, False), daemon=True),
                threading.Thread(target=pump, args=(proc.stderr, err_tail, True), daemon=True)]
@@ -549,7 +596,7 @@ def bench_ours(path: Path, taesd_dir: Path | None, a, res: dict) -> None:
         proc.wait()
         for th in threads:
             th.join(timeout=5)
-        res["sd_studio_wall_s"] = time.perf_counter() - t0
+        res[key + "_wall_s"] = time.perf_counter() - t0
         parsed = []
         for line in out_lines:
             try:
@@ -563,10 +610,10 @@ def bench_ours(path: Path, taesd_dir: Path | None, a, res: dict) -> None:
                 summary = {"cases": cases, "partial": True}
             if error is None:
                 error = "no summary JSON line in its output"
-        res["sd_studio"] = summary
+        res[key] = summary
         if error is not None:
-            res["sd_studio_error"] = error + ("; stderr tail:\n" + "\n".join(err_tail[-30:]) if err_tail else "")
-            print(f"sd-studio bench failed: {res['sd_studio_error']}", file=sys.stderr)
+            res[key + "_error"] = error + ("; stderr tail:\n" + "\n".join(err_tail[-30:]) if err_tail else "")
+            print(f"sd-studio bench failed: {res[key + '_error']}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,9 +703,22 @@ def report(res: dict) -> None:
         p(f"{'peak GiB':<22}{fmt(dg.get('peak_reserved_gib'), 2):>11}{fmt(og.get('peak_gib'), 2):>11}"
           f"   (diffusers: max reserved; alloc {fmt(dg.get('peak_allocated_gib'), 2)}, "
           f"VRAM used {fmt(dg.get('vram_used_gib'), 2)})")
-    if res.get("sd_studio_error"):
+    dcn, ocn = by_batch(res.get("diffusers_controlnet") or {}), by_batch(res.get("sd_studio_controlnet") or {})
+    if dcn or ocn:
         p("")
-        p(f"sd-studio FAILED: {res['sd_studio_error']}")
+        p("ControlNet (one, full-size random weights, synthetic map): median seconds per step without / with, "
+          "and with/without; ratio = sd-studio / diffusers")
+        p(f"{'batch':>5} {'diff s':>9} {'diff+CN s':>9} {'diff x':>7} {'ours s':>9} {'ours+CN s':>9} "
+          f"{'ours x':>7} {'ratio+CN':>8}")
+        for b in sorted(set(dcn) | set(ocn)):
+            x0, x1 = db.get(b, {}).get("step_s"), dcn.get(b, {}).get("step_s")
+            y0, y1 = ob.get(b, {}).get("step_s"), ocn.get(b, {}).get("step_s")
+            p(f"{b:>5} {fmt(x0, 4):>9} {fmt(x1, 4):>9} {fmt(ratio(x1, x0), 2):>7} {fmt(y0, 4):>9} "
+              f"{fmt(y1, 4):>9} {fmt(ratio(y1, y0), 2):>7} {fmt(ratio(y1, x1), 2):>8}")
+    for k in ("sd_studio_error", "sd_studio_controlnet_error"):
+        if res.get(k):
+            p("")
+            p(f"sd-studio FAILED ({k}): {res[k]}")
     if res.get("error"):
         p("")
         p(f"ERROR: {res['error']}")
@@ -751,6 +811,8 @@ def main() -> None:
     p.add_argument("--ours-timeout", type=float, default=0, help="seconds; 0: no limit")
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--skip-ours", action="store_true")
+    p.add_argument("--controlnet", action="store_true",
+                   help="also time every batch with a random full-size ControlNet (made beside the model once)")
     p.add_argument("--out", help="write every result and the environment to this JSON file")
     a = p.parse_args()
     FAMILY["name"] = a.family
@@ -773,13 +835,15 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     path = Path(a.model_dir)
     taesd_dir = Path(a.taesd_dir) if a.taesd_dir else path.with_name(path.name + "-taesd")
+    a.controlnet_dir = path.with_name(path.name + "-controlnet")
     res: dict = {
         "settings": {"family": a.family, "device": a.device, "dtype": a.dtype, "size": a.size, "steps": a.steps,
                      "batches": a.batch_list, "grid": a.grid, "runs": a.runs, "threads": a.threads,
                      "guidance": GUIDANCE, "scheduler": "DPM++ 2M Karras", "prompt": PROMPT,
                      "memory": a.memory, "model_dir": str(path),
                      "taesd_dir": str(taesd_dir) if a.grid else None,
-                     "compile": a.compile, "compile_mode": a.compile_mode if a.compile else None},
+                     "compile": a.compile, "compile_mode": a.compile_mode if a.compile else None,
+                     "controlnet": str(a.controlnet_dir) if a.controlnet else None},
         "env": env_info(a),
     }
 
@@ -795,6 +859,8 @@ def main() -> None:
             make_model(path)
             if a.grid:
                 make_taesd(taesd_dir)
+            if a.controlnet:
+                make_controlnet(path, a.controlnet_dir)
         except Interrupted:
             raise
         except Exception as e:  # noqa: BLE001
@@ -818,6 +884,9 @@ def main() -> None:
         if not a.skip_ours:
             bench_ours(path, taesd_dir if a.grid else None, a, res)
             save()
+            if a.controlnet:
+                bench_ours(path, None, a, res, "sd_studio_controlnet", ["--controlnet", str(a.controlnet_dir)])
+                save()
         if a.compile:
             bench_compiled(path, a, dev, res, save)
             save()

@@ -1499,3 +1499,44 @@ fn bad_controlnet_inputs_give_one_clear_line_and_no_png() {
         assert_fails(&out, &o, needle);
     }
 }
+
+#[test]
+fn bench_runs_its_cases_with_a_controlnet() {
+    let cn = common::fixtures().join("controlnet/tiny-cn-sd15");
+    let o = bin()
+        .args([
+            "bench",
+            "--model",
+            &tiny(),
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ])
+        .args(["--steps", "2", "--runs", "1", "--controlnet"])
+        .arg(&cn)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let summary: serde_json::Value = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("cases").is_some())
+        .expect("a summary line");
+    assert_eq!(summary["controlnets"][0], cn.display().to_string());
+    assert!(summary["step_s"].as_f64().unwrap() > 0.0, "{summary}");
+    // A ControlNet for another architecture is refused before the bench loads anything.
+    let xl = common::fixtures().join("controlnet/tiny-cn-sdxl");
+    let o = bin()
+        .args(["bench", "--model", &tiny(), "--controlnet"])
+        .arg(&xl)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is a ControlNet for SDXL"),
+        "{}",
+        stderr(&o)
+    );
+}

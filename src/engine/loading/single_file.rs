@@ -487,6 +487,7 @@ impl SingleFile {
             .map(|s| s[1]);
         let (unet_config, lpb, is_sd2, is_sdxl) =
             infer_unet(&shapes, UNET, path, sdxl_text, pooled, v_prediction)?;
+        shape(&format!("{UNET}out.2.weight"))?;
 
         // VAE.
         let (vae_config, vae_levels) = vae_config_from(&shapes, VAE, path)?;
