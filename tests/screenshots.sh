@@ -9,6 +9,8 @@
 # COMPARE=1 runs compare mode instead: tiny-sd15 against the tiny SD 2.x-shaped fixture, one
 # row each, same seeds. LORA=1 sets the fixture LoRA and embeddings folders and puts a LoRA
 # tag and an embedding in the prompt (the LoRA panel shows what the folder holds).
+# CONTROLNET=1 turns the ControlNet panel on: the tiny fixture ControlNet steered by the
+# Canny edges of the fixture photograph.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-screenshots}
@@ -27,13 +29,18 @@ if [ -n "${LORA:-}" ]; then
   prompt="a lighthouse on a cliff at dawn, oil painting, tinyemb, <lora:kohya_locon:0.8>"
   folders=', "lora_dir": "tests/fixtures/lora", "embeddings_dir": "tests/fixtures/embeddings"'
 fi
+control=""
+if [ -n "${CONTROLNET:-}" ]; then
+  control=', "control": {"enabled": true, "model": "tests/fixtures/controlnet/tiny-cn-sd15", "image": "'"$PWD"'/tests/fixtures/refs/canny/astronaut.png", "preprocess": "canny", "scale": 1.0, "start": 0.0, "end": 1.0}'
+  prompt="an astronaut, oil painting"
+fi
 # 128×128 keeps the tiny model quick on a CPU; 16 steps leave time to watch it form.
 cat > "$state/state.json" <<JSON
 {"settings": {"preview": "${PREVIEW:-Taesd}", "preview_every": ${PREVIEW_EVERY:-1}$folders},
  "params": {"prompt": "$prompt",
             "negative_prompt": "blurry, low quality", "seed": 1234, "seed_locked": true,
             "sampler": "euler-a", "steps": 16, "cfg": 7.0, "width": 128, "height": 128,
-            "count": 8}$compare}
+            "count": 8$control}$compare}
 JSON
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$state}
 HF_HUB_OFFLINE=1 xvfb-run -a -s "-screen 0 1280x860x24" \

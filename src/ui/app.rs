@@ -1257,7 +1257,8 @@ impl StudioApp {
         if let Some(path) = self.pending_control_image.take() {
             if path.is_file() {
                 self.set_control_from_file(&ctx, &path);
-                self.control.open = false;
+                // Opened at start only when it is on (then it steers every cell: show it).
+                self.control.open = self.state.params.control.enabled;
             } else {
                 self.warn(format!(
                     "the ControlNet picture {} is gone; pick it again",

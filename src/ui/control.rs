@@ -173,6 +173,47 @@ fn body_ui(
     ui.checkbox(&mut c.enabled, "Use ControlNet")
         .on_hover_text("Steer every cell with the map below");
     ui.horizontal(|ui| {
+        match &panel.image {
+            Some((name, img, _)) => ui.label(format!("{name} ({}×{})", img.width, img.height)),
+            None => ui.weak("Drop a picture here"),
+        };
+        if ui.button("Pick…").clicked() {
+            out.push(UiCommand::PickControlImage);
+        }
+        if panel.image.is_some() && ui.button("Clear").clicked() {
+            out.push(UiCommand::ClearControlImage);
+        }
+    });
+    let map = panel.ensure_map(&c.preprocess, size.0, size.1).map(|_| ());
+    if let (Some((_, img, tex)), Ok(())) = (&panel.image, &map) {
+        let side = ((ui.available_width() - 12.0) / 2.0).clamp(60.0, 140.0);
+        let fit_size = |w: usize, h: usize| {
+            let s = side / w.max(h) as f32;
+            egui::vec2(w as f32 * s, h as f32 * s)
+        };
+        ui.horizontal(|ui| {
+            ui.add(egui::Image::new((
+                tex.id(),
+                fit_size(img.width, img.height),
+            )))
+            .on_hover_text("control picture");
+            if let Some((key, _, mtex)) = &panel.map {
+                ui.add(egui::Image::new((
+                    mtex.id(),
+                    fit_size(key.width, key.height),
+                )))
+                .on_hover_text(format!(
+                    "control map ({}, {}×{}): what every cell is steered by",
+                    key.preprocess, key.width, key.height
+                ));
+            }
+        });
+    } else if let Err(e) = map {
+        if panel.image.is_some() {
+            ui.colored_label(ui.visuals().warn_fg_color, e);
+        }
+    }
+    ui.horizontal(|ui| {
         ui.label("Model");
         ui.add(
             egui::TextEdit::singleline(&mut c.model)
@@ -210,18 +251,6 @@ fn body_ui(
         }
     });
     ui.horizontal(|ui| {
-        match &panel.image {
-            Some((name, img, _)) => ui.label(format!("{name} ({}×{})", img.width, img.height)),
-            None => ui.weak("Drop a picture here"),
-        };
-        if ui.button("Pick…").clicked() {
-            out.push(UiCommand::PickControlImage);
-        }
-        if panel.image.is_some() && ui.button("Clear").clicked() {
-            out.push(UiCommand::ClearControlImage);
-        }
-    });
-    ui.horizontal(|ui| {
         ui.label("Preprocessor");
         egui::ComboBox::from_id_salt("control preprocess")
             .selected_text(c.preprocess.as_str())
@@ -243,34 +272,5 @@ fn body_ui(
             ui.visuals().warn_fg_color,
             "the starting step must be before the ending step",
         );
-    }
-    let map = panel.ensure_map(&c.preprocess, size.0, size.1).map(|_| ());
-    if let (Some((_, img, tex)), Ok(())) = (&panel.image, &map) {
-        let side = ((ui.available_width() - 12.0) / 2.0).clamp(60.0, 170.0);
-        let fit_size = |w: usize, h: usize| {
-            let s = side / w.max(h) as f32;
-            egui::vec2(w as f32 * s, h as f32 * s)
-        };
-        ui.horizontal(|ui| {
-            ui.add(egui::Image::new((
-                tex.id(),
-                fit_size(img.width, img.height),
-            )))
-            .on_hover_text("control picture");
-            if let Some((key, _, mtex)) = &panel.map {
-                ui.add(egui::Image::new((
-                    mtex.id(),
-                    fit_size(key.width, key.height),
-                )))
-                .on_hover_text(format!(
-                    "control map ({}, {}×{}): what every cell is steered by",
-                    key.preprocess, key.width, key.height
-                ));
-            }
-        });
-    } else if let Err(e) = map {
-        if panel.image.is_some() {
-            ui.colored_label(ui.visuals().warn_fg_color, e);
-        }
     }
 }
