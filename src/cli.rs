@@ -178,6 +178,30 @@ pub struct ControlArgs {
     pub control_preprocess: Vec<String>,
 }
 
+/// A1111's Hires. fix: generate at the base size, upscale, then an img2img pass.
+#[derive(Args, Debug, Clone, Default)]
+pub struct HiresArgs {
+    /// Upscale factor of the second pass (A1111's "Upscale by", e.g. 2).
+    #[arg(long, allow_negative_numbers = true)]
+    pub hires_scale: Option<f64>,
+    /// The second pass's width instead of a scale (height keeps the aspect unless given).
+    #[arg(long)]
+    pub hires_width: Option<usize>,
+    /// The second pass's height instead of a scale.
+    #[arg(long)]
+    pub hires_height: Option<usize>,
+    /// Denoising strength of the second pass, 0..1 [default: 0.7].
+    #[arg(long, allow_negative_numbers = true)]
+    pub hires_strength: Option<f64>,
+    /// Steps of the second pass (of which strength × steps run) [default: --steps].
+    #[arg(long)]
+    pub hires_steps: Option<usize>,
+    /// latent (bilinear latents, A1111's "Latent"), latent-nearest, or lanczos (the decoded
+    /// picture resized, encoded again) [default: latent].
+    #[arg(long)]
+    pub hires_upscaler: Option<String>,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct GenerateArgs {
     #[command(flatten)]
@@ -247,6 +271,8 @@ pub struct GenerateArgs {
     pub models_dir: Option<PathBuf>,
     #[command(flatten)]
     pub control: ControlArgs,
+    #[command(flatten)]
+    pub hires: HiresArgs,
     /// Output folder (created if missing).
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
@@ -727,6 +753,50 @@ fn synthetic_map(w: usize, h: usize) -> Vec<u8> {
     rgb
 }
 
+/// The Hires. fix pass asked for, checked; None without hires flags.
+fn hires(
+    h: &HiresArgs,
+    base: (usize, usize),
+    f: usize,
+) -> Result<Option<crate::engine::pipeline::Hires>> {
+    use crate::engine::pipeline::{Hires, HiresUpscaler};
+    let sized = h.hires_scale.is_some() || h.hires_width.is_some() || h.hires_height.is_some();
+    if !sized {
+        for (flag, given) in [
+            ("hires strength", h.hires_strength.is_some()),
+            ("hires steps", h.hires_steps.is_some()),
+            ("hires upscaler", h.hires_upscaler.is_some()),
+        ] {
+            if given {
+                return Err(Error::invalid(
+                    flag,
+                    "needs --hires-scale (or --hires-width/--hires-height)",
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    let strength = h.hires_strength.unwrap_or(0.7);
+    if !(0.0..=1.0).contains(&strength) || strength.is_nan() {
+        return Err(Error::invalid(
+            "hires strength",
+            format!("{strength} is outside 0..1"),
+        ));
+    }
+    let upscaler = HiresUpscaler::parse(h.hires_upscaler.as_deref().unwrap_or("latent"))?;
+    let (width, height) = Hires::target(base, h.hires_scale, h.hires_width, h.hires_height, f)?;
+    Ok(Some(Hires {
+        width,
+        height,
+        steps: h.hires_steps,
+        strength,
+        upscaler,
+        scale: h
+            .hires_scale
+            .filter(|_| h.hires_width.is_none() && h.hires_height.is_none()),
+    }))
+}
+
 fn generate(a: &GenerateArgs) -> Result<()> {
     let rng = RngKind::parse(&a.rng)
         .ok_or_else(|| Error::invalid("rng", format!("{:?} is not torch-cpu", a.rng)))?;
@@ -836,6 +906,11 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         p.settings.height,
         false,
     )?;
+    let hires = hires(
+        &a.hires,
+        (p.settings.width, p.settings.height),
+        p.files.vae_config.scale_factor(),
+    )?;
     let st = &p.settings;
     let req = GenerateRequest {
         prompt: a.prompt.clone(),
@@ -860,6 +935,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         },
         networks,
         controls,
+        hires,
     };
     let mut cache = ModelCache::new(match a.model.cache_gib {
         Some(g) => (g * (1u64 << 30) as f64) as u64,
@@ -1083,6 +1159,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         spacing: s.spacing,
         networks: Default::default(),
         controls: bench_controls.clone(),
+        hires: None,
     };
     let gib = |b: Option<u64>| b.map(|b| b as f64 / (1u64 << 30) as f64);
     let show = |v: &serde_json::Value| match v.as_f64() {

@@ -1540,3 +1540,116 @@ fn bench_runs_its_cases_with_a_controlnet() {
         stderr(&o)
     );
 }
+
+#[test]
+fn hires_fix_from_the_cli_matches_diffusers_and_writes_a1111s_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = common::fixtures();
+    let o = generate(
+        dir.path(),
+        &[
+            "--prompt",
+            "a photo of an astronaut riding a horse",
+            "--negative-prompt",
+            "blurry, low quality",
+            "--scheduler",
+            "euler",
+            "--steps",
+            "8",
+            "--guidance",
+            "7.5",
+            "--rng",
+            "torch-cpu",
+            "--seed",
+            "42",
+            "--batch",
+            "2",
+            "--hires-scale",
+            "2",
+            "--hires-strength",
+            "0.55",
+            "--hires-steps",
+            "10",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("step 13/13"), "{}", stderr(&o));
+    let cases = common::refs_json("hires_cases.json");
+    let case = cases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "hires_latent")
+        .unwrap();
+    for (seed, want) in [42, 43].iter().zip(case["images"].as_array().unwrap()) {
+        let path = dir.path().join(format!("{seed}.png"));
+        let (w, h, got) = common::read_png_rgb(&path);
+        assert_eq!((w, h), (128, 128));
+        let (_, _, want) = common::read_png_rgb(&fx.join(want.as_str().unwrap()));
+        let d = common::max_pixel_diff(&got, &want);
+        assert!(d <= 2, "seed {seed}: max |Δpixel| {d}");
+        let params = sd_studio::engine::metadata::read_png_parameters(&path)
+            .unwrap()
+            .unwrap();
+        assert!(
+            params.contains("Size: 64x64")
+                && params.contains(
+                    "Denoising strength: 0.55, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent"
+                ),
+            "{params}"
+        );
+    }
+    // A size instead of a scale is "Hires resize"; Lanczos is A1111's name.
+    let o = generate(
+        &dir.path().join("resize"),
+        &["--hires-width", "96", "--hires-upscaler", "lanczos"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = dir.path().join("resize/7.png");
+    assert_eq!(common::read_png_rgb(&p).0, 96);
+    let params = sd_studio::engine::metadata::read_png_parameters(&p)
+        .unwrap()
+        .unwrap();
+    assert!(
+        params.contains("Denoising strength: 0.7, Hires resize: 96x96, Hires upscaler: Lanczos"),
+        "{params}"
+    );
+}
+
+#[test]
+fn bad_hires_flags_give_one_clear_line_and_no_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (extra, needle) in [
+        (
+            vec!["--hires-strength", "0.5"],
+            "hires strength: needs --hires-scale",
+        ),
+        (
+            vec!["--hires-scale", "2", "--hires-upscaler", "ESRGAN_4x"],
+            "\"esrgan_4x\" is not one of: latent, latent-nearest, lanczos",
+        ),
+        (
+            vec!["--hires-scale", "0.5"],
+            "hires scale: 0.5 is not a number ≥ 1",
+        ),
+        (
+            vec!["--hires-scale", "2", "--hires-strength", "NaN"],
+            "hires strength: NaN is outside 0..1",
+        ),
+        (
+            vec![
+                "--hires-scale",
+                "2",
+                "--hires-strength",
+                "0.1",
+                "--scheduler",
+                "euler",
+            ],
+            "runs no step",
+        ),
+    ] {
+        let o = generate(&out, &extra);
+        assert_fails(&out, &o, needle);
+    }
+}

@@ -2065,6 +2065,53 @@ def make_controlnet_refs() -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------
+# Hires. fix: diffusers txt2img at the base size (latents out), the latents upscaled with
+# F.interpolate (bilinear, antialias off: A1111's "Latent"; nearest: "Latent (nearest)") or
+# the decoded picture resized with PIL's Lanczos ("Lanczos"), then
+# StableDiffusionImg2ImgPipeline at the large size from freshly seeded generators.
+# --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def make_hires_refs() -> None:
+    import torch.nn.functional as F
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    (REFS / "images").mkdir(parents=True, exist_ok=True)
+    pipe = load_pipe("tiny-sd15", None)
+    pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    seeds = [42, 43]
+    gens = lambda: [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    cases = []
+    for upscaler, strength, hires_steps in (("latent", 0.55, 10), ("latent-nearest", 0.6, None),
+                                            ("lanczos", 0.5, 10)):
+        lat = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=7.5, width=64,
+                   height=64, num_images_per_prompt=2, generator=gens(), output_type="latent").images
+        if upscaler == "lanczos":
+            pics = pipe.image_processor.postprocess(
+                pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0], output_type="pil")
+            image = [p.resize((128, 128), Image.LANCZOS) for p in pics]
+        else:
+            mode = "bilinear" if upscaler == "latent" else "nearest"
+            kw = dict(antialias=False) if mode == "bilinear" else {}
+            image = F.interpolate(lat, size=(16, 16), mode=mode, **kw)
+        images = i2i([PROMPT] * 2, negative_prompt=[NEGATIVE] * 2, image=image, strength=strength,
+                     num_inference_steps=hires_steps or 8, guidance_scale=7.5, num_images_per_prompt=1,
+                     generator=gens(), output_type="np").images
+        name = f"hires_{upscaler}"
+        cases.append(dict(name=name, model="tiny-sd15", scheduler="euler", steps=8, guidance=7.5, width=64,
+                          height=64, seeds=seeds, prompt=PROMPT, negative_prompt=NEGATIVE,
+                          hires=dict(width=128, height=128, scale=2, strength=strength, steps=hires_steps,
+                                     upscaler=upscaler),
+                          images=save_images(name, seeds, images)))
+        print(f"  hires {upscaler}: mean {images.mean():.4f}")
+    with open(REFS / "hires_cases.json", "w") as f:
+        json.dump(cases, f, indent=1)
+
+
 def check_no_nan_files() -> list[str]:
     problems = []
     for p in sorted(FIXTURES.rglob("*.safetensors")):
@@ -2109,7 +2156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bpe", help="path to bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with open_clip)")
     ap.add_argument("--only", choices=["prompts", "img2img", "inpaint", "single", "taesd", "memory", "minsched", "sdxl", "lora",
-                                         "controlnet"],
+                                         "controlnet", "hires"],
                     help="only remake one set of references from the committed models")
     args = ap.parse_args()
     if args.only == "taesd":
@@ -2121,6 +2168,12 @@ def main() -> None:
         diffusers_logging.set_verbosity_error()
         transformers_logging.set_verbosity_error()
         make_sdxl_refs()
+        return
+    if args.only == "hires":
+        torch.set_num_threads(2)
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+        make_hires_refs()
         return
     if args.only == "controlnet":
         torch.set_num_threads(2)
@@ -2182,6 +2235,7 @@ def main() -> None:
     make_sdxl_refs()
     problems += make_lora_refs()
     problems += make_controlnet_refs()
+    make_hires_refs()
     make_taesd()
     problems += check_no_nan_files()
 

@@ -85,14 +85,19 @@ impl CachedModel {
             schedule_type: schedule_type.map(str::to_string),
             cfg_scale: req.guidance,
             seed: img.seed,
-            width: img.width,
-            height: img.height,
+            // A1111's "Size" is the first pass's (the base size with Hires. fix).
+            width: req.width,
+            height: req.height,
             model: self.label.clone(),
             model_hash: self.hash.clone(),
             vae: self.vae.as_ref().map(|v| v.0.clone()),
             vae_hash: self.vae.as_ref().map(|v| v.1.clone()),
             variation: img.variation_seed.zip(req.variation.map(|v| v.strength)),
-            denoising_strength: req.init_image.as_ref().map(|i| i.strength),
+            denoising_strength: req
+                .init_image
+                .as_ref()
+                .map(|i| i.strength)
+                .or(req.hires.map(|h| h.strength)),
             clip_skip: (req.clip_skip > 1).then_some(req.clip_skip),
             rng: req.rng.a1111_name().map(str::to_string),
             sdxl_sizes: if self.sd.files.family.dual_text_encoders() {
@@ -114,6 +119,12 @@ impl CachedModel {
             lora_hashes: img.lora_hashes.clone(),
             ti_hashes: img.ti_hashes.clone(),
             controlnets: img.controlnets.clone(),
+            hires: req.hires.map(|h| crate::engine::metadata::HiresParams {
+                scale: h.scale,
+                resize: (h.width, h.height),
+                steps: h.steps,
+                upscaler: h.upscaler.a1111_name().to_string(),
+            }),
         }
     }
 }

@@ -45,6 +45,21 @@ pub struct Parameters {
     pub ti_hashes: Vec<(String, String)>,
     /// "ControlNet 0", "ControlNet 1", … as A1111's ControlNet extension writes them.
     pub controlnets: Vec<ControlNetUnit>,
+    /// Hires. fix: "Hires upscale" (or "Hires resize: WxH"), "Hires steps", "Hires upscaler";
+    /// its strength is "Denoising strength".
+    pub hires: Option<HiresParams>,
+}
+
+/// A1111's Hires. fix fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiresParams {
+    /// "Hires upscale" when made by a scale, else "Hires resize" (width, height).
+    pub scale: Option<f64>,
+    pub resize: (usize, usize),
+    /// "Hires steps": written when set (A1111's 0 = the first pass's).
+    pub steps: Option<usize>,
+    /// "Hires upscaler", A1111's name.
+    pub upscaler: String,
 }
 
 /// One ControlNet's metadata entry: `Module: canny, Model: NAME [HASH], Weight: 1.0,
@@ -136,6 +151,15 @@ fn py_float(x: f64) -> String {
     }
 }
 
+/// A number as A1111 writes a slider value that may be whole: 2 → "2", 1.5 → "1.5".
+fn py_num(x: f64) -> String {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{}", x as i64)
+    } else {
+        format!("{x}")
+    }
+}
+
 impl Parameters {
     /// The `parameters` text.
     pub fn to_a1111(&self) -> String {
@@ -165,6 +189,16 @@ impl Parameters {
         }
         if let Some(d) = self.denoising_strength {
             pairs.push(("Denoising strength", py_float(d)));
+        }
+        if let Some(h) = &self.hires {
+            match h.scale {
+                Some(s) => pairs.push(("Hires upscale", py_num(s))),
+                None => pairs.push(("Hires resize", format!("{}x{}", h.resize.0, h.resize.1))),
+            }
+            if let Some(n) = h.steps {
+                pairs.push(("Hires steps", n.to_string()));
+            }
+            pairs.push(("Hires upscaler", h.upscaler.clone()));
         }
         if let Some(c) = self.clip_skip {
             pairs.push(("Clip skip", c.to_string()));
@@ -440,6 +474,30 @@ impl ParsedParameters {
         units.into_iter().map(|(_, u)| u).collect()
     }
 
+    /// A1111's Hires. fix fields, when "Hires upscale" or "Hires resize" is there ("Hires
+    /// upscaler" defaults to Latent, as A1111's).
+    pub fn hires(&self) -> Option<HiresParams> {
+        let scale = self
+            .get("Hires upscale")
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        let resize = self.get("Hires resize").and_then(|v| {
+            let (w, h) = v.split_once('x')?;
+            Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
+        });
+        if scale.is_none() && resize.is_none() {
+            return None;
+        }
+        Some(HiresParams {
+            scale,
+            resize: resize.unwrap_or((0, 0)),
+            steps: self
+                .get("Hires steps")
+                .and_then(|v| v.trim().parse().ok())
+                .filter(|&n: &usize| n > 0),
+            upscaler: self.get("Hires upscaler").unwrap_or("Latent").to_string(),
+        })
+    }
+
     /// "TI hashes" as (name, hash) pairs.
     pub fn ti_hashes(&self) -> Vec<(String, String)> {
         self.get("TI hashes")
@@ -663,6 +721,46 @@ Lora hashes: \"add_detail: 7c6bad76eb54, more: \\\"x\\\"\", Version: v1.9.4";
         assert_eq!(p.prompt, "a cat <lora:pixel:0.8>");
         assert_eq!(p.lora_hashes(), params.lora_hashes);
         assert_eq!(p.ti_hashes(), params.ti_hashes);
+    }
+
+    #[test]
+    fn hires_fields_round_trip_as_a1111_writes_them() {
+        let p = Parameters {
+            prompt: "a castle".into(),
+            steps: 20,
+            sampler: "Euler".into(),
+            cfg_scale: 7.0,
+            seed: 1,
+            width: 512,
+            height: 512,
+            model: "m".into(),
+            denoising_strength: Some(0.55),
+            hires: Some(HiresParams {
+                scale: Some(2.0),
+                resize: (1024, 1024),
+                steps: Some(10),
+                upscaler: "Latent (nearest)".into(),
+            }),
+            ..Default::default()
+        };
+        let text = p.to_a1111();
+        assert!(
+            text.contains("Size: 512x512, Model: m, Denoising strength: 0.55, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent (nearest)"),
+            "{text}"
+        );
+        let back = parse_a1111(&text).unwrap().hires().unwrap();
+        assert_eq!(back.scale, Some(2.0));
+        assert_eq!(back.steps, Some(10));
+        assert_eq!(back.upscaler, "Latent (nearest)");
+        // A1111's own: a resize and no steps (0 = the first pass's).
+        let a1111 = "x\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x768, Denoising strength: 0.7, Hires resize: 1024x1536, Hires steps: 0, Hires upscaler: Lanczos";
+        let h = parse_a1111(a1111).unwrap().hires().unwrap();
+        assert_eq!((h.scale, h.resize, h.steps), (None, (1024, 1536), None));
+        assert_eq!(h.upscaler, "Lanczos");
+        assert!(parse_a1111("x\nSteps: 20, Seed: 1")
+            .unwrap()
+            .hires()
+            .is_none());
     }
 
     #[test]

@@ -29,6 +29,9 @@ use crate::engine::tokenizer::ClipTokenizer;
 use crate::engine::unet::{self, UNet};
 use crate::engine::vae_encoder::VaeEncoder;
 
+mod hires;
+pub use hires::{Hires, HiresUpscaler};
+
 /// Everything that decides an image.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -59,6 +62,8 @@ pub struct GenerateRequest {
     /// ControlNets steering every image (several: their residuals add up, as diffusers'
     /// MultiControlNet).
     pub controls: Vec<ControlUse>,
+    /// A1111's Hires. fix: a second, img2img pass at a larger size.
+    pub hires: Option<Hires>,
 }
 
 /// SDXL's micro-conditioning (A1111's and diffusers' `original_size`,
@@ -121,6 +126,7 @@ impl Default for GenerateRequest {
             size_conditions: SizeConditions::default(),
             networks: Networks::default(),
             controls: Vec::new(),
+            hires: None,
         }
     }
 }
@@ -292,6 +298,13 @@ pub struct Run {
     pub adapters: AdapterReport,
     /// Its ControlNets, each with its control map's embedding.
     controls: Vec<RunControl>,
+    /// The Hires. fix pass still to come, and its step count.
+    hires: Option<Hires>,
+    hires_steps: usize,
+    /// UNet batch rows (2 × batch with guidance).
+    rows: usize,
+    /// Steps run in earlier passes.
+    offset: usize,
 }
 
 /// One ControlNet of a run.
@@ -314,13 +327,19 @@ struct LoadedControl {
 }
 
 impl Run {
-    /// True when every step has run: call [`StableDiffusion::finish`].
+    /// True when every step (of both passes with Hires. fix) has run: call
+    /// [`StableDiffusion::finish`].
     pub fn is_done(&self) -> bool {
-        self.next >= self.scheduler.timesteps().len()
+        self.next >= self.scheduler.timesteps().len() && self.hires.is_none()
     }
-    /// The number of denoising steps (UNet rounds) this run makes.
+    /// The number of denoising steps (UNet rounds) this run makes, both passes.
     pub fn total(&self) -> usize {
-        self.scheduler.timesteps().len() - self.start
+        let pending = if self.hires.is_some() {
+            self.hires_steps
+        } else {
+            0
+        };
+        self.offset + self.scheduler.timesteps().len() - self.start + pending
     }
     /// The request it runs.
     pub fn request(&self) -> &GenerateRequest {
@@ -1067,6 +1086,19 @@ impl StableDiffusion {
         if let Some(v) = &req.variation {
             in_unit_range("variation strength", v.strength)?;
         }
+        if let Some(h) = &req.hires {
+            self.check_hires(req, h)?;
+            if self.hires_steps(req)? == 0 {
+                return Err(Error::invalid(
+                    "hires strength",
+                    format!(
+                        "{} of {} steps runs no step: raise the strength or the hires steps",
+                        h.strength,
+                        h.steps.unwrap_or(req.steps)
+                    ),
+                ));
+            }
+        }
         for (i, c) in req.controls.iter().enumerate() {
             c.check(i)?;
             if c.image.len() != req.width * req.height * 3 {
@@ -1133,8 +1165,13 @@ impl StableDiffusion {
         // 1. Check inputs, and that the job fits in memory (before allocating any of it).
         self.check(req)?;
         let guided = req.guidance > 1.0;
-        let attention_slice =
-            self.plan_memory(req, if guided { 2 * req.batch } else { req.batch })?;
+        let rows = if guided { 2 * req.batch } else { req.batch };
+        let attention_slice = self.plan_memory(req, rows)?;
+        if let Some(h) = &req.hires {
+            // The large pass must fit too: refused now, before anything is allocated.
+            self.plan_memory(&h.request(req), rows)?;
+        }
+        let hires_steps = self.hires_steps(req)?;
         let f = self.scale_factor();
         let (lh, lw) = (req.height / f, req.width / f);
         let channels = self.files.vae_config.latent_channels;
@@ -1270,11 +1307,18 @@ impl StableDiffusion {
             timings,
             adapters,
             controls,
+            hires: req.hires,
+            hires_steps,
+            rows,
+            offset: 0,
         })
     }
 
     /// Step 5, once: one denoising step of `run` (call until [`Run::is_done`]).
     pub fn step(&self, run: &mut Run) -> Result<RunStep> {
+        if run.next >= run.scheduler.timesteps().len() && run.hires.is_some() {
+            self.start_hires(run)?;
+        }
         let timesteps = run.scheduler.timesteps();
         let Some(&t) = timesteps.get(run.next) else {
             return Err(Error::invalid("step", "the run has no steps left"));
@@ -1405,8 +1449,8 @@ impl StableDiffusion {
         run.next += 1;
         run.timings.steps.push(ts.elapsed().as_secs_f64());
         Ok(RunStep {
-            step: i + 1 - run.start,
-            total: len - run.start,
+            step: run.offset + i + 1 - run.start,
+            total: run.total(),
             pred_original: out.pred_original,
         })
     }
