@@ -45,6 +45,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         size_conditions: Default::default(),
         networks: Default::default(),
         controls: Vec::new(),
+        hires: None,
     }
 }
 
@@ -160,6 +161,7 @@ fn batch_size_never_changes_an_image() {
         size_conditions: Default::default(),
         networks: Default::default(),
         controls: Vec::new(),
+        hires: None,
     };
     let batch = sd.generate(&base, &mut |_| Ok(())).unwrap();
     let single = sd
@@ -205,6 +207,7 @@ fn steps_are_reported_and_cancel_stops_the_job() {
         size_conditions: Default::default(),
         networks: Default::default(),
         controls: Vec::new(),
+        hires: None,
     };
     let mut seen = Vec::new();
     sd.generate(&req, &mut |s| {

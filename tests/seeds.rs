@@ -29,6 +29,7 @@ fn req(seed: u64, variation: Option<Variation>) -> GenerateRequest {
         size_conditions: Default::default(),
         networks: Default::default(),
         controls: Vec::new(),
+        hires: None,
     }
 }
 
