@@ -164,6 +164,22 @@ pub struct JobRequest {
     /// A ControlNet steering every image (every row in compare mode; not persisted).
     #[serde(skip)]
     pub control: Option<ControlInput>,
+    /// A1111's Hires. fix: a second pass at a larger size.
+    #[serde(default)]
+    pub hires: Option<JobHires>,
+}
+
+/// Hires. fix for a job: the final size, the second pass's steps (None: the job's),
+/// strength and upscaler (`latent`, `latent-nearest`, `lanczos`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobHires {
+    pub width: usize,
+    pub height: usize,
+    pub steps: Option<usize>,
+    pub strength: f64,
+    pub upscaler: String,
+    /// The "Upscale by" it came from (the metadata's "Hires upscale").
+    pub scale: Option<f64>,
 }
 
 /// A1111's "Variation seed" for a job: one per image (same length as the job's seeds).

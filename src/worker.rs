@@ -457,6 +457,20 @@ impl Worker {
     ) -> eng::Result<()> {
         let init = prepare_init(job)?;
         let controls = prepare_control(job)?;
+        let hires = job
+            .hires
+            .as_ref()
+            .map(|h| {
+                Ok::<_, Error>(crate::engine::pipeline::Hires {
+                    width: h.width,
+                    height: h.height,
+                    steps: h.steps,
+                    strength: h.strength,
+                    upscaler: crate::engine::pipeline::HiresUpscaler::parse(&h.upscaler)?,
+                    scale: h.scale,
+                })
+            })
+            .transpose()?;
         // Which model draws each image.
         let mut models: Vec<Arc<CachedModel>> = Vec::new();
         if job.models.is_empty() {
@@ -548,6 +562,7 @@ impl Worker {
                         embedding_dirs: job.embedding_dirs.clone(),
                     },
                     controls: controls.clone(),
+                    hires,
                     ..Default::default()
                 };
                 let run = model.sd.begin(&req)?;
@@ -659,7 +674,13 @@ impl Worker {
             };
             // A write that fails (read-only folder, disk full) fails the job: the cell still
             // shows its image, the images saved before it stay, the next job runs.
-            let saved = save(&job.output_dir, &stem, &params, &img.rgb);
+            let saved = save(
+                &job.output_dir,
+                &stem,
+                &params,
+                &img.rgb,
+                (img.width, img.height),
+            );
             self.link.send(Event::CellDone {
                 job: job.id,
                 cell,
@@ -745,13 +766,20 @@ pub fn file_safe(label: &str) -> String {
         .collect()
 }
 
-/// Writes one image with its A1111 parameters into `dir` (atomically) as `{stem}.png`.
-pub fn save(dir: &Path, stem: &str, params: &Parameters, rgb: &[u8]) -> eng::Result<PathBuf> {
+/// Writes one `width`×`height` image with its A1111 parameters into `dir` (atomically) as
+/// `{stem}.png` (with Hires. fix the parameters' "Size" is the first pass's, not the image's).
+pub fn save(
+    dir: &Path,
+    stem: &str,
+    params: &Parameters,
+    rgb: &[u8],
+    (width, height): (usize, usize),
+) -> eng::Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Write {
         path: dir.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let png = encode_png(rgb, params.width, params.height, &params.to_a1111())?;
+    let png = encode_png(rgb, width, height, &params.to_a1111())?;
     let path = output_path(dir, stem);
     write_atomic(&path, &png)?;
     Ok(path)

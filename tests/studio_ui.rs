@@ -29,7 +29,7 @@ fn studio() -> (Harness<'static, StudioApp>, WorkerLink) {
         },
     );
     let harness = Harness::builder()
-        .with_size(egui::vec2(1280.0, 900.0))
+        .with_size(egui::vec2(1280.0, 1000.0))
         .build_ui_state(|ui, app: &mut StudioApp| app.frame(ui), app);
     fake.send(Event::ModelReady {
         name: "tiny-sd15".into(),
@@ -1151,4 +1151,57 @@ fn a_dropped_png_with_a_controlnet_restores_the_unit_and_finds_the_model() {
     h.get_by_label_contains("does not hold the ControlNet's picture");
     h.get_by_label_contains("this image used 2 ControlNets");
     h.get_by_label("ControlNet (on)");
+}
+
+#[test]
+fn hires_fix_reaches_the_job_and_a_dropped_png_restores_it() {
+    let (mut h, fake) = studio();
+    click(&mut h, "Hires. fix");
+    click(&mut h, "Upscale and denoise again");
+    h.get_by_label("Hires. fix (on)");
+    h.get_by_label_contains("512×512 upscaled to 1024×1024");
+    ctrl_enter(&mut h);
+    let j = generate_cmd(&fake);
+    let hr = j.hires.expect("hires in the job");
+    assert_eq!(
+        (hr.width, hr.height, hr.steps, hr.strength),
+        (1024, 1024, None, 0.7)
+    );
+    assert_eq!(hr.upscaler, "latent");
+    assert_eq!(
+        (j.width, j.height),
+        (512, 512),
+        "the job runs at the base size first"
+    );
+    // A1111's fields from a PNG: resize, steps, upscaler, strength.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a1111.png");
+    let text = "a castle\nSteps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 1, Size: 512x768, Denoising strength: 0.45, Hires resize: 768x1152, Hires steps: 12, Hires upscaler: Lanczos";
+    let png = sd_studio::engine::metadata::encode_png(&[0; 8 * 8 * 3], 8, 8, text).unwrap();
+    std::fs::write(&path, png).unwrap();
+    h.input_mut().dropped_files.push(Arc::new(Dropped(path)));
+    h.run_steps(3);
+    let s = h.state().state.params.hires.clone();
+    assert!(s.enabled);
+    assert_eq!(
+        (s.upscaler.as_str(), s.scale, s.steps, s.strength),
+        ("lanczos", 1.5, 12, 0.45)
+    );
+    ctrl_enter(&mut h);
+    let hr = generate_cmd(&fake).hires.unwrap();
+    assert_eq!((hr.width, hr.height, hr.steps), (768, 1152, Some(12)));
+    // A PNG without Hires fields turns it off.
+    let plain = dir.path().join("plain.png");
+    let png = sd_studio::engine::metadata::encode_png(
+        &[0; 8 * 8 * 3],
+        8,
+        8,
+        "a castle\nSteps: 20, Sampler: Euler, CFG scale: 7.0, Seed: 1, Size: 512x512",
+    )
+    .unwrap();
+    std::fs::write(&plain, png).unwrap();
+    h.input_mut().dropped_files.push(Arc::new(Dropped(plain)));
+    h.run_steps(3);
+    ctrl_enter(&mut h);
+    assert!(generate_cmd(&fake).hires.is_none());
 }

@@ -101,6 +101,7 @@ fn job(rig: &Rig, id: u64, seeds: Vec<u64>, steps: usize) -> JobRequest {
         lora_dirs: Vec::new(),
         embedding_dirs: Vec::new(),
         control: None,
+        hires: None,
     }
 }
 
@@ -938,4 +939,59 @@ fn a_controlnet_job_steers_every_cell_and_compare_row_as_the_pipeline_does() {
     assert_eq!(cells.len(), 2, "{events:?}");
     assert_eq!(cells[0].2, want[0], "row 1 is the pipeline's image");
     assert_eq!(cells[1].2, want[0], "row 2 is steered the same way");
+}
+
+#[test]
+fn a_hires_job_previews_both_passes_and_saves_a1111s_fields() {
+    let rig = start(true);
+    let mut j = job(&rig, 1, vec![5, 6], 4);
+    j.hires = Some(sd_studio::protocol::JobHires {
+        width: 128,
+        height: 128,
+        steps: Some(4),
+        strength: 0.5,
+        upscaler: "latent".into(),
+        scale: Some(2.0),
+    });
+    rig.engine.send(Command::Generate(j));
+    let events = collect(&rig.engine, 1);
+    let cells = cell_images(&events);
+    assert_eq!(cells.len(), 2, "{events:?}");
+    // Steps over both passes (4 + 2), previews at both sizes.
+    let totals: Vec<usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step { total, .. } => Some(*total),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(totals, vec![6; 6], "{events:?}");
+    let sizes: std::collections::BTreeSet<usize> = rig
+        .previews
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Preview { image, .. } => Some(image.width),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        sizes.into_iter().collect::<Vec<_>>(),
+        vec![64, 128],
+        "previews of both passes"
+    );
+    for (_, _, rgb, path) in &cells {
+        assert_eq!(rgb.len(), 128 * 128 * 3);
+        let text = read_png_parameters(path.as_ref().unwrap())
+            .unwrap()
+            .unwrap();
+        assert!(
+            text.contains("Size: 64x64")
+                && text.contains(
+                    "Denoising strength: 0.5, Hires upscale: 2, Hires steps: 4, Hires upscaler: Latent"
+                ),
+            "{text}"
+        );
+    }
 }

@@ -395,6 +395,13 @@ impl StudioApp {
             Ok(s) => s,
             Err(e) => return self.error(e),
         };
+        let hires = match super::hires::job_hires(
+            &self.state.params.hires,
+            (self.state.params.width, self.state.params.height),
+        ) {
+            Ok(h) => h,
+            Err(e) => return self.error(format!("Hires. fix: {e}")),
+        };
         let control = match self.control.input(
             &self.state.params.control,
             self.state.params.width,
@@ -409,6 +416,7 @@ impl StudioApp {
         let (lora_dirs, embedding_dirs) = s.adapter_dirs();
         let request = JobRequest {
             control,
+            hires,
             lora_dirs,
             embedding_dirs,
             id: self.next_job,
@@ -675,8 +683,8 @@ impl StudioApp {
                 self.viewer = i.map(|i| viewer::ViewerState::new(i, &self.layout));
             }
             UiCommand::SaveAs(i) => self.save_as(i),
-            UiCommand::CopyParameters(i) => match self.cell_parameters(i) {
-                Some(p) => ctx.copy_text(p.to_a1111()),
+            UiCommand::CopyParameters(i) => match self.cell_parameters_text(i) {
+                Some(text) => ctx.copy_text(text),
                 None => self.error(format!("cell {} has no finished image", i + 1)),
             },
             UiCommand::RestoreFromPng(path) => match read_png_parameters(&path) {
@@ -717,7 +725,18 @@ impl StudioApp {
         }
     }
 
-    /// A finished cell's A1111 parameters.
+    /// A finished cell's A1111 parameters text: what its saved PNG holds (with the LoRA,
+    /// ControlNet and model hashes the engine wrote), else made from its job's parameters.
+    pub fn cell_parameters_text(&self, i: usize) -> Option<String> {
+        let c = self.cells.get(i)?;
+        c.image.as_ref()?;
+        if let Some(Ok(Some(text))) = c.path.as_deref().map(read_png_parameters) {
+            return Some(text);
+        }
+        self.cell_parameters(i).map(|p| p.to_a1111())
+    }
+
+    /// A finished cell's A1111 parameters, from its job's parameters.
     pub fn cell_parameters(&self, i: usize) -> Option<Parameters> {
         let c = self.cells.get(i)?;
         let p = c.params.as_ref()?;
@@ -737,9 +756,24 @@ impl StudioApp {
             height: p.height,
             model: c.model.clone().unwrap_or_else(|| self.model.name.clone()),
             variation: None,
-            denoising_strength: c.denoise,
+            denoising_strength: c.denoise.or_else(|| {
+                p.hires
+                    .enabled
+                    .then_some((p.hires.strength * 100.0).round() / 100.0)
+            }),
             clip_skip: (p.clip_skip > 1).then_some(p.clip_skip),
             rng: None,
+            hires: super::hires::job_hires(&p.hires, (p.width, p.height))
+                .ok()
+                .flatten()
+                .map(|h| crate::engine::metadata::HiresParams {
+                    scale: h.scale,
+                    resize: (h.width, h.height),
+                    steps: h.steps,
+                    upscaler: crate::engine::pipeline::HiresUpscaler::parse(&h.upscaler)
+                        .map(|u| u.a1111_name().to_string())
+                        .unwrap_or(h.upscaler),
+                }),
             ..Default::default()
         })
     }
@@ -816,7 +850,10 @@ impl StudioApp {
         else {
             return;
         };
-        let r = encode_png(&img.rgb, img.width, img.height, &params.to_a1111())
+        let text = self
+            .cell_parameters_text(i)
+            .unwrap_or_else(|| params.to_a1111());
+        let r = encode_png(&img.rgb, img.width, img.height, &text)
             .and_then(|png| write_atomic(&path, &png));
         if let Err(e) = r {
             self.error(e.to_string());
@@ -880,9 +917,39 @@ impl StudioApp {
                 p.variation_strength = s;
             }
         }
-        if let Some(v) = other("Denoising strength").and_then(|v| v.parse::<f64>().ok()) {
-            if (0.0..=1.0).contains(&v) {
-                p.denoising_strength = v;
+        let strength = other("Denoising strength")
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| (0.0..=1.0).contains(v));
+        // With Hires. fix fields, "Denoising strength" is the second pass's.
+        match parsed.hires() {
+            None => {
+                p.hires.enabled = false;
+                if let Some(v) = strength {
+                    p.denoising_strength = v;
+                }
+            }
+            Some(h) => {
+                p.hires.enabled = true;
+                if let Some(v) = strength {
+                    p.hires.strength = v;
+                }
+                p.hires.steps = h.steps.unwrap_or(0);
+                p.hires.scale = match (h.scale, parsed.width) {
+                    (Some(s), _) => s,
+                    (None, Some(w)) if w > 0 => h.resize.0 as f64 / w as f64,
+                    _ => p.hires.scale,
+                }
+                .clamp(1.0, 4.0);
+                match crate::engine::pipeline::HiresUpscaler::parse(&h.upscaler) {
+                    Ok(u) => p.hires.upscaler = u.cli_name().into(),
+                    Err(_) => {
+                        let kept = p.hires.upscaler.clone();
+                        self.warn(format!(
+                            "Hires upscaler {:?} is not available here (Latent, Latent (nearest), Lanczos); kept {kept}",
+                            h.upscaler
+                        ));
+                    }
+                }
             }
         }
         // A1111's ControlNet extension writes "ControlNet 0", "ControlNet 1", …; the picture
@@ -1304,6 +1371,12 @@ impl StudioApp {
                     cmds.extend(seed::seed_ui(ui, &mut self.state.params));
                     ui.separator();
                     sampling::sampling_ui(ui, &mut self.state.params);
+                    ui.separator();
+                    super::hires::hires_ui(
+                        ui,
+                        &mut self.state.params.hires,
+                        (self.state.params.width, self.state.params.height),
+                    );
                     ui.separator();
                     let hovering = ui.input(|i| !i.raw.hovered_files.is_empty());
                     cmds.extend(img2img::img2img_ui(

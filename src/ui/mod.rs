@@ -9,6 +9,7 @@ pub mod compare;
 pub mod control;
 pub mod errors;
 pub mod grid;
+pub mod hires;
 pub mod history;
 pub mod img2img;
 pub mod loras;

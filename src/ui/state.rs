@@ -50,6 +50,35 @@ pub struct Params {
     pub variation_strength: f64,
     /// The ControlNet panel.
     pub control: ControlSettings,
+    /// A1111's Hires. fix.
+    pub hires: HiresSettings,
+}
+
+/// The Hires. fix panel (A1111's names in the window, our CLI names stored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HiresSettings {
+    pub enabled: bool,
+    /// `latent`, `latent-nearest` or `lanczos`.
+    pub upscaler: String,
+    /// "Upscale by".
+    pub scale: f64,
+    /// "Hires steps": 0 = the first pass's.
+    pub steps: usize,
+    /// "Denoising strength" of the second pass.
+    pub strength: f64,
+}
+
+impl Default for HiresSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            upscaler: "latent".into(),
+            scale: 2.0,
+            steps: 0,
+            strength: 0.7,
+        }
+    }
 }
 
 /// The ControlNet panel's settings (A1111's ControlNet unit).
@@ -101,6 +130,7 @@ impl Default for Params {
             variation_seed: 0,
             variation_strength: 0.0,
             control: ControlSettings::default(),
+            hires: HiresSettings::default(),
         }
     }
 }

@@ -303,6 +303,8 @@ pub struct Run {
     hires_steps: usize,
     /// UNet batch rows (2 × batch with guidance).
     rows: usize,
+    /// The size of the pass now running (the request's, or the Hires. fix size).
+    size: (usize, usize),
     /// Steps run in earlier passes.
     offset: usize,
 }
@@ -1310,6 +1312,7 @@ impl StableDiffusion {
             hires: req.hires,
             hires_steps,
             rows,
+            size: (req.width, req.height),
             offset: 0,
         })
     }
@@ -1463,6 +1466,7 @@ impl StableDiffusion {
             mut timings,
             adapters,
             controls,
+            size,
             ..
         } = run;
         // medvram: the ControlNets leave the device with the UNet.
@@ -1479,8 +1483,8 @@ impl StableDiffusion {
             images.push(GeneratedImage {
                 seed,
                 variation_seed,
-                width: req.width,
-                height: req.height,
+                width: size.0,
+                height: size.1,
                 rgb,
                 lora_hashes: adapters.lora_hashes.clone(),
                 ti_hashes: adapters.ti_hashes.clone(),

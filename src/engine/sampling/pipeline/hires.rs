@@ -106,7 +106,8 @@ impl Hires {
         Ok((floor(tw), floor(th)))
     }
 
-    /// The request of the second pass: the base request at the large size.
+    /// The request of the second pass: the base request at the large size (the run keeps
+    /// the base request itself: what the metadata describes).
     pub(super) fn request(&self, base: &GenerateRequest) -> GenerateRequest {
         GenerateRequest {
             width: self.width,
@@ -307,10 +308,7 @@ impl StableDiffusion {
         run.streams = streams;
         run.start = start;
         run.next = start;
-        run.req = GenerateRequest {
-            hires: Some(h),
-            ..req
-        };
+        run.size = (req.width, req.height);
         Ok(())
     }
 }
