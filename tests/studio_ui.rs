@@ -20,6 +20,11 @@ use sd_studio::ui::app::CellStatus;
 use sd_studio::ui::{StudioApp, StudioOptions};
 
 fn studio() -> (Harness<'static, StudioApp>, WorkerLink) {
+    studio_sized(egui::vec2(1280.0, 1000.0))
+}
+
+/// A window tall enough for panels far down the side bar (clicks land on screen only).
+fn studio_sized(size: egui::Vec2) -> (Harness<'static, StudioApp>, WorkerLink) {
     let (engine, fake) = link(Arc::new(|| {}));
     let app = StudioApp::new(
         engine,
@@ -29,7 +34,7 @@ fn studio() -> (Harness<'static, StudioApp>, WorkerLink) {
         },
     );
     let harness = Harness::builder()
-        .with_size(egui::vec2(1280.0, 1000.0))
+        .with_size(size)
         .build_ui_state(|ui, app: &mut StudioApp| app.frame(ui), app);
     fake.send(Event::ModelReady {
         name: "tiny-sd15".into(),
@@ -1204,4 +1209,52 @@ fn hires_fix_reaches_the_job_and_a_dropped_png_restores_it() {
     h.run_steps(3);
     ctrl_enter(&mut h);
     assert!(generate_cmd(&fake).hires.is_none());
+}
+
+#[test]
+fn two_history_entries_show_what_changed_and_restore_a_subset() {
+    use sd_studio::ui::state::HistoryEntry;
+    let (mut h, _fake) = studio_sized(egui::vec2(1280.0, 1800.0));
+    let entry = |prompt: &str, seed: u64, steps: usize| {
+        let mut params = h.state().state.params.clone();
+        params.prompt = prompt.into();
+        params.steps = steps;
+        HistoryEntry {
+            params,
+            model: "tests/fixtures/tiny-sd15".into(),
+            compare_models: vec![],
+            seeds: vec![seed],
+            images: vec![],
+            time: 0,
+        }
+    };
+    let a = entry("a red fox in a forest", 11, 20);
+    let mut b = entry("a blue fox in a forest <lora:ink:0.6>", 12, 30);
+    b.params.hires.enabled = true;
+    h.state_mut().state.history = vec![a, b];
+    h.state_mut().state.params.prompt = "what I am typing now".into();
+    h.run_steps(2);
+    click(&mut h, "History (2)");
+    click(&mut h, "Compare 1");
+    click(&mut h, "Compare 2");
+    h.get_by_label("#1 vs #2: 5 difference(s)");
+    h.get_by_label("prompt: added blue; removed red");
+    h.get_by_label("LoRAs: none, then ink:0.6");
+    h.get_by_label("seed: 11, then 12");
+    h.get_by_label("steps: 20, then 30");
+    h.get_by_label_contains("hires fix: off, then ×2 latent");
+    // Take the seed and the steps of #1; the prompt being typed stays.
+    click(&mut h, "Take seed");
+    click(&mut h, "Take steps");
+    click(&mut h, "Restore ticked from #1");
+    let p = h.state().state.params.clone();
+    assert_eq!(
+        (p.seed, p.steps, p.prompt.as_str()),
+        (11, 20, "what I am typing now")
+    );
+    assert!(p.seed_locked);
+    // One entry ticked: it against the editor.
+    click(&mut h, "Compare 1");
+    h.get_by_label_contains("#2 vs the editor:");
+    h.get_by_label("prompt: added what I am typing now; removed a blue fox in a forest");
 }

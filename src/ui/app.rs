@@ -180,6 +180,8 @@ pub struct StudioApp {
     init_drop_rect: Option<egui::Rect>,
     /// The ControlNet panel's pictures and the ControlNets found.
     pub control: ControlPanel,
+    /// The history panel's comparison.
+    pub history_view: history::HistoryView,
     /// Where the ControlNet panel was last drawn (files dropped there become its picture).
     control_drop_rect: Option<egui::Rect>,
     /// The saved control picture, read on the first frame.
@@ -272,6 +274,7 @@ impl StudioApp {
             img2img_open: false,
             init_drop_rect: None,
             control: ControlPanel::default(),
+            history_view: history::HistoryView::default(),
             control_drop_rect: None,
             pending_control_image,
             next_job: 1,
@@ -715,6 +718,20 @@ impl StudioApp {
                         self.state.compare.enabled = true;
                     }
                     self.state.params.seed_locked = true;
+                }
+            }
+            UiCommand::SelectHistory(i) => self.history_view.toggle(i),
+            UiCommand::RestoreHistoryFields { entry, fields } => {
+                if let Some(h) = self.state.history.get(entry) {
+                    let from = history::Side::of_entry(h);
+                    let before = self.state.model.clone();
+                    let mut model = before.clone();
+                    history::restore_fields(&mut self.state.params, &mut model, &from, &fields);
+                    if model != before && !model.is_empty() {
+                        self.model_input = model.clone();
+                        self.load_model(model);
+                    }
+                    self.history_view.chosen.clear();
                 }
             }
             UiCommand::Dismiss(i) => {
@@ -1414,7 +1431,17 @@ impl StudioApp {
                     ui.separator();
                     cmds.extend(queue::queue_ui(ui, &self.jobs));
                     ui.separator();
-                    cmds.extend(history::history_ui(ui, &self.state.history));
+                    let editor = history::Side {
+                        params: self.state.params.clone(),
+                        model: self.state.model.clone(),
+                        seed: self.state.params.seed,
+                    };
+                    cmds.extend(history::history_ui(
+                        ui,
+                        &self.state.history,
+                        &mut self.history_view,
+                        &editor,
+                    ));
                 });
             });
         egui::CentralPanel::default_margins().show(ui, |ui| {

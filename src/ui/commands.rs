@@ -72,6 +72,13 @@ pub enum UiCommand {
     RestoreFromPng(PathBuf),
     /// Put a past generation's parameters (and first seed, locked) back in the editor.
     RestoreHistory(usize),
+    /// Tick or untick a history entry for comparison (at most two).
+    SelectHistory(usize),
+    /// Put these fields of a past generation back in the editor.
+    RestoreHistoryFields {
+        entry: usize,
+        fields: Vec<super::history::Field>,
+    },
     /// List the LoRA folders' LoRAs.
     ScanLoras,
     /// Put `<lora:NAME:1>` into the prompt at its cursor.
