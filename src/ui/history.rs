@@ -4,7 +4,7 @@
 //! ControlNet — and restore any subset of those fields.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::commands::UiCommand;
 use super::state::{HistoryEntry, Params};
@@ -320,9 +320,9 @@ impl HistoryView {
         }
     }
 
-    fn texture(&mut self, ctx: &egui::Context, path: &PathBuf) -> Option<egui::TextureHandle> {
+    fn texture(&mut self, ctx: &egui::Context, path: &Path) -> Option<egui::TextureHandle> {
         self.textures
-            .entry(path.clone())
+            .entry(path.to_path_buf())
             .or_insert_with(|| {
                 let img = super::img2img::load_image_file(path).ok()?;
                 let color = egui::ColorImage::from_rgb([img.width, img.height], &img.rgb);
