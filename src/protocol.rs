@@ -167,6 +167,13 @@ pub struct JobRequest {
     /// A1111's Hires. fix: a second pass at a larger size.
     #[serde(default)]
     pub hires: Option<JobHires>,
+    /// Save the images (false: live mode's throwaway grids, kept only on request).
+    #[serde(default = "yes")]
+    pub save: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Hires. fix for a job: the final size, the second pass's steps (None: the job's),
@@ -380,7 +387,10 @@ pub enum Event {
         /// The model that drew it (its label, as in the PNG metadata).
         model: String,
         image: RgbImage,
+        /// Where it was saved (None: not saved, e.g. a live job).
         path: Option<PathBuf>,
+        /// Its A1111 `parameters` text (what the PNG holds or would hold).
+        parameters: String,
     },
     /// Every cell of the job is done.
     JobDone { job: JobId, elapsed: Duration },

@@ -674,20 +674,26 @@ impl Worker {
             };
             // A write that fails (read-only folder, disk full) fails the job: the cell still
             // shows its image, the images saved before it stay, the next job runs.
-            let saved = save(
-                &job.output_dir,
-                &stem,
-                &params,
-                &img.rgb,
-                (img.width, img.height),
-            );
+            let saved = if job.save {
+                save(
+                    &job.output_dir,
+                    &stem,
+                    &params,
+                    &img.rgb,
+                    (img.width, img.height),
+                )
+                .map(Some)
+            } else {
+                Ok(None)
+            };
             self.link.send(Event::CellDone {
                 job: job.id,
                 cell,
                 seed: img.seed,
                 model: label.clone(),
                 image: rgb(img.width, img.height, img.rgb),
-                path: saved.as_ref().ok().cloned(),
+                path: saved.as_ref().ok().cloned().flatten(),
+                parameters: params.to_a1111(),
             });
             saved?;
         }

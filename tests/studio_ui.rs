@@ -118,6 +118,9 @@ fn play_job(h: &mut Harness<'_, StudioApp>, fake: &WorkerLink, j: &JobRequest) {
             model: j.models.get(row).cloned().unwrap_or_else(|| "fake".into()),
             image: image(200 - 50 * row as u8),
             path: None,
+            parameters: format!(
+                "a prompt\nSteps: 2, Sampler: Euler, CFG scale: 7.0, Seed: {seed}, Size: 8x8"
+            ),
         });
     }
     fake.send(Event::JobDone {
@@ -1257,4 +1260,96 @@ fn two_history_entries_show_what_changed_and_restore_a_subset() {
     click(&mut h, "Compare 1");
     h.get_by_label_contains("#2 vs the editor:");
     h.get_by_label("prompt: added what I am typing now; removed a blue fox in a forest");
+}
+
+/// Live mode's pause in typing has passed: frames after it queue the job.
+fn after_debounce(h: &mut Harness<'_, StudioApp>) {
+    std::thread::sleep(sd_studio::ui::app::LIVE_DEBOUNCE + Duration::from_millis(60));
+    h.run_steps(2);
+}
+
+#[test]
+fn live_mode_regenerates_after_a_pause_cancels_stale_jobs_and_keeps_on_request() {
+    let (mut h, fake) = studio();
+    let out = tempfile::tempdir().unwrap();
+    h.state_mut().state.settings.output_dir = out.path().to_path_buf();
+    h.state_mut().state.params.steps = 4;
+    click(&mut h, "Live");
+    after_debounce(&mut h);
+    // Switching it on draws the grid as it is, with the seed kept.
+    let seed = h.state().state.params.seed;
+    let first = generate_cmd(&fake);
+    assert!(!first.save, "live grids are not saved");
+    assert_eq!(first.seeds[0], seed);
+    fake.send(Event::Started { job: first.id });
+    h.run_steps(1);
+    // A burst of typing: one job, for the last text, after the pause; the stale one is
+    // cancelled (the worker stops it at its next step).
+    type_prompt(&mut h, "a red fox");
+    after_debounce(&mut h);
+    let cmds = sent(&fake);
+    assert!(
+        matches!(cmds.as_slice(), [Command::Cancel(a), Command::Generate(j)] if *a == first.id && j.prompt == "a red fox" && j.seeds[0] == seed),
+        "{cmds:?}"
+    );
+    let Command::Generate(second) = cmds[1].clone() else {
+        unreachable!()
+    };
+    fake.send(Event::Cancelled { job: first.id });
+    // Nothing changes: nothing is queued.
+    after_debounce(&mut h);
+    assert!(sent(&fake).is_empty());
+    // The live job finishes: not in the history; Keep saves a cell with its parameters.
+    play_job(&mut h, &fake, &second);
+    assert!(h.state().state.history.is_empty());
+    h.get_by_role_and_label(
+        Role::Button,
+        &format!("Cell 2: seed {}, done", second.seeds[1]),
+    )
+    .click_secondary();
+    h.run_steps(2);
+    click(&mut h, "Keep");
+    let kept = out.path().join(format!("{}.png", second.seeds[1]));
+    let text = sd_studio::engine::metadata::read_png_parameters(&kept)
+        .unwrap()
+        .expect("parameters in the kept PNG");
+    assert!(
+        text.contains(&format!("Seed: {}", second.seeds[1])),
+        "{text}"
+    );
+    assert_eq!(h.state().state.history.len(), 1);
+    assert_eq!(h.state().state.history[0].images, vec![kept]);
+    // Ctrl+Enter while live: one job (not a second one from live mode).
+    ctrl_enter(&mut h);
+    after_debounce(&mut h);
+    let cmds = sent(&fake);
+    assert!(
+        matches!(cmds.as_slice(), [Command::Generate(j)] if j.save),
+        "{cmds:?}"
+    );
+}
+
+#[test]
+fn live_mode_warns_once_for_a_many_step_model() {
+    let (mut h, fake) = studio();
+    h.state_mut().state.params.steps = 20;
+    click(&mut h, "Live");
+    after_debounce(&mut h);
+    h.get_by_label_contains("Live: 20 steps per image");
+    let _ = sent(&fake);
+    h.state_mut().state.params.cfg = 5.0;
+    h.run_steps(1); // the frame that sees the edit
+    after_debounce(&mut h);
+    assert_eq!(
+        h.query_all_by_label_contains("Live: 20 steps per image")
+            .count(),
+        1,
+        "warned once"
+    );
+    // The first live job never started: it is taken out of the queue, the new one queued.
+    let cmds = sent(&fake);
+    assert!(
+        matches!(cmds.as_slice(), [Command::Cancel(_), Command::Generate(_)]),
+        "{cmds:?}"
+    );
 }

@@ -102,6 +102,7 @@ fn job(rig: &Rig, id: u64, seeds: Vec<u64>, steps: usize) -> JobRequest {
         embedding_dirs: Vec::new(),
         control: None,
         hires: None,
+        save: true,
     }
 }
 
@@ -993,5 +994,96 @@ fn a_hires_job_previews_both_passes_and_saves_a1111s_fields() {
                 ),
             "{text}"
         );
+    }
+}
+
+#[test]
+fn live_edits_in_a_burst_end_with_one_finished_job_for_the_last_edit() {
+    let rig = start(true);
+    // As the window's live mode sends them: each edit cancels the job before it.
+    for id in 1..=3 {
+        if id > 1 {
+            rig.engine.send(Command::Cancel(id - 1));
+        }
+        let mut j = job(&rig, id, vec![1, 2, 3, 4], 3);
+        j.prompt = format!("a lighthouse {id}");
+        j.save = false;
+        rig.engine.send(Command::Generate(j));
+    }
+    let events = collect(&rig.engine, 3);
+    let done: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::JobDone { job, .. } => Some(*job),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(done, vec![3], "{events:?}");
+    for id in [1, 2] {
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Cancelled { job } if *job == id)),
+            "job {id} cancelled: {events:?}"
+        );
+    }
+    // Not saved, but every cell carries its parameters (for Keep).
+    let cells: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e, Event::CellDone { job: 3, .. }))
+        .collect();
+    assert_eq!(cells.len(), 4);
+    for e in cells {
+        let Event::CellDone {
+            path, parameters, ..
+        } = e
+        else {
+            unreachable!()
+        };
+        assert!(path.is_none());
+        assert!(parameters.starts_with("a lighthouse 3"), "{parameters}");
+    }
+    assert!(
+        std::fs::read_dir(rig.out.path()).unwrap().next().is_none(),
+        "nothing written"
+    );
+}
+
+/// Live mode's latency on the tiny model (CPU): a job sent (what live mode does 150 ms
+/// after the last keystroke) → the first preview event, and → every cell final. A
+/// measurement for BENCHMARKS.md, not a check: run with `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn live_latency_on_the_tiny_model() {
+    let rig = start(true);
+    for (size, steps) in [(256, 2), (512, 2), (512, 4)] {
+        for round in 0..4 {
+            let id = (size * 10 + steps * 100 + round) as u64;
+            let mut j = job(&rig, id, (0..8).collect(), steps);
+            j.width = size;
+            j.height = size;
+            j.guidance = 1.0;
+            j.save = false;
+            let t0 = std::time::Instant::now();
+            rig.engine.send(Command::Generate(j));
+            let mut first_preview = None;
+            loop {
+                let e = rig.engine.events.recv_timeout(WAIT).expect("job");
+                if first_preview.is_none() && !rig.previews.lock().unwrap().is_empty() {
+                    first_preview = Some(t0.elapsed());
+                }
+                if matches!(e, Event::JobDone { .. }) {
+                    break;
+                }
+            }
+            rig.previews.lock().unwrap().clear();
+            if round > 0 {
+                eprintln!(
+                    "live {size}x{size}, 8 images, {steps} steps, CFG 1: first preview {:?}, all final {:?}",
+                    first_preview,
+                    t0.elapsed()
+                );
+            }
+        }
     }
 }

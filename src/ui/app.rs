@@ -83,6 +83,8 @@ pub struct Cell {
     pub model: Option<String>,
     /// img2img: the denoising strength it was drawn with.
     pub denoise: Option<f64>,
+    /// Its A1111 parameters text, as the engine wrote (or would write) it.
+    pub parameters: Option<String>,
 }
 
 impl Default for Cell {
@@ -94,6 +96,7 @@ impl Default for Cell {
             texture: None,
             image: None,
             path: None,
+            parameters: None,
             params: None,
             model: None,
             denoise: None,
@@ -113,7 +116,22 @@ pub struct JobView {
     pub paths: Vec<PathBuf>,
     /// The grid layout the job brings when it starts (`None`: keep the current one).
     pub layout: Option<GridLayout>,
+    /// Queued by live mode (replaced by the next edit; in the history only if saved).
+    pub live: bool,
 }
+
+/// Live mode's debounce: what the editor looked like last frame and since when.
+#[derive(Default)]
+pub struct LiveState {
+    last: Option<String>,
+    changed_at: Option<Instant>,
+    warned: bool,
+    /// When the last live job was queued (for the latency measurement).
+    pub queued_at: Option<Instant>,
+}
+
+/// Typing pause after which live mode regenerates.
+pub const LIVE_DEBOUNCE: Duration = Duration::from_millis(150);
 
 /// The loaded model, as the status bar shows it.
 #[derive(Debug, Clone, Default)]
@@ -182,6 +200,8 @@ pub struct StudioApp {
     pub control: ControlPanel,
     /// The history panel's comparison.
     pub history_view: history::HistoryView,
+    /// Live mode's debounce.
+    pub live: LiveState,
     /// Where the ControlNet panel was last drawn (files dropped there become its picture).
     control_drop_rect: Option<egui::Rect>,
     /// The saved control picture, read on the first frame.
@@ -212,6 +232,11 @@ fn pick_safetensors(title: &str) -> Option<PathBuf> {
         .set_title(title)
         .add_filter("safetensors", &["safetensors"])
         .pick_file()
+}
+
+/// What live mode watches: every parameter of the editor (an edit changes it).
+fn live_signature(p: &Params) -> String {
+    serde_json::to_string(p).unwrap_or_default()
 }
 
 fn now_secs() -> u64 {
@@ -275,6 +300,7 @@ impl StudioApp {
             init_drop_rect: None,
             control: ControlPanel::default(),
             history_view: history::HistoryView::default(),
+            live: LiveState::default(),
             control_drop_rect: None,
             pending_control_image,
             next_job: 1,
@@ -394,6 +420,19 @@ impl StudioApp {
         model_of: Vec<usize>,
         layout: Option<GridLayout>,
     ) {
+        self.queue_job_as(seeds, cells, models, model_of, layout, false)
+    }
+
+    /// [`Self::queue_job`], as a live job when `live` (saved only with "save live images").
+    fn queue_job_as(
+        &mut self,
+        seeds: Vec<u64>,
+        cells: Vec<usize>,
+        models: Vec<String>,
+        model_of: Vec<usize>,
+        layout: Option<GridLayout>,
+        live: bool,
+    ) {
         let scheduler = match self.scheduler() {
             Ok(s) => s,
             Err(e) => return self.error(e),
@@ -418,6 +457,7 @@ impl StudioApp {
         let request_cells = cells.clone();
         let (lora_dirs, embedding_dirs) = s.adapter_dirs();
         let request = JobRequest {
+            save: !live || s.live_save,
             control,
             hires,
             lora_dirs,
@@ -477,8 +517,130 @@ impl StudioApp {
             elapsed: Duration::ZERO,
             paths: Vec::new(),
             layout,
+            live,
         });
         self.send(Command::Generate(request));
+    }
+
+    /// Queues the editor's grid (compare mode: a row per model) with its seed as it is.
+    fn queue_grid(&mut self, live: bool) {
+        let p = &self.state.params;
+        if self.state.compare.enabled {
+            match compare::plan(&self.state.compare, p.count, p.seed, p.seed_mode) {
+                Ok(c) => {
+                    self.queue_job_as(c.seeds, c.cells, c.models, c.model_of, Some(c.layout), live)
+                }
+                Err(e) => self.error(e),
+            }
+            return;
+        }
+        let n = p.count.clamp(1, GRID_CELLS);
+        let seeds = (0..n as u64)
+            .map(|i| match p.seed_mode {
+                SeedMode::Increment => p.seed.wrapping_add(i),
+                SeedMode::Same => p.seed,
+            })
+            .collect();
+        let layout = Some(GridLayout::plain());
+        self.queue_job_as(
+            seeds,
+            (0..n).collect(),
+            Vec::new(),
+            Vec::new(),
+            layout,
+            live,
+        );
+    }
+
+    /// Live mode, once per frame: an edit starts the debounce; when typing pauses, the stale
+    /// live jobs are cancelled (the running one at its next step, queued ones at once) and
+    /// the grid is queued again with the seed as it is.
+    fn live_tick(&mut self, ctx: &egui::Context) {
+        if !self.state.settings.live {
+            self.live.last = None;
+            self.live.changed_at = None;
+            self.live.warned = false;
+            return;
+        }
+        let sig = live_signature(&self.state.params);
+        let now = Instant::now();
+        if self.live.last.as_deref() != Some(sig.as_str()) {
+            self.live.last = Some(sig);
+            self.live.changed_at = Some(now);
+        }
+        let Some(at) = self.live.changed_at else {
+            return;
+        };
+        let waited = now.duration_since(at);
+        if waited < LIVE_DEBOUNCE {
+            ctx.request_repaint_after(LIVE_DEBOUNCE - waited);
+            return;
+        }
+        self.live.changed_at = None;
+        if self.model.name.is_empty() {
+            return;
+        }
+        if !self.live.warned && self.state.params.steps > 8 {
+            self.live.warned = true;
+            self.warn(format!(
+                "Live: {} steps per image; live mode is made for 1–4-step models (SD-Turbo, SDXL-Turbo, LCM, Lightning LoRAs). It still works: the newest edit wins.",
+                self.state.params.steps
+            ));
+        }
+        let stale: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|j| j.live)
+            .map(|j| j.request.id)
+            .collect();
+        for id in stale {
+            self.send(Command::Cancel(id));
+        }
+        self.live.queued_at = Some(now);
+        self.queue_grid(true);
+    }
+
+    /// Saves a cell's image into the output folder (a live image, or again) and records it
+    /// in the history.
+    fn keep(&mut self, i: usize) {
+        let (Some(text), Some(c)) = (self.cell_parameters_text(i), self.cells.get(i)) else {
+            return self.error(format!("cell {} has no finished image", i + 1));
+        };
+        let (Some(img), Some(seed)) = (c.image.clone(), c.seed) else {
+            return self.error(format!("cell {} has no finished image", i + 1));
+        };
+        if let Some(p) = &c.path {
+            return self.warn(format!("cell {} is saved already: {}", i + 1, p.display()));
+        }
+        let dir = self.state.settings.output_dir.clone();
+        let path = crate::engine::metadata::output_path(&dir, &seed.to_string());
+        let r = std::fs::create_dir_all(&dir)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                encode_png(&img.rgb, img.width, img.height, &text)
+                    .and_then(|png| write_atomic(&path, &png))
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = r {
+            return self.error(format!("keeping cell {}: {e}", i + 1));
+        }
+        let params = c
+            .params
+            .clone()
+            .unwrap_or_else(|| self.state.params.clone());
+        let model = c.model.clone().unwrap_or_else(|| self.model.name.clone());
+        if let Some(c) = self.cells.get_mut(i) {
+            c.path = Some(path.clone());
+        }
+        self.state.push_history(HistoryEntry {
+            params,
+            model,
+            compare_models: Vec::new(),
+            seeds: vec![seed],
+            images: vec![path],
+            time: now_secs(),
+        });
+        self.save_state();
     }
 
     /// Applies one user action.
@@ -488,26 +650,11 @@ impl StudioApp {
                 if !self.state.params.seed_locked {
                     self.state.params.seed = random_seed();
                 }
-                let p = &self.state.params;
-                if self.state.compare.enabled {
-                    match compare::plan(&self.state.compare, p.count, p.seed, p.seed_mode) {
-                        Ok(c) => {
-                            self.queue_job(c.seeds, c.cells, c.models, c.model_of, Some(c.layout))
-                        }
-                        Err(e) => self.error(e),
-                    }
-                    return;
-                }
-                let n = p.count.clamp(1, GRID_CELLS);
-                let seeds = (0..n as u64)
-                    .map(|i| match p.seed_mode {
-                        SeedMode::Increment => p.seed.wrapping_add(i),
-                        SeedMode::Same => p.seed,
-                    })
-                    .collect();
-                let layout = Some(GridLayout::plain());
-                self.queue_job(seeds, (0..n).collect(), Vec::new(), Vec::new(), layout);
+                self.queue_grid(false);
+                // A Generate is not an edit: live mode does not queue it again.
+                self.live.last = Some(live_signature(&self.state.params));
             }
+            UiCommand::Keep(i) => self.keep(i),
             UiCommand::VaryAround(i) => match self.cells.get(i).and_then(|c| c.seed) {
                 Some(seed) => {
                     let p = &mut self.state.params;
@@ -749,6 +896,9 @@ impl StudioApp {
         c.image.as_ref()?;
         if let Some(Ok(Some(text))) = c.path.as_deref().map(read_png_parameters) {
             return Some(text);
+        }
+        if let Some(t) = &c.parameters {
+            return Some(t.clone());
         }
         self.cell_parameters(i).map(|p| p.to_a1111())
     }
@@ -1126,6 +1276,7 @@ impl StudioApp {
                                 params: Some(params.clone()),
                                 model,
                                 denoise,
+                                parameters: None,
                             };
                         }
                     }
@@ -1207,8 +1358,10 @@ impl StudioApp {
                 model,
                 image,
                 path,
+                parameters,
             } => {
                 if let Some(c) = self.cells.get_mut(cell) {
+                    c.parameters = Some(parameters);
                     Self::set_texture(ctx, c, format!("cell{cell}"), &image);
                     c.job = Some(job);
                     c.seed = Some(seed);
@@ -1231,6 +1384,13 @@ impl StudioApp {
             Event::JobDone { job, .. } => {
                 if let Some(pos) = self.jobs.iter().position(|j| j.request.id == job) {
                     let j = self.jobs.remove(pos);
+                    if !j.request.save {
+                        // Live images not saved: only kept cells enter the history.
+                        if let Some(plan) = &mut self.screenshots {
+                            plan.jobs_done += 1;
+                        }
+                        return;
+                    }
                     let model = if j.request.models.is_empty() {
                         self.model.name.clone()
                     } else {
@@ -1375,6 +1535,10 @@ impl StudioApp {
                         &mut self.state.params,
                         self.tokens.as_ref(),
                         &mut self.prompt_cursor,
+                        (
+                            &mut self.state.settings.live,
+                            &mut self.state.settings.live_save,
+                        ),
                     ));
                     ui.separator();
                     cmds.extend(loras::loras_ui(
@@ -1454,6 +1618,7 @@ impl StudioApp {
         for c in cmds {
             self.apply(&ctx, c);
         }
+        self.live_tick(&ctx);
         if let Some(plan) = &mut self.screenshots {
             for c in plan.tick(&ctx, &self.cells) {
                 self.apply(&ctx, c);

@@ -17,6 +17,8 @@ pub enum UiCommand {
     VaryAround(usize),
     /// Stop the running job.
     Stop,
+    /// Save a cell's image (a live one) into the output folder and the history.
+    Keep(usize),
     /// Put a cell's seed in the seed field and lock it.
     UseSeed(u64),
     /// Load this model (folder or hub id).

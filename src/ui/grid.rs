@@ -115,6 +115,15 @@ fn cell_ui(ui: &mut egui::Ui, i: usize, c: &Cell, side: f32, out: &mut Vec<UiCom
                     ui.close();
                 }
             }
+            if c.path.is_none()
+                && ui
+                    .button("Keep")
+                    .on_hover_text("Save this live image into the output folder and the history")
+                    .clicked()
+            {
+                out.push(UiCommand::Keep(i));
+                ui.close();
+            }
             if ui.button("Save as…").clicked() {
                 out.push(UiCommand::SaveAs(i));
                 ui.close();

@@ -66,6 +66,7 @@ pub fn prompt_ui(
     p: &mut Params,
     tokens: Option<&TokenCounter>,
     cursor: &mut Option<usize>,
+    live: (&mut bool, &mut bool),
 ) -> Vec<UiCommand> {
     let mut out = Vec::new();
     let label = ui.strong("Prompt");
@@ -107,6 +108,14 @@ pub fn prompt_ui(
         }
         if ui.button("Stop").on_hover_text("Esc").clicked() {
             out.push(UiCommand::Stop);
+        }
+        ui.separator();
+        ui.checkbox(live.0, "Live").on_hover_text(
+            "Regenerate the grid after every edit (a pause of 150 ms in typing); the newest edit wins. For 1–4-step models (SD-Turbo, LCM).",
+        );
+        if *live.0 {
+            ui.checkbox(live.1, "save live images")
+                .on_hover_text("Off: live grids are not saved; Keep a cell (its menu) to save it");
         }
     });
     out

@@ -162,6 +162,10 @@ pub struct Settings {
     pub lora_dir: PathBuf,
     /// Embeddings folder; empty: the models folder's (A1111 embeddings).
     pub embeddings_dir: PathBuf,
+    /// Live mode: every edit regenerates the grid (after a short pause in typing).
+    pub live: bool,
+    /// Save live images too (off: only cells you Keep are saved and enter the history).
+    pub live_save: bool,
 }
 
 impl Settings {
@@ -208,6 +212,8 @@ impl Default for Settings {
             cache_gib: 0.0,
             lora_dir: PathBuf::new(),
             embeddings_dir: PathBuf::new(),
+            live: false,
+            live_save: false,
         }
     }
 }
