@@ -1319,7 +1319,9 @@ fn live_mode_regenerates_after_a_pause_cancels_stale_jobs_and_keeps_on_request()
     );
     assert_eq!(h.state().state.history.len(), 1);
     assert_eq!(h.state().state.history[0].images, vec![kept]);
-    // Ctrl+Enter while live: one job (not a second one from live mode).
+    // Ctrl+Enter while live, even right after an edit: one job (not a second one from
+    // live mode).
+    type_prompt(&mut h, ", at dusk");
     ctrl_enter(&mut h);
     after_debounce(&mut h);
     let cmds = sent(&fake);

@@ -651,8 +651,10 @@ impl StudioApp {
                     self.state.params.seed = random_seed();
                 }
                 self.queue_grid(false);
-                // A Generate is not an edit: live mode does not queue it again.
+                // A Generate is not an edit, and it covers any edit pending: live mode does
+                // not queue it again.
                 self.live.last = Some(live_signature(&self.state.params));
+                self.live.changed_at = None;
             }
             UiCommand::Keep(i) => self.keep(i),
             UiCommand::VaryAround(i) => match self.cells.get(i).and_then(|c| c.seed) {
