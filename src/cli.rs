@@ -1018,7 +1018,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
                 "variation_seed": img.variation_seed,
                 "path": path,
                 "model": label,
-                "model_hash": m.hash,
+                "model_hash": m.model_hash(),
                 "vae": m.vae.as_ref().map(|v| &v.0),
                 "scheduler": st.scheduler.cli_name(),
                 "steps": req.steps,

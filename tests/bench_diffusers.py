@@ -275,7 +275,12 @@ class Dev:
 
     def memory(self) -> dict:
         if not self.cuda:
-            return {"peak_allocated_gib": None, "peak_reserved_gib": None, "vram_used_gib": None}
+            import resource
+
+            # The process's peak RSS so far (Linux: KiB), as `sd-studio bench` reports its own.
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+            return {"peak_allocated_gib": None, "peak_reserved_gib": None, "vram_used_gib": None,
+                    "peak_rss_gib": rss}
         t = self.torch
         t.cuda.synchronize()
         return {

@@ -9,6 +9,8 @@
 # COMPARE=1 runs compare mode instead: tiny-sd15 against the tiny SD 2.x-shaped fixture, one
 # row each, same seeds. LORA=1 sets the fixture LoRA and embeddings folders and puts a LoRA
 # tag and an embedding in the prompt (the LoRA panel shows what the folder holds).
+# VARY=1 shows "Vary around this" as it leaves the grid: every cell seed 1234, variation
+# seeds 1234 + i at strength 0.2 (cell 1 is the image itself).
 # LIVE=1 turns live mode on (the grid regenerates after every edit; nothing saved).
 # HIRES=1 turns Hires. fix on (128² upscaled to 256², Latent, strength 0.6).
 # CONTROLNET=1 turns the ControlNet panel on: the tiny fixture ControlNet steered by the
@@ -35,6 +37,9 @@ control=""
 if [ -n "${CONTROLNET:-}" ]; then
   control=', "control": {"enabled": true, "model": "tests/fixtures/controlnet/tiny-cn-sd15", "image": "'"$PWD"'/tests/fixtures/refs/canny/astronaut.png", "preprocess": "canny", "scale": 1.0, "start": 0.0, "end": 1.0}'
   prompt="an astronaut, oil painting"
+fi
+if [ -n "${VARY:-}" ]; then
+  control="$control"', "seed_mode": "Same", "variation_seed": 1234, "variation_strength": 0.2'
 fi
 if [ -n "${LIVE:-}" ]; then
   folders="$folders"', "live": true'

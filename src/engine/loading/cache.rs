@@ -62,8 +62,9 @@ pub struct CachedModel {
     pub sd: StableDiffusion,
     /// "Model": a single file's stem, a folder's name, or the hub id.
     pub label: String,
-    /// "Model hash" (first 10 hex of the file's sha256), for single-file checkpoints.
-    pub hash: Option<String>,
+    /// "Model hash" (first 10 hex of the file's sha256), for single-file checkpoints: hashed
+    /// on a thread of its own on first sight, so loading never waits for it.
+    pub hash: Option<Arc<hash::Pending>>,
     /// "VAE" and "VAE hash" when a replacement VAE is in use.
     pub vae: Option<(String, String)>,
     /// Memory its components take (each counted in full, shared or not).
@@ -74,6 +75,15 @@ pub struct CachedModel {
 }
 
 impl CachedModel {
+    /// "Model hash", waiting for it if it is still being computed (None without one, or if
+    /// the file could not be read again).
+    pub fn model_hash(&self) -> Option<String> {
+        self.hash
+            .as_ref()
+            .and_then(|h| h.wait().ok())
+            .map(|h| hash::short(&h))
+    }
+
     /// A1111's parameters for `img`, made by this model from `req`.
     pub fn parameters(&self, req: &GenerateRequest, img: &GeneratedImage) -> Parameters {
         let (sampler, schedule_type) = req.scheduler.a1111_name();
@@ -89,7 +99,7 @@ impl CachedModel {
             width: req.width,
             height: req.height,
             model: self.label.clone(),
-            model_hash: self.hash.clone(),
+            model_hash: self.model_hash(),
             vae: self.vae.as_ref().map(|v| v.0.clone()),
             vae_hash: self.vae.as_ref().map(|v| v.1.clone()),
             variation: img.variation_seed.zip(req.variation.map(|v| v.strength)),
@@ -128,6 +138,10 @@ impl CachedModel {
         }
     }
 }
+
+/// Files up to this size are hashed while loading (text encoders, VAEs: well under a
+/// second); larger ones are identified by path, size and time until hashed.
+const HASH_NOW_BYTES: u64 = 512 << 20;
 
 /// A component's identity: content ids of its weights, then config, dtype, device.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -256,13 +270,26 @@ impl ModelCache {
             opts.vae.as_deref(),
         )?;
 
-        // Content ids (hashing a file the first time it is seen).
+        // Content ids: a file's sha256 (read the first time a small file is seen); a large
+        // one goes by path, size and time until its hash is known, so a first load never
+        // waits for hashing gigabytes (identical large files at two paths are then loaded
+        // twice, until hashed).
         let mut ids: HashMap<PathBuf, String> = HashMap::new();
         let mut content = |paths: &[PathBuf], progress: Progress| -> Result<String> {
             let mut out = Vec::new();
             for p in paths {
                 if let Some(h) = ids.get(p) {
                     out.push(h.clone());
+                    continue;
+                }
+                let big = std::fs::metadata(p).is_ok_and(|m| m.len() > HASH_NOW_BYTES);
+                if big {
+                    let id = match hash::known(p) {
+                        Some(h) => h,
+                        None => hash::quick_id(p)?,
+                    };
+                    ids.insert(p.clone(), id.clone());
+                    out.push(id);
                     continue;
                 }
                 let name = p
@@ -311,13 +338,10 @@ impl ModelCache {
             if vae_from_file { "vae" } else { "" },
             format!("{:?}", files.vae_config),
         );
-        let hash = match &files.single {
-            Some(f) => Some(hash::short(&content(
-                std::slice::from_ref(&f.path),
-                progress,
-            )?)),
-            None => None,
-        };
+        let hash = files
+            .single
+            .as_ref()
+            .map(|f| hash::Pending::start(f.path.clone()));
         let vae = match &files.vae_override {
             Some(v) => Some((
                 v.label.clone(),

@@ -45,6 +45,91 @@ fn load(file: &Path) -> BTreeMap<String, Entry> {
         .unwrap_or_default()
 }
 
+fn mtime_ns(meta: &std::fs::Metadata) -> u128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A file's sha256 when it is known without reading the file: a hub blob's name, or the
+/// cache's entry for this path, size and modification time.
+pub fn known(path: &Path) -> Option<String> {
+    let real = std::fs::canonicalize(path).ok()?;
+    if let Some(h) = hub_blob_hash(&real) {
+        return Some(h);
+    }
+    let meta = std::fs::metadata(&real).ok()?;
+    let c = cache_file()?;
+    let _g = LOCK.lock();
+    load(&c)
+        .get(&*real.to_string_lossy())
+        .filter(|e| e.size == meta.len() && e.mtime_ns == mtime_ns(&meta))
+        .map(|e| e.sha256.clone())
+}
+
+/// An identity for a file that costs no reading: its real path, size and modification time
+/// (what a large file goes by until its hash is known).
+pub fn quick_id(path: &Path) -> Result<String> {
+    let real = std::fs::canonicalize(path).map_err(|e| Error::read(path, e))?;
+    let meta = std::fs::metadata(&real).map_err(|e| Error::read(path, e))?;
+    Ok(format!(
+        "file:{}:{}:{}",
+        real.display(),
+        meta.len(),
+        mtime_ns(&meta)
+    ))
+}
+
+/// A file's sha256 being computed on a thread of its own (so a first load never waits for
+/// it): `wait` blocks until it is there, `ready` does not.
+pub struct Pending {
+    state: Mutex<Option<std::result::Result<String, String>>>,
+    done: std::sync::Condvar,
+}
+
+impl Pending {
+    /// Starts hashing `path` (at once done when the hash is [`known`]).
+    pub fn start(path: PathBuf) -> std::sync::Arc<Pending> {
+        let p = std::sync::Arc::new(Pending {
+            state: Mutex::new(known(&path).map(Ok)),
+            done: std::sync::Condvar::new(),
+        });
+        if p.ready().is_none() {
+            let q = p.clone();
+            let spawned = std::thread::Builder::new()
+                .name("sd-studio hash".into())
+                .spawn(move || {
+                    let r = sha256(&path, &mut |_| {}).map_err(|e| e.to_string());
+                    *q.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                    q.done.notify_all();
+                });
+            if let Err(e) = spawned {
+                *p.state.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Err(format!("cannot start hashing: {e}")));
+            }
+        }
+        p
+    }
+
+    /// The hash (or why it could not be made), if finished.
+    pub fn ready(&self) -> Option<std::result::Result<String, String>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits for the hash.
+    pub fn wait(&self) -> std::result::Result<String, String> {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = g.as_ref() {
+                return r.clone();
+            }
+            g = self.done.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
 /// A file's full sha256 (lowercase hex), from the hub's blob name, the cache, or by reading
 /// it (then remembered). `progress` sees the fraction read.
 pub fn sha256(path: &Path, progress: &mut dyn FnMut(f32)) -> Result<String> {
@@ -53,12 +138,7 @@ pub fn sha256(path: &Path, progress: &mut dyn FnMut(f32)) -> Result<String> {
         return Ok(h);
     }
     let meta = std::fs::metadata(&real).map_err(|e| Error::read(path, e))?;
-    let mtime_ns = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let mtime_ns = mtime_ns(&meta);
     let key = real.to_string_lossy().to_string();
     let cache = cache_file();
     if let Some(c) = &cache {
@@ -127,6 +207,30 @@ fn hub_blob_hash(real: &Path) -> Option<String> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_hashes_on_its_own_thread_and_remembers() {
+        let dir = tempfile::tempdir().unwrap();
+        std::env::set_var("SD_STUDIO_CACHE_DIR", dir.path().join("cache"));
+        let p = dir.path().join("weights.bin");
+        std::fs::write(&p, b"abc").unwrap();
+        assert_eq!(known(&p), None);
+        let id = quick_id(&p).unwrap();
+        assert!(
+            id.starts_with("file:")
+                && id.ends_with(&format!(":3:{}", mtime_ns(&std::fs::metadata(&p).unwrap())))
+        );
+        let h = Pending::start(p.clone());
+        let want = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(h.wait().unwrap(), want);
+        assert_eq!(h.ready().unwrap().unwrap(), want);
+        // Remembered: the next start is done at once, from the cache.
+        assert_eq!(known(&p).as_deref(), Some(want));
+        assert_eq!(Pending::start(p.clone()).ready().unwrap().unwrap(), want);
+        // A file that went away: the reason, not a hang.
+        let gone = Pending::start(dir.path().join("missing.bin"));
+        assert!(gone.wait().is_err());
+    }
 
     #[test]
     fn known_answer_and_hub_blob_names() {
