@@ -12,8 +12,6 @@ use sha2::{Digest, Sha256};
 
 use sd_studio::engine::control::{canny::canny, ControlUse};
 use sd_studio::engine::pipeline::{GenerateRequest, InitImage, StableDiffusion};
-use sd_studio::engine::rng::RngKind;
-use sd_studio::engine::schedulers::SchedulerKind;
 
 const MAX_DIFF: u8 = 2;
 
@@ -34,12 +32,6 @@ fn unit(u: &serde_json::Value) -> ControlUse {
 }
 
 fn request(case: &serde_json::Value) -> GenerateRequest {
-    let seeds: Vec<u64> = case["seeds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_u64().unwrap())
-        .collect();
     let init_image = case["init_image"].as_str().map(|p| {
         let (_, _, rgb) = common::read_png_rgb(&common::fixtures().join(p));
         InitImage {
@@ -49,16 +41,6 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         }
     });
     GenerateRequest {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-        seed: seeds[0],
-        batch: seeds.len(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
-        scheduler: SchedulerKind::parse(case["scheduler"].as_str().unwrap()).unwrap(),
-        width: case["width"].as_u64().unwrap() as usize,
-        height: case["height"].as_u64().unwrap() as usize,
-        rng: RngKind::TorchCpu,
         init_image,
         controls: case["controlnets"]
             .as_array()
@@ -66,7 +48,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
             .iter()
             .map(unit)
             .collect(),
-        ..Default::default()
+        ..common::case_request(case)
     }
 }
 

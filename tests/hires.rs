@@ -9,28 +9,10 @@
 mod common;
 
 use sd_studio::engine::pipeline::{GenerateRequest, Hires, HiresUpscaler};
-use sd_studio::engine::rng::RngKind;
-use sd_studio::engine::schedulers::SchedulerKind;
 
 fn request(case: &serde_json::Value) -> GenerateRequest {
-    let seeds: Vec<u64> = case["seeds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_u64().unwrap())
-        .collect();
     let h = &case["hires"];
     GenerateRequest {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-        seed: seeds[0],
-        batch: seeds.len(),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance: case["guidance"].as_f64().unwrap(),
-        scheduler: SchedulerKind::parse(case["scheduler"].as_str().unwrap()).unwrap(),
-        width: case["width"].as_u64().unwrap() as usize,
-        height: case["height"].as_u64().unwrap() as usize,
-        rng: RngKind::TorchCpu,
         hires: Some(Hires {
             width: h["width"].as_u64().unwrap() as usize,
             height: h["height"].as_u64().unwrap() as usize,
@@ -39,7 +21,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
             upscaler: HiresUpscaler::parse(h["upscaler"].as_str().unwrap()).unwrap(),
             scale: h["scale"].as_f64(),
         }),
-        ..Default::default()
+        ..common::case_request(case)
     }
 }
 

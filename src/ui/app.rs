@@ -234,6 +234,21 @@ fn pick_safetensors(title: &str) -> Option<PathBuf> {
         .pick_file()
 }
 
+/// The system dialog for a picture (PNG, JPEG, WebP).
+fn pick_image(title: &str) -> Option<PathBuf> {
+    rfd::FileDialog::new()
+        .set_title(title)
+        .add_filter("Images", &["png", "jpg", "jpeg", "webp"])
+        .pick_file()
+}
+
+/// A file's name for display (the whole path when it has none).
+fn file_label(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
 /// What live mode watches: every parameter of the editor (an edit changes it).
 fn live_signature(p: &Params) -> String {
     serde_json::to_string(p).unwrap_or_default()
@@ -334,11 +349,7 @@ impl StudioApp {
     fn set_control_from_file(&mut self, ctx: &egui::Context, path: &std::path::Path) {
         match img2img::load_image_file(path) {
             Ok(img) => {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| path.display().to_string());
-                self.control.set_image(ctx, name, img);
+                self.control.set_image(ctx, file_label(path), img);
                 self.state.params.control.image = Some(path.to_path_buf());
             }
             Err(e) => self.error(format!("ControlNet picture: {e}")),
@@ -762,11 +773,7 @@ impl StudioApp {
                 }
             }
             UiCommand::PickInitImage => {
-                if let Some(file) = rfd::FileDialog::new()
-                    .set_title("Choose the init image")
-                    .add_filter("Images", &["png", "jpg", "jpeg", "webp"])
-                    .pick_file()
-                {
+                if let Some(file) = pick_image("Choose the init image") {
                     self.set_init_from_file(ctx, &file);
                 }
             }
@@ -784,11 +791,7 @@ impl StudioApp {
             },
             UiCommand::ClearInit => self.init = None,
             UiCommand::PickControlImage => {
-                if let Some(f) = rfd::FileDialog::new()
-                    .set_title("Choose the ControlNet's picture")
-                    .add_filter("images", &["png", "jpg", "jpeg", "webp"])
-                    .pick_file()
-                {
+                if let Some(f) = pick_image("Choose the ControlNet's picture") {
                     self.set_control_from_file(ctx, &f);
                 }
             }
@@ -994,11 +997,7 @@ impl StudioApp {
     fn set_init_from_file(&mut self, ctx: &egui::Context, path: &std::path::Path) {
         match img2img::load_image_file(path) {
             Ok(img) => {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| path.display().to_string());
-                self.init = Some(InitState::new(ctx, name, img));
+                self.init = Some(InitState::new(ctx, file_label(path), img));
                 self.img2img_open = true;
             }
             Err(e) => self.error(e),

@@ -143,3 +143,30 @@ impl RawSafetensors {
         o[0].as_u64().unwrap() as usize..o[1].as_u64().unwrap() as usize
     }
 }
+
+/// The request a reference case describes (prompt, negative prompt, seeds as a batch, steps,
+/// guidance, sampler, size; torch CPU noise, as the reference script draws it).
+pub fn case_request(case: &serde_json::Value) -> sd_studio::engine::pipeline::GenerateRequest {
+    let seeds: Vec<u64> = case["seeds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    sd_studio::engine::pipeline::GenerateRequest {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
+        seed: seeds[0],
+        batch: seeds.len(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance: case["guidance"].as_f64().unwrap(),
+        scheduler: sd_studio::engine::schedulers::SchedulerKind::parse(
+            case["scheduler"].as_str().unwrap(),
+        )
+        .unwrap(),
+        width: case["width"].as_u64().unwrap() as usize,
+        height: case["height"].as_u64().unwrap() as usize,
+        rng: sd_studio::engine::rng::RngKind::TorchCpu,
+        ..Default::default()
+    }
+}
