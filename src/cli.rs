@@ -674,14 +674,14 @@ fn per_unit<T: Clone>(v: &[T], n: usize, i: usize, flag: &'static str, default: 
 }
 
 /// The job's ControlNets, every file and value checked (and each ControlNet's architecture
-/// against the model's UNet) before any weights load; maps at `w`×`h`.
+/// against the model's UNet) before any weights load; maps at the job's size. A hub id is
+/// fetched in the variant the model's dtype loads (fp16 weights for f16).
 fn controls(
     c: &ControlArgs,
-    files: &model::ModelFiles,
-    w: usize,
-    h: usize,
+    p: &Prepared,
     synthetic: bool,
 ) -> Result<Vec<crate::engine::control::ControlUse>> {
+    let (files, w, h) = (&p.files, p.settings.width, p.settings.height);
     use crate::engine::control::{self, ControlUse, Preprocess};
     let n = c.controlnet.len();
     if n == 0 {
@@ -733,7 +733,10 @@ fn controls(
             end: per_unit(&c.control_end, n, i, "control end", 1.0)?,
         };
         unit.check(i)?;
-        let cn = crate::engine::controlnet_files::ControlNetFiles::open(spec, false)?;
+        let cn = crate::engine::controlnet_files::ControlNetFiles::open(
+            spec,
+            p.dtype != candle_core::DType::F32,
+        )?;
         cn.check_fits(&files.unet_config, files.vae_config.scale_factor())?;
         out.push(unit);
     }
@@ -899,13 +902,7 @@ fn generate(a: &GenerateArgs) -> Result<()> {
             })
         }
     };
-    let controls = controls(
-        &a.control,
-        &p.files,
-        p.settings.width,
-        p.settings.height,
-        false,
-    )?;
+    let controls = controls(&a.control, &p, false)?;
     let hires = hires(
         &a.hires,
         (p.settings.width, p.settings.height),
@@ -1107,13 +1104,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         return Err(Error::invalid("runs", "must be at least 1"));
     }
     let p = prepare(a.model.single()?, &a.model, &a.sampling)?;
-    let bench_controls = controls(
-        &a.control,
-        &p.files,
-        p.settings.width,
-        p.settings.height,
-        true,
-    )?;
+    let bench_controls = controls(&a.control, &p, true)?;
     let s = &p.settings;
     let device = p.device.clone();
     let sync = |what: &str| {
