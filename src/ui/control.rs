@@ -150,16 +150,7 @@ pub fn control_ui(
             .show(ui, |ui| body_ui(ui, panel, c, size, &mut out))
             .header_response
     });
-    let rect = scope.response.rect;
-    *drop_rect = Some(rect);
-    if files_hovering {
-        ui.painter().rect_stroke(
-            rect,
-            4.0,
-            egui::Stroke::new(2.0, ui.visuals().selection.stroke.color),
-            egui::StrokeKind::Outside,
-        );
-    }
+    super::img2img::drop_target(ui, scope.response.rect, files_hovering, drop_rect);
     out
 }
 

@@ -188,7 +188,18 @@ pub fn img2img_ui(
         *open = false;
         header.header_response
     });
-    let rect = scope.response.rect;
+    drop_target(ui, scope.response.rect, files_hovering, drop_rect);
+    out
+}
+
+/// A panel that takes dropped files: remembers its area and outlines it while files are
+/// dragged over the window.
+pub fn drop_target(
+    ui: &egui::Ui,
+    rect: egui::Rect,
+    files_hovering: bool,
+    drop_rect: &mut Option<egui::Rect>,
+) {
     *drop_rect = Some(rect);
     if files_hovering {
         ui.painter().rect_stroke(
@@ -198,7 +209,6 @@ pub fn img2img_ui(
             egui::StrokeKind::Outside,
         );
     }
-    out
 }
 
 fn body_ui(

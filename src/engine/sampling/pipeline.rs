@@ -444,6 +444,13 @@ pub struct StableDiffusion {
     controlnets: Mutex<Vec<LoadedControl>>,
 }
 
+/// diffusers' img2img start: `steps - min(int(steps·strength), steps)` steps skipped, times
+/// the sampler's order, within the `len` timesteps.
+fn img2img_start(steps: usize, strength: f64, order: usize, len: usize) -> usize {
+    let skipped = steps - ((steps as f64 * strength).floor() as usize).min(steps);
+    (skipped * order).min(len)
+}
+
 /// 0..=1 inclusive (NaN is outside).
 fn in_unit_range(what: &'static str, x: f64) -> Result<()> {
     if (0.0..=1.0).contains(&x) {
@@ -1055,6 +1062,16 @@ impl StableDiffusion {
             .collect()
     }
 
+    /// The request's sampler, built from the model's scheduler config as diffusers runs it.
+    fn scheduler_for(&self, req: &GenerateRequest) -> Result<Box<dyn Scheduler>> {
+        let config = self
+            .files
+            .scheduler_config
+            .clone()
+            .with_spacing(req.spacing);
+        req.scheduler.build(&config, req.steps)
+    }
+
     /// Checks a request against this model before any work starts.
     pub fn check(&self, req: &GenerateRequest) -> Result<()> {
         let f = self.scale_factor();
@@ -1217,12 +1234,7 @@ impl StableDiffusion {
         let controls = self.prepare_controls(req)?;
 
         // 3. Timesteps.
-        let config = self
-            .files
-            .scheduler_config
-            .clone()
-            .with_spacing(req.spacing);
-        let scheduler = req.scheduler.build(&config, req.steps)?;
+        let scheduler = self.scheduler_for(req)?;
         let steps_total = scheduler.timesteps().len();
 
         // 4. Initial latents: each image's own generator, so the batch never changes an image.
@@ -1259,9 +1271,7 @@ impl StableDiffusion {
         let mut start = 0;
         let mut inpaint: Option<Inpaint> = None;
         if let Some(init) = &req.init_image {
-            let skipped =
-                req.steps - ((req.steps as f64 * init.strength).floor() as usize).min(req.steps);
-            start = (skipped * scheduler.order()).min(steps_total);
+            start = img2img_start(req.steps, init.strength, scheduler.order(), steps_total);
             if init.mask.is_some() {
                 let (l, ip) = self.inpaint_latents(
                     init,

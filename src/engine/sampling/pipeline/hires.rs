@@ -7,7 +7,10 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{slerp_a1111, Conditioning, Embeds, GenerateRequest, InitImage, Run, StableDiffusion};
+use super::{
+    img2img_start, slerp_a1111, Conditioning, Embeds, GenerateRequest, InitImage, Run,
+    StableDiffusion,
+};
 use crate::engine::error::{Context, Error, Result};
 use crate::engine::rng::NoiseStream;
 
@@ -179,10 +182,11 @@ impl StableDiffusion {
             return Ok(0);
         };
         let r = h.request(req);
-        let config = self.files.scheduler_config.clone().with_spacing(r.spacing);
-        let s = r.scheduler.build(&config, r.steps)?;
-        Ok(s.timesteps().len()
-            - second_pass_start(r.steps, h.strength, s.order(), s.timesteps().len()))
+        let s = self.scheduler_for(&r)?;
+        Ok(
+            s.timesteps().len()
+                - img2img_start(r.steps, h.strength, s.order(), s.timesteps().len()),
+        )
     }
 
     /// Ends the first pass of `run` and sets up the second: upscale, fresh noise from the
@@ -198,14 +202,9 @@ impl StableDiffusion {
         let n = req.batch;
         let rows = run.rows;
         run.attention_slice = self.plan_memory(&req, rows)?;
-        let config = self
-            .files
-            .scheduler_config
-            .clone()
-            .with_spacing(req.spacing);
-        let scheduler = req.scheduler.build(&config, req.steps)?;
+        let scheduler = self.scheduler_for(&req)?;
         let len = scheduler.timesteps().len();
-        let start = second_pass_start(req.steps, h.strength, scheduler.order(), len);
+        let start = img2img_start(req.steps, h.strength, scheduler.order(), len);
         let mut streams: Vec<NoiseStream> = (0..n)
             .map(|i| NoiseStream::new(req.rng, req.seeds_of(i).0))
             .collect();
@@ -311,13 +310,6 @@ impl StableDiffusion {
         run.size = (req.width, req.height);
         Ok(())
     }
-}
-
-/// diffusers' img2img start: `steps - min(int(steps·strength), steps)` steps skipped, times
-/// the sampler's order, within the timesteps.
-fn second_pass_start(steps: usize, strength: f64, order: usize, len: usize) -> usize {
-    let skipped = steps - ((steps as f64 * strength).floor() as usize).min(steps);
-    (skipped * order).min(len)
 }
 
 #[cfg(test)]
