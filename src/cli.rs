@@ -58,7 +58,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Weights and compute precision: auto (f16 on a GPU, f32 on the CPU), f32, f16 or bf16
-    /// (bf16: GPU only).
+    /// (half precision on the CPU is slower than f32: for checking the GPU's numerics).
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// For a single-file checkpoint: a diffusers folder or hub id whose config files describe

@@ -214,12 +214,14 @@ fn bad_memory_names_are_refused_by_name() {
     }
 }
 
-/// The half-precision code paths (what the CUDA build runs in f16) on the CPU: the tiny
-/// models in f16 against f32. A wrong upcast, an overflow or a NaN shows as a large
-/// difference or an error; rounding alone stays small. (bf16 is refused on the CPU: see
-/// `sd_studio::engine::dtype_for`.)
+/// The half-precision code paths (what the CUDA build runs in f16 or bf16) on the CPU: the
+/// tiny models in f16 and bf16 against f32. A wrong upcast, an overflow or a NaN shows as a
+/// large difference or an error; rounding alone stays small (bf16 keeps 8 bits of mantissa
+/// against f16's 11, so its bound is wider). PyTorch on the same tiny SD 1.5 job (diffusers
+/// 0.42.1, CPU): f16 max 2, mean 0.12; bf16 max 10, mean 1.11. Ours: f16 1 / 0.14, bf16
+/// 10 / 1.29; a bf16 softmax (candle's, summing in bf16) had made it 15 / 2.00.
 #[test]
-fn f16_on_the_cpu_stays_close_to_f32() {
+fn half_precision_on_the_cpu_stays_close_to_f32() {
     for name in ["tiny-sd15", "tiny-sdxl"] {
         let load = |dtype| {
             let files =
@@ -227,30 +229,36 @@ fn f16_on_the_cpu_stays_close_to_f32() {
             StableDiffusion::load(files, Device::Cpu, dtype).unwrap()
         };
         let want = pixels(&mut load(DType::F32));
-        let got = pixels(&mut load(DType::F16));
-        let d = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| common::max_pixel_diff(a, b))
-            .max()
-            .unwrap();
-        eprintln!("{name} f16 vs f32: max |Δpixel| = {d}");
-        assert!(d <= 8, "{name} f16: max |Δpixel| {d} > 8");
+        for (dtype, bound, mean_bound) in [(DType::F16, 4, 0.3), (DType::BF16, 14, 1.8)] {
+            let got = pixels(&mut load(dtype));
+            let d = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| common::max_pixel_diff(a, b))
+                .max()
+                .unwrap();
+            let mean = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| common::mean_pixel_diff(a, b))
+                .fold(0f64, f64::max);
+            eprintln!("{name} {dtype:?} vs f32: max |Δpixel| = {d}, mean {mean:.3}");
+            assert!(d <= bound, "{name} {dtype:?}: max |Δpixel| {d} > {bound}");
+            assert!(
+                mean < mean_bound,
+                "{name} {dtype:?}: mean |Δpixel| {mean:.3} >= {mean_bound}"
+            );
+        }
     }
 }
 
 #[test]
-fn bf16_on_the_cpu_is_refused_before_loading() {
-    let e = sd_studio::engine::dtype_for("bf16", &Device::Cpu)
+fn dtype_names_and_the_cpu_default() {
+    for (name, want) in [("f16", DType::F16), ("bf16", DType::BF16), ("auto", DType::F32)] {
+        assert_eq!(sd_studio::engine::dtype_for(name, &Device::Cpu).unwrap(), want);
+    }
+    let e = sd_studio::engine::dtype_for("f8", &Device::Cpu)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("bf16") && e.contains("f32 or f16"), "{e}");
-    assert_eq!(
-        sd_studio::engine::dtype_for("f16", &Device::Cpu).unwrap(),
-        DType::F16
-    );
-    assert_eq!(
-        sd_studio::engine::dtype_for("auto", &Device::Cpu).unwrap(),
-        DType::F32
-    );
+    assert!(e.contains("dtype") && e.contains("\"f8\""), "{e}");
 }

@@ -110,6 +110,13 @@ pub fn max_pixel_diff(a: &[u8], b: &[u8]) -> u8 {
         .unwrap_or(0)
 }
 
+/// Mean |a − b| over all bytes of two images of the same size.
+pub fn mean_pixel_diff(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len(), "image sizes differ");
+    let sum: u64 = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y) as u64).sum();
+    sum as f64 / a.len().max(1) as f64
+}
+
 /// A safetensors file split into its header (as JSON) and its data section.
 pub struct RawSafetensors {
     pub header: serde_json::Map<String, serde_json::Value>,

@@ -44,7 +44,9 @@ impl Attention {
         let k = split(self.k.forward(xs)?)?;
         let v = split(self.v.forward(xs)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        // The softmax in f32 whatever the dtype (as PyTorch's attention kernels do).
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .to_dtype(scores.dtype())?;
         let ys = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.out.forward(&ys)
     }

@@ -4,8 +4,9 @@
 //! shifted by one kernel tap: contiguous copies, split over the CPU threads), and no
 //! transpose follows. With few output positions the product is turned around
 //! (`colsᵀ × Wᵀ`, then the small result transposed). candle's own CPU path measured up to
-//! 3× the time of its matrix product alone (see BENCHMARKS.md). Other devices and dtypes
-//! use candle's `conv2d`.
+//! 3× the time of its matrix product alone (see BENCHMARKS.md). bf16 on the CPU (which
+//! candle's CPU convolution lacks) is widened to f32 for the product; other devices and
+//! dtypes use candle's `conv2d`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
@@ -88,6 +89,12 @@ const MIN_POSITIONS: usize = 512;
 
 /// `x` [b, cin, h, w] ⊛ `w` [cout, cin, kh, kw], no bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
+        // candle's CPU convolution has no bf16 kernel: bf16 values, accumulated in f32 (as
+        // a GPU's bf16 convolution accumulates), rounded back once.
+        let y = conv2d(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, stride, padding)?;
+        return y.to_dtype(DType::BF16);
+    }
     if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 || candle_only() {
         return x.conv2d(w, padding, stride, 1, 1);
     }
