@@ -11,11 +11,12 @@
 //! thread each; `exp` is a polynomial written so the compiler vectorises it (AVX2+FMA when
 //! the CPU has them), accurate to a few ulp.
 //!
-//! Other devices and dtypes, and shapes too small to gain, take the plain path
-//! (`matmul`, `softmax_last_dim`, `matmul`), which [`attention`] also uses as the reference
-//! in its tests.
+//! Half precision on the CPU is widened to f32 for it. On CUDA, [`attention`] hands over to
+//! `attention_cuda.rs`'s kernel when `SD_STUDIO_CUDA_ATTENTION=1`. Other devices, and shapes
+//! too small to gain, take the plain path (`matmul`, `softmax_last_dim`, `matmul`), which
+//! the tests also use as the reference.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Queries per tile.
@@ -32,10 +33,34 @@ fn plain_only() -> bool {
     *ON.get_or_init(|| std::env::var("SD_STUDIO_PLAIN_ATTENTION").is_ok_and(|v| v == "1"))
 }
 
-/// Whether attention on tensors like `q` runs blocked (the CPU in f32): then no score
-/// matrix is ever built and attention slicing has nothing to bound.
-pub fn blocks(q: &Tensor) -> bool {
-    q.device().is_cpu() && q.dtype() == DType::F32 && enabled()
+/// `SD_STUDIO_CUDA_ATTENTION=1`: the fused CUDA kernel (`attention_cuda.rs`) on a GPU.
+/// Off by default until a GPU run has checked it.
+pub fn cuda_fused() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SD_STUDIO_CUDA_ATTENTION").is_ok_and(|v| v == "1"))
+}
+
+/// Whether attention on `device` in `dtype` runs without a score matrix (the CPU in any
+/// float dtype, half precision widened; CUDA with the fused kernel on, for the head widths
+/// it takes): then attention slicing has nothing to bound.
+pub fn score_free_on(device: &Device, dtype: DType) -> bool {
+    if device.is_cpu() {
+        return enabled() && dtype.is_float();
+    }
+    device.is_cuda() && cfg!(feature = "cuda") && cuda_fused()
+}
+
+/// [`score_free_on`] for heads of width `d` (the CUDA kernels take up to 512).
+fn score_free(q: &Tensor, d: usize) -> bool {
+    if !score_free_on(q.device(), q.dtype()) {
+        return false;
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return super::attention_cuda::supports(d);
+    }
+    let _ = d;
+    true
 }
 
 /// False only when `SD_STUDIO_PLAIN_ATTENTION=1` asks for the plain path.
@@ -44,15 +69,29 @@ pub fn enabled() -> bool {
 }
 
 /// `softmax(q kᵀ) v` for q [n, t, d] (already scaled), k and v [n, s, d]; → [n, t, d].
+/// Without a score matrix where [`score_free_on`] says so; else (and for shapes too small
+/// to gain) the plain path.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (_, t, _) = q.dims3()?;
+    let (_, t, d) = q.dims3()?;
     let s = k.dim(1)?;
-    if blocks(q) && t * s >= MIN_PAIRS {
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        q.apply_op3_no_bwd(&k, &v, &Blocked)
-    } else {
-        plain(q, k, v)
+    if !score_free(q, d) {
+        return plain(q, k, v);
     }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return super::attention_cuda::attention(q, k, v);
+    }
+    if q.dtype() != DType::F32 {
+        // Half precision on the CPU: products and softmax in f32 (as a GPU's fused
+        // attention accumulates), the result rounded once.
+        let f32 = |x: &Tensor| x.to_dtype(DType::F32);
+        return attention(&f32(q)?, &f32(k)?, &f32(v)?)?.to_dtype(q.dtype());
+    }
+    if t * s < MIN_PAIRS {
+        return plain(q, k, v);
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    q.apply_op3_no_bwd(&k, &v, &Blocked)
 }
 
 /// The plain path: the whole score matrix, softmax, product.

@@ -254,17 +254,6 @@ mod cuda {
     /// One block per (image, group): sum → mean, squared deviations → variance (f32 block
     /// reductions), then normalise, scale, shift, SiLU, round once.
     const SRC: &str = r#"
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-template <typename T> __device__ __forceinline__ float ld(const T v);
-template <> __device__ __forceinline__ float ld<float>(const float v) { return v; }
-template <> __device__ __forceinline__ float ld<__half>(const __half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T st(const float v);
-template <> __device__ __forceinline__ float st<float>(const float v) { return v; }
-template <> __device__ __forceinline__ __half st<__half>(const float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 st<__nv_bfloat16>(const float v) { return __float2bfloat16(v); }
-
 __device__ float block_sum(float v, float* shared) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -281,7 +270,8 @@ __device__ float block_sum(float v, float* shared) {
 }
 
 template <typename T>
-__device__ void group_norm(const T* x, const T* w, const T* b, T* y, int groups, int cpg,
+__device__ void group_norm(const typename T::bits* x, const typename T::bits* w,
+                           const typename T::bits* b, typename T::bits* y, int groups, int cpg,
                            int hw, float eps, int silu) {
     __shared__ float shared[32];
     const long len = (long)cpg * hw;
@@ -304,23 +294,16 @@ __device__ void group_norm(const T* x, const T* w, const T* b, T* y, int groups,
     }
 }
 
-extern "C" __global__ void group_norm_f32(const float* x, const float* w, const float* b, float* y, int groups, int cpg, int hw, float eps, int silu) { group_norm<float>(x, w, b, y, groups, cpg, hw, eps, silu); }
-extern "C" __global__ void group_norm_f16(const __half* x, const __half* w, const __half* b, __half* y, int groups, int cpg, int hw, float eps, int silu) { group_norm<__half>(x, w, b, y, groups, cpg, hw, eps, silu); }
-extern "C" __global__ void group_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* b, __nv_bfloat16* y, int groups, int cpg, int hw, float eps, int silu) { group_norm<__nv_bfloat16>(x, w, b, y, groups, cpg, hw, eps, silu); }
+#define GROUP_NORM(name, T) extern "C" __global__ void name(const T::bits* x, const T::bits* w, const T::bits* b, T::bits* y, int groups, int cpg, int hw, float eps, int silu) { group_norm<T>(x, w, b, y, groups, cpg, hw, eps, silu); }
+GROUP_NORM(group_norm_f32, F32)
+GROUP_NORM(group_norm_f16, F16)
+GROUP_NORM(group_norm_bf16, BF16)
 "#;
 
-    /// The PTX, compiled once per process with NVRTC (the CUDA headers come with it).
     fn ptx() -> Result<&'static str> {
         static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
             std::sync::OnceLock::new();
-        PTX.get_or_init(|| {
-            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SRC)
-                .map(|p| p.to_src())
-                .map_err(|e| format!("fused group norm: NVRTC: {e:?}"))
-        })
-        .as_ref()
-        .map(|s| s.as_str())
-        .map_err(|e| candle_core::Error::Msg(e.clone()))
+        crate::engine::models::cuda_kernels::ptx(&PTX, SRC, "fused group norm")
     }
 
     #[allow(clippy::too_many_arguments)]

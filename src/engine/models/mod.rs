@@ -2,9 +2,13 @@
 //! CPU convolutions (columns, Winograd), blocked attention and fused GroupNorm they are
 //! built from.
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod attention_cuda;
 pub mod clip;
 pub mod controlnet;
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda_kernels;
 pub mod fused;
 pub mod taesd;
 pub mod unet;

@@ -181,17 +181,12 @@ impl Attention {
         })
     }
 
-    /// softmax(q kᵀ) v over [b, heads, t, d]: blocked, without the score matrix, on the CPU
-    /// in f32 (see [`attention`]); elsewhere the plain path, `slice` queries at a time.
+    /// softmax(q kᵀ) v over [b, heads, t, d]: without the score matrix where
+    /// [`attention::score_free_on`] says so; elsewhere the plain path, `slice` queries at a
+    /// time.
     fn core(&self, q: &Tensor, k: &Tensor, v: &Tensor, slice: Option<usize>) -> R<Tensor> {
         let (b, h, t, d) = q.dims4()?;
-        if q.device().is_cpu() && q.dtype() != DType::F32 && attention::enabled() {
-            // Half precision on the CPU: products and softmax in f32 (as a GPU's fused
-            // attention accumulates), the result rounded once.
-            let f32 = |x: &Tensor| x.to_dtype(DType::F32);
-            return self.core(&f32(q)?, &f32(k)?, &f32(v)?, slice)?.to_dtype(q.dtype());
-        }
-        if attention::blocks(q) {
+        if attention::score_free_on(q.device(), q.dtype()) {
             let s = k.dim(2)?;
             let y = attention::attention(
                 &q.reshape((b * h, t, d))?,

@@ -855,10 +855,10 @@ impl StableDiffusion {
         Ok((Tensor::cat(&parts, 1).ctx("prompt chunks")?, tokens.used))
     }
 
-    /// Whether attention runs blocked here (the CPU in f32): no score matrix, nothing for
-    /// attention slicing to bound.
+    /// Whether attention runs without a score matrix here: nothing for attention slicing to
+    /// bound.
     fn blocked_attention(&self) -> bool {
-        self.device.is_cpu() && self.dtype == DType::F32 && crate::engine::attention::enabled()
+        crate::engine::attention::score_free_on(&self.device, self.dtype)
     }
 
     /// Plan jobs as if at most `limit` bytes were free (None: what the device reports).
