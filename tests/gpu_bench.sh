@@ -38,7 +38,8 @@
 # PART=check runs the other half instead (ours only, no diffusers timing; about 5 minutes):
 #   - tests/gpu_parity.py: the CUDA build against diffusers' reference images on the tiny
 #     fixtures (f32, f16) and the memory modes against full, with the fused GroupNorm off and
-#     on (SD_STUDIO_FUSED_GROUPNORM=0/1);
+#     on (SD_STUDIO_FUSED_GROUPNORM=0/1), then with the fused CUDA attention too
+#     (SD_STUDIO_CUDA_ATTENTION=1);
 #   - `sd-studio bench --profile` on the full-size random model at 512², batch 1: the UNet's
 #     time by part (what to speed up next);
 #   - A/B of it/s at batch 1 and 8: plain, fused GroupNorm, and the cuDNN build
@@ -46,7 +47,9 @@
 #     /work/target-cudnn, strip and xz it the same way; libcudnn.so.9 is found in the torch
 #     venv's nvidia/cudnn/lib there).
 #   Device call: run(command="PART=check bash tests/gpu_bench.sh", carry=[".gpu", ".whl"], timeout_s=600)
-#   Files back: $OUT/check.log, $OUT/parity-gn0.json, $OUT/parity-gn1.json, $OUT/ab.jsonl.
+#   - A/B variants: plain, fused (GroupNorm), fused-attn (GroupNorm + attention), cudnn,
+#     cudnn-fused.
+#   Files back: $OUT/check.log, $OUT/parity-{gn0,gn1,attn}.json, $OUT/ab.jsonl.
 #
 # Environment: BIN (default .gpu/sd-studio), PART (bench or check), COMPILE=1, COMPILE_MODE (default reduce-overhead),
 # COMPILE_BATCHES (default 1,8), TOTAL (seconds for this whole script, default 560: the
@@ -143,10 +146,12 @@ fi
 if [ "${PART:-bench}" = check ]; then
   export PYTHONUNBUFFERED=1
   {
-    for gn in 0 1; do
-      say "parity on the tiny fixtures, SD_STUDIO_FUSED_GROUPNORM=$gn"
-      SD_STUDIO_FUSED_GROUPNORM=$gn timeout 150 $PY tests/gpu_parity.py --bin "$BIN" \
-        --cases "${PARITY_CASES:-24}" --out "$OUT/parity-gn$gn.json"
+    for v in gn0 gn1 attn; do
+      gn=1; at=0
+      case $v in gn0) gn=0;; attn) at=1;; esac
+      say "parity on the tiny fixtures, SD_STUDIO_FUSED_GROUPNORM=$gn SD_STUDIO_CUDA_ATTENTION=$at"
+      SD_STUDIO_FUSED_GROUPNORM=$gn SD_STUDIO_CUDA_ATTENTION=$at timeout 150 $PY tests/gpu_parity.py \
+        --bin "$BIN" --cases "${PARITY_CASES:-24}" --out "$OUT/parity-$v.json"
       echo "exit status $?"
     done
     say "full-size random SD 1.5 (made once)"
@@ -156,13 +161,14 @@ if [ "${PART:-bench}" = check ]; then
     say "profile, batch 1 (fused GroupNorm on)"
     SD_STUDIO_FUSED_GROUPNORM=1 timeout 120 "$BIN" "${COMMON[@]}" --batches 1 --profile > /dev/null
     : > "$OUT/ab.jsonl"
-    for variant in plain fused cudnn cudnn-fused; do
-      b="$BIN"; gn=0
+    for variant in plain fused fused-attn cudnn cudnn-fused; do
+      b="$BIN"; gn=0; at=0
       case $variant in *cudnn*) b="$BIN_CUDNN";; esac
-      case $variant in *fused) gn=1;; esac
+      case $variant in *fused*) gn=1;; esac
+      case $variant in *attn) at=1;; esac
       [ -f "$b" ] || { echo "skip $variant: no binary $b"; continue; }
       say "A/B $variant"
-      SD_STUDIO_FUSED_GROUPNORM=$gn timeout 150 "$b" "${COMMON[@]}" --batches 1,8 \
+      SD_STUDIO_FUSED_GROUPNORM=$gn SD_STUDIO_CUDA_ATTENTION=$at timeout 150 "$b" "${COMMON[@]}" --batches 1,8 \
         | tail -1 | $PY -c "import json, sys; j = json.loads(sys.stdin.read()); j['variant'] = '$variant'; print(json.dumps(j))" \
         >> "$OUT/ab.jsonl"
     done

@@ -1,5 +1,5 @@
 """CUDA parity on the tiny fixtures: the CUDA build of `sd-studio generate` against
-diffusers' reference images (tests/fixtures/refs/cases.json), in f32 and f16, and the
+diffusers' reference images (tests/fixtures/refs/cases.json), in f32, f16 and bf16, and the
 memory modes (medvram, lowvram, attention slicing) against the full mode on the GPU.
 
 Not run by CI (it needs an NVIDIA GPU). Run on a GPU machine from the repository root:
@@ -7,7 +7,7 @@ Not run by CI (it needs an NVIDIA GPU). Run on a GPU machine from the repository
     python3 tests/gpu_parity.py --bin .gpu/sd-studio --out parity.json
 
 CPU f32 matches these references within 2 levels per pixel (tests/pipeline.rs). On CUDA we
-expect the same in f32; f16 is reported (tiny random-weight models are less forgiving than
+expect the same in f32; f16 and bf16 are reported (tiny random-weight models are less forgiving than
 real ones, so its numbers say how far reduced precision moves a picture, not pass/fail).
 Exit status 1 when any f32 case or any memory mode differs by more than 2 levels.
 """
@@ -81,7 +81,7 @@ def main() -> None:
         tmp = Path(tmp)
         for i, case in enumerate(cases):
             row = {"case": case["name"]}
-            for dtype in ("f32", "f16"):
+            for dtype in ("f32", "f16", "bf16"):
                 try:
                     got = run(a.bin, case, dtype, tmp / f"{i}-{dtype}", [])
                 except RuntimeError as e:
@@ -96,7 +96,8 @@ def main() -> None:
                 if dtype == "f32" and worst > 2:
                     failures.append(f"{case['name']} f32: max pixel difference {worst} > 2")
             results.append(row)
-            print(f"{case['name']:<60} f32 {row['f32']}  f16 {row['f16']}", flush=True)
+            print(f"{case['name']:<60} f32 {row['f32']}  f16 {row['f16']}  bf16 {row['bf16']}",
+                  flush=True)
 
         # Memory modes on the GPU: the same pictures as the full mode (f16, first cases).
         modes = [["--memory", "medvram"], ["--memory", "lowvram"],

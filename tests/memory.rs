@@ -254,8 +254,15 @@ fn half_precision_on_the_cpu_stays_close_to_f32() {
 
 #[test]
 fn dtype_names_and_the_cpu_default() {
-    for (name, want) in [("f16", DType::F16), ("bf16", DType::BF16), ("auto", DType::F32)] {
-        assert_eq!(sd_studio::engine::dtype_for(name, &Device::Cpu).unwrap(), want);
+    for (name, want) in [
+        ("f16", DType::F16),
+        ("bf16", DType::BF16),
+        ("auto", DType::F32),
+    ] {
+        assert_eq!(
+            sd_studio::engine::dtype_for(name, &Device::Cpu).unwrap(),
+            want
+        );
     }
     let e = sd_studio::engine::dtype_for("f8", &Device::Cpu)
         .unwrap_err()

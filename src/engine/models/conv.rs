@@ -11,6 +11,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 /// A convolution layer with diffusers' weight names (`weight`, `bias`).
 pub struct Conv2d {
@@ -92,7 +93,12 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     if x.device().is_cpu() && x.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
         // candle's CPU convolution has no bf16 kernel: bf16 values, accumulated in f32 (as
         // a GPU's bf16 convolution accumulates), rounded back once.
-        let y = conv2d(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, stride, padding)?;
+        let y = conv2d(
+            &x.to_dtype(DType::F32)?,
+            &w.to_dtype(DType::F32)?,
+            stride,
+            padding,
+        )?;
         return y.to_dtype(DType::BF16);
     }
     if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 || candle_only() {
@@ -122,7 +128,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
         })?
     };
     if oh * ow >= MIN_POSITIONS {
-        return w2.broadcast_matmul(&cols)?.reshape((b, cout, oh, ow));
+        return super::linear::left_matmul(&w2, &cols)?.reshape((b, cout, oh, ow));
     }
     // Few output positions: `W × cols` would be a skinny product; `colsᵀ × Wᵀ` (positions
     // as rows; colsᵀ copied, it is small; Wᵀ read transposed in place) runs near full speed,
@@ -200,20 +206,14 @@ impl CustomOp1 for Columns {
         let oh = (h + 2 * self.padding - self.kh) / self.stride + 1;
         let ow = (w + 2 * self.padding - self.kw) / self.stride + 1;
         let per_plane = self.kh * self.kw * oh * ow;
-        let mut out = vec![0f32; b * cin * per_plane];
-        let planes = b * cin;
-        let threads = candle_core::utils::get_num_threads().clamp(1, planes);
-        let chunk = planes.div_ceil(threads);
-        std::thread::scope(|scope| {
-            for (t, dst) in out.chunks_mut(chunk * per_plane).enumerate() {
-                scope.spawn(move || {
-                    for (i, dst) in dst.chunks_mut(per_plane).enumerate() {
-                        let plane = t * chunk + i;
-                        self.plane(&x[plane * h * w..(plane + 1) * h * w], h, w, oh, ow, dst);
-                    }
-                });
-            }
-        });
+        let mut out = super::attention::zeros_f32(b * cin * per_plane);
+        // On rayon's pool (threads spawned per call cost a fresh stack each, and their exit
+        // a flush of the allocator's thread cache).
+        out.par_chunks_mut(per_plane)
+            .enumerate()
+            .for_each(|(plane, dst)| {
+                self.plane(&x[plane * h * w..(plane + 1) * h * w], h, w, oh, ow, dst);
+            });
         Ok((
             CpuStorage::F32(out),
             Shape::from((b, cin * self.kh * self.kw, oh * ow)),

@@ -144,7 +144,7 @@ fn cpu_group_norm(
     use rayon::prelude::*;
     let cpg = c / groups;
     let len = cpg * hw;
-    let mut out = vec![0f32; x.len()];
+    let mut out = super::attention::zeros_f32(x.len());
     debug_assert_eq!(x.len(), n * groups * len);
     // One (image, group) per task: statistics in f64, then one scale-and-shift pass per
     // channel in f32 and a vectorised SiLU.

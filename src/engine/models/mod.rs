@@ -10,6 +10,7 @@ pub mod conv;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_kernels;
 pub mod fused;
+pub mod linear;
 pub mod taesd;
 pub mod unet;
 pub mod vae_decoder;

@@ -5,7 +5,9 @@
 
 use super::attention;
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+
+use super::linear::{linear, linear_no_bias, Linear};
 
 use crate::engine::config::UNetConfig;
 use crate::engine::conv::Conv2d;

@@ -7,7 +7,9 @@
 //! 1×1-convolution-shaped attention weights also accepted.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
 
 use crate::engine::config::VaeConfig;
 use crate::engine::conv::Conv2d;

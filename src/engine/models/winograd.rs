@@ -29,7 +29,7 @@ thread_local! {
 /// `G g Gᵀ` for every (cout, cin) filter, laid out [cout][16][cin] (so output channels
 /// transform in parallel; product ξ reads rows `co·16·cin + ξ·cin`).
 fn transform_filters(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let mut u = vec![0f32; 16 * cout * cin];
+    let mut u = super::attention::zeros_f32(16 * cout * cin);
     u.par_chunks_mut(16 * cin).enumerate().for_each(|(co, uc)| {
         for ci in 0..cin {
             let g = &w[(co * cin + ci) * 9..][..9];
@@ -118,7 +118,7 @@ impl CustomOp2 for Winograd {
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let tiles = th * tw;
         let blocks = tiles.div_ceil(TILES);
-        let mut out = vec![0f32; b * cout * h * w];
+        let mut out = super::attention::zeros_f32(b * cout * h * w);
         let ptr = OutPtr(out.as_mut_ptr());
         let out_len = out.len();
         (0..b * blocks).into_par_iter().for_each(|job| {
