@@ -246,7 +246,7 @@ impl CustomOp3 for GroupNormOp {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::engine::GroupNormOp;
+    use super::GroupNormOp;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{CudaStorage, Layout, Result, Shape};
