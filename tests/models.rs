@@ -371,3 +371,70 @@ fn a_single_file_checkpoint_records_its_a1111_model_hash() {
     let cached = std::fs::read_to_string(tmp.path().join("cache").join("hashes.json")).unwrap();
     assert!(cached.contains(&sha256_hex(&single())));
 }
+
+/// Resident kilobytes of this process's mappings of files under `dir` (Linux smaps).
+#[cfg(target_os = "linux")]
+fn mapped_rss_kb(dir: &Path) -> (usize, u64) {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let (mut maps, mut kb, mut inside) = (0, 0, false);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            inside = line.contains(&*dir.to_string_lossy());
+            maps += inside as usize;
+        } else if inside && first == "Rss:" {
+            kb += line
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap();
+        }
+    }
+    (maps, kb)
+}
+
+/// The weight files stay mapped after loading (a LoRA's originals are read back from them),
+/// but their pages leave the resident set: only the widened copies count. A job afterwards
+/// (and a LoRA merged and removed, which reads the originals again) still works.
+#[cfg(target_os = "linux")]
+#[test]
+fn loaded_models_do_not_keep_the_weight_files_resident() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny-sd15");
+    common::copy_dir(&common::model_path("tiny-sd15"), &dir);
+    let files = sd_studio::engine::model::ModelFiles::from_dir(&dir, false).unwrap();
+    let mut sd = sd_studio::engine::pipeline::StableDiffusion::load(
+        files,
+        Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let (maps, kb) = mapped_rss_kb(tmp.path());
+    assert!(
+        maps >= 3,
+        "the text encoder, UNet and VAE files stay mapped ({maps} mappings)"
+    );
+    assert_eq!(
+        kb, 0,
+        "{kb} kB of the weight files still resident after loading"
+    );
+    let req = GenerateRequest {
+        prompt: "a lighthouse".into(),
+        seed: 3,
+        steps: 2,
+        width: 64,
+        height: 64,
+        ..Default::default()
+    };
+    let first = sd.generate(&req, &mut |_| Ok(())).unwrap();
+    assert_eq!(first.len(), 1);
+    // Resident pages of the files are dropped again after each load, never kept for good.
+    assert!(sd_studio::engine::weights::release_mapped_pages() > 0);
+    assert_eq!(mapped_rss_kb(tmp.path()).1, 0);
+    let again = sd.generate(&req, &mut |_| Ok(())).unwrap();
+    assert_eq!(
+        again[0].rgb, first[0].rgb,
+        "reading the files again changed a pixel"
+    );
+}

@@ -17,6 +17,59 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 
 use crate::engine::{Error, Result};
 
+/// Takes this process's resident pages of every read-only mapped `.safetensors` file out of
+/// its resident set (`madvise(MADV_DONTNEED)`); returns the bytes of mappings advised.
+///
+/// Weights are copied (or widened) out of the mapped files while a model is built; the
+/// mappings themselves stay open, so that a LoRA's originals can be read back from the file
+/// instead of being kept in memory. Their pages are clean page cache, but they count in the
+/// process's RSS: 2 GB of f16 files for SD 1.5, on top of the f32 weights. Advised away, the
+/// mapping stays valid and a later read faults the page back in from the page cache: on a
+/// private read-only mapping nothing can be lost (there are no written copies to discard).
+/// Linux only; elsewhere nothing is done.
+pub fn release_mapped_pages() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+            return 0;
+        };
+        let mut advised = 0;
+        for line in maps.lines() {
+            // "start-end perms offset dev inode path"
+            let mut f = line.split_whitespace();
+            let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+                continue;
+            };
+            let path = f.nth(3).unwrap_or("");
+            if !path.ends_with(".safetensors") || !perms.starts_with("r-") {
+                continue;
+            }
+            let Some((a, b)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+            else {
+                continue;
+            };
+            if b <= a {
+                continue;
+            }
+            // SAFETY: [a, b) is a whole mapping of this process, as the kernel lists it: a
+            // private mapping of a file without write permission. MADV_DONTNEED only drops
+            // its page-table entries; the next read of any byte faults the same file
+            // contents back in, so every reference into it stays valid and unchanged.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED) };
+            if rc == 0 {
+                advised += (b - a) as u64;
+            }
+        }
+        advised
+    }
+    #[cfg(not(target_os = "linux"))]
+    0
+}
+
 /// Headers larger than this are not safetensors headers we want to parse.
 pub const MAX_HEADER: u64 = 100 << 20;
 

@@ -141,6 +141,57 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
         .reshape((b, cout, oh, ow))
 }
 
+/// Nearest-neighbour upsampling of `x` [b, c, h, w] to [b, c, oh, ow], as candle's
+/// `upsample_nearest2d` (source pixel ⌊i · (h / oh)⌋ in f64), on the CPU in f32 without candle's
+/// zeroed output buffer (see `linear.rs`: a zeroed request costs a page fault per 4 KiB; the
+/// VAE's last upsampling writes 268 MB per image). Other devices and dtypes: candle's.
+pub fn upsample_nearest2d(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || candle_only() {
+        return x.upsample_nearest2d(oh, ow);
+    }
+    x.contiguous()?.apply_op1_no_bwd(&Nearest { oh, ow })
+}
+
+struct Nearest {
+    oh: usize,
+    ow: usize,
+}
+
+impl CustomOp1 for Nearest {
+    fn name(&self) -> &'static str {
+        "upsample-nearest"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let x = super::attention::f32s(s, l, "upsampling input")?;
+        let (oh, ow) = (self.oh, self.ow);
+        // Source row and column of each output row and column, by candle's formula.
+        let index = |n: usize, src: usize| -> Vec<usize> {
+            let scale = src as f64 / n as f64;
+            (0..n)
+                .map(|i| ((i as f64 * scale) as usize).min(src - 1))
+                .collect()
+        };
+        let (rows, cols) = (index(oh, h), index(ow, w));
+        let mut out = Vec::with_capacity(b * c * oh * ow);
+        let mut row = vec![0f32; ow];
+        for plane in x.chunks_exact(h * w) {
+            for (i, &r) in rows.iter().enumerate() {
+                // A source row already expanded for the last output row is copied again.
+                if i == 0 || rows[i - 1] != r {
+                    let src = &plane[r * w..][..w];
+                    for (d, &j) in row.iter_mut().zip(&cols) {
+                        *d = src[j];
+                    }
+                }
+                out.extend_from_slice(&row);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
+    }
+}
+
 /// [b, cin, h, w] → [b, cin·kh·kw, oh·ow]: row (ci·kh + ky)·kw + kx holds the input plane
 /// ci sampled at tap (ky, kx) for every output position, zero outside the picture.
 struct Columns {
@@ -226,6 +277,25 @@ impl CustomOp1 for Columns {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn nearest_upsampling_matches_candle() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &dev).unwrap();
+        for (oh, ow) in [(10, 14), (5, 7), (11, 15), (15, 21)] {
+            let want = x.upsample_nearest2d(oh, ow).unwrap();
+            let got = upsample_nearest2d(&x, oh, ow).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{oh}x{ow}");
+        }
+        // A non-contiguous input is copied first.
+        let xt = x.transpose(2, 3).unwrap();
+        let want = xt.upsample_nearest2d(14, 10).unwrap();
+        let got = upsample_nearest2d(&xt, 14, 10).unwrap();
+        let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    }
 
     #[test]
     fn matches_candle_conv2d() {

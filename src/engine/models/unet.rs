@@ -851,7 +851,7 @@ impl UNet {
                     _ => (xh * 2, xw * 2),
                 };
                 x = scope("down/upsampling", dev, || {
-                    us.forward(&x.upsample_nearest2d(th, tw)?)
+                    us.forward(&crate::engine::conv::upsample_nearest2d(&x, th, tw)?)
                 })?;
             }
         }

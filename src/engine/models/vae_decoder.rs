@@ -208,7 +208,7 @@ impl VaeDecoder {
             if let Some(conv) = &u.upsample {
                 let (_, _, h, w) = x.dims4()?;
                 x = scope("vae upsampling", dev, || {
-                    conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+                    conv.forward(&crate::engine::conv::upsample_nearest2d(&x, 2 * h, 2 * w)?)
                 })?;
             }
         }

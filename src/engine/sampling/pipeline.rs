@@ -517,6 +517,8 @@ impl StableDiffusion {
         let tokenizer = files.load_tokenizer()?;
         let tokenizer_2 = files.load_tokenizer_2()?;
         let text_encoder_2 = files.text2_part(dtype, &device, offload)?.map(Arc::new);
+        // Built: the mapped files' pages need not stay resident (see the function).
+        crate::engine::weights::release_mapped_pages();
         Ok(Self {
             files,
             device,
@@ -932,6 +934,10 @@ impl StableDiffusion {
             self.unet.release();
         }
         report.rewritten += n;
+        if report.rewritten > 0 {
+            // Originals were read back from the mapped files.
+            crate::engine::weights::release_mapped_pages();
+        }
         let set = EmbeddingSet::for_prompts(
             &mut cache,
             &req.networks.embedding_dirs,
@@ -1035,6 +1041,7 @@ impl StableDiffusion {
             }
         }
         let net = Arc::new(files.load(self.dtype, &self.device, self.offload)?);
+        crate::engine::weights::release_mapped_pages();
         let hash = controlnet_files::legacy_hash(&files.weights)?;
         Ok(LoadedControl {
             spec: spec.to_string(),
