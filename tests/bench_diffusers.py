@@ -366,6 +366,8 @@ class Times:
         self.decode = None  # all images, one at a time
         self.total = None  # prompt .. decoded images (grid) / the pipeline call (steps)
         self.call = None  # the pipeline call alone (prompt + every step)
+        self.faults = []  # minor page faults per step (the same intervals as `steps`)
+        self.sys = []  # system seconds per step
 
 
 def run_once(pipe, a, batch: int, dev: Dev, taesd=None, encode_apart=True, mark_step=False) -> Times:
@@ -386,16 +388,25 @@ def run_once(pipe, a, batch: int, dev: Dev, taesd=None, encode_apart=True, mark_
             dev.sync()
             t.encode = time.perf_counter() - t0
         marks = []  # (end of step, end of the callback's own work)
+        usage = []  # (minor faults, system seconds) at the same two points
+
+        def rusage():
+            import resource
+
+            r = resource.getrusage(resource.RUSAGE_SELF)
+            return r.ru_minflt, r.ru_stime
 
         def on_step(_p, _i, _t, kw):
             dev.sync()
             end = time.perf_counter()
+            at_end = rusage()
             if taesd is not None:
                 to_rgb8(taesd.decode(kw["latents"].to(taesd.dtype), return_dict=False)[0])
                 dev.sync()
             if mark_step:  # CUDA graphs (reduce-overhead): a new iteration begins
                 torch.compiler.cudagraph_mark_step_begin()
             marks.append((end, time.perf_counter()))
+            usage.append((at_end, rusage()))
             return kw
 
         extra = {"image": control_map(a.size)} if hasattr(pipe, "controlnet") else {}
@@ -415,6 +426,9 @@ def run_once(pipe, a, batch: int, dev: Dev, taesd=None, encode_apart=True, mark_
     # Step i's time: from the end of the previous step's callback to this step's end. The
     # first step's interval also holds the pipeline's setup (prompt encoding...): skipped.
     t.steps = [b[0] - p[1] for p, b in zip(marks, marks[1:])]
+    # The same intervals' minor page faults and system time (as `sd-studio bench` reports).
+    t.faults = [b[0][0] - p[1][0] for p, b in zip(usage, usage[1:])]
+    t.sys = [b[0][1] - p[1][1] for p, b in zip(usage, usage[1:])]
     if taesd is not None:
         t.previews = [r - e for e, r in marks]
     return t
@@ -426,11 +440,13 @@ def steps_case(pipe, a, batch: int, dev: Dev, label: str, mark_step=False) -> di
     first = run_once(pipe, a, batch, dev, mark_step=mark_step)  # warm-up (compiles if compiled)
     warm = time.perf_counter() - t0
     dev.reset_peak()
-    enc, step, dec, calls = [], [], [], []
+    enc, step, dec, calls, faults, sys_s = [], [], [], [], [], []
     for _ in range(a.runs):
         t = run_once(pipe, a, batch, dev, mark_step=mark_step)
         enc.append(t.encode)
         step += t.steps
+        faults += t.faults
+        sys_s += t.sys
         dec.append(t.decode / batch)
         calls.append(t.call)
     st, st_min, st_max = spread(step)
@@ -441,6 +457,8 @@ def steps_case(pipe, a, batch: int, dev: Dev, label: str, mark_step=False) -> di
         "images_per_s_denoising": batch / (st * a.steps) if st else None,
         "decode_per_image_s": median(dec),
         "warmup_run_s": warm, "warmup_call_s": first.call, "call_s": median(calls),
+        "minor_faults_per_step": median(faults) if faults else None,
+        "sys_s_per_step": median(sys_s) if sys_s else None,
         **dev.memory(),
     }
     print(f"{label} batch {batch}: step {st:.4f} s ({line['it_per_s']:.2f} it/s), decode "
@@ -692,6 +710,19 @@ def report(res: dict) -> None:
           f"{fmt(ratio(y.get('decode_per_image_s'), x.get('decode_per_image_s')), 2):>6} "
           f"{fmt(x.get('peak_allocated_gib'), 2):>10} {fmt(x.get('peak_reserved_gib'), 2):>9} "
           f"{fmt(x.get('vram_used_gib'), 2):>9} {fmt(y.get('peak_gib'), 2):>9}")
+    if any(db.get(b, {}).get("minor_faults_per_step") is not None or
+           db.get(b, {}).get("peak_rss_gib") is not None for b in batches):
+        p("")
+        p("CPU, per step: minor page faults and system seconds (getrusage), and the process's "
+          "peak RSS GiB (diffusers: ru_maxrss; sd-studio: VmHWM)")
+        p(f"{'batch':>5} {'diff faults':>11} {'ours faults':>11} {'diff sys':>9} {'ours sys':>9} "
+          f"{'diff rss':>9} {'ours rss':>9}")
+        for b in batches:
+            x, y = db.get(b, {}), ob.get(b, {})
+            p(f"{b:>5} {fmt(x.get('minor_faults_per_step'), 0):>11} "
+              f"{fmt(y.get('minor_faults_per_step'), 0):>11} {fmt(x.get('sys_s_per_step'), 2):>9} "
+              f"{fmt(y.get('sys_s_per_step'), 2):>9} {fmt(x.get('peak_rss_gib'), 2):>9} "
+              f"{fmt(y.get('peak_gib'), 2):>9}")
     dg, og = by_batch(d, "grid").get(GRID_BATCH), by_batch(o, "grid").get(GRID_BATCH)
     if dg or og:
         dg, og = dg or {}, og or {}

@@ -442,26 +442,35 @@ fn exp_shifted_avx2(row: &mut [f32], shift: f32) -> f32 {
 /// vectorises.
 #[inline(always)]
 fn exp_in_place(row: &mut [f32], shift: f32) -> f32 {
+    for x in row.iter_mut() {
+        *x = exp_f32(*x - shift);
+    }
+    row_sum(row)
+}
+
+/// One element of [`exp_in_place`] (inlined into vectorised loops elsewhere too).
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    for x in row.iter_mut() {
-        let a = (*x - shift).clamp(-87.0, 88.0);
-        let n = (a * LOG2E + 0.5).floor();
-        let r = a - n * LN2_HI - n * LN2_LO;
-        let p = 1.987_569_1e-4f32;
-        let p = p * r + 1.398_199_9e-3;
-        let p = p * r + 8.333_452e-3;
-        let p = p * r + 4.166_579_6e-2;
-        let p = p * r + 0.166_666_66;
-        let p = p * r + 0.5;
-        let e = (p * r * r + r) + 1.0;
-        let bits = ((n as i32 + 127) << 23) as u32;
-        let y = e * f32::from_bits(bits);
-        let y = if *x - shift < -87.0 { 0.0 } else { y };
-        *x = y;
+    let a = x.clamp(-87.0, 88.0);
+    let n = (a * LOG2E + 0.5).floor();
+    let r = a - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_66;
+    let p = p * r + 0.5;
+    let e = (p * r * r + r) + 1.0;
+    let bits = ((n as i32 + 127) << 23) as u32;
+    let y = e * f32::from_bits(bits);
+    if x < -87.0 {
+        0.0
+    } else {
+        y
     }
-    row_sum(row)
 }
 
 #[cfg(test)]

@@ -256,10 +256,7 @@ impl TransformerBlock {
         let n3 = scope("layernorm", dev, || self.norm3.forward(&xs))?;
         // GEGLU feed-forward with exact (erf) GELU, as diffusers.
         let h = scope("feed-forward linear", dev, || self.ff_in.forward(&n3))?;
-        let gated = scope("feed-forward GEGLU gate", dev, || {
-            let half = h.dim(D::Minus1)? / 2;
-            h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?
-        })?;
+        let gated = scope("feed-forward GEGLU gate", dev, || super::linear::geglu(&h))?;
         let out = scope("feed-forward linear", dev, || self.ff_out.forward(&gated))?;
         scope("residual add", dev, || out + xs)
     }
