@@ -317,52 +317,30 @@ pub(crate) fn gemm_f32(
     beta: f32,
     threads: usize,
 ) {
-    let last = |rows: usize, cols: usize, s: (usize, usize)| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * s.0 + (cols - 1) * s.1 + 1
-        }
-    };
-    // The kernel reads and writes exactly these extents: checked here, so the raw pointers
-    // below never leave the slices.
+    // The product writes (and reads) exactly this extent of `dst`: checked here, so the
+    // raw pointer never leaves the slice.
     assert!(
-        dst.len() >= last(m, n, dst_s)
-            && lhs.len() >= last(m, k, lhs_s)
-            && rhs.len() >= last(k, n, rhs_s),
-        "blocked attention: tile out of bounds"
+        dst.len() >= super::linear::extent(m, n, dst_s),
+        "matrix product: output tile out of bounds"
     );
-    // SAFETY: the three extents were checked against the slices just above; `dst` is a
-    // unique borrow, so nothing else reads or writes it during the call; `gemm` reads `lhs`
-    // and `rhs` and writes only `dst` within those extents.
+    // SAFETY: `dst` is a unique borrow covering the extent checked just above.
     #[allow(unsafe_code)]
     unsafe {
-        gemm::gemm(
+        super::linear::gemm_raw(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            dst_s.1 as isize,
-            dst_s.0 as isize,
+            dst_s,
+            lhs,
+            lhs_s,
+            rhs,
+            rhs_s,
             accumulate,
-            lhs.as_ptr(),
-            lhs_s.1 as isize,
-            lhs_s.0 as isize,
-            rhs.as_ptr(),
-            rhs_s.1 as isize,
-            rhs_s.0 as isize,
-            1.0,
             beta,
-            false,
-            false,
-            false,
-            if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            },
-        );
-    }
+            threads,
+        )
+    };
 }
 
 /// The largest value of `row` (eight running maxima, so the loop vectorises).

@@ -99,14 +99,25 @@ fn written(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
     v
 }
 
-/// `dst [m, n] = (accumulate ? dst : ·) + lhs [m, k] · rhs [k, n]` (strides as (row,
-/// column)) on all of candle's CPU threads. With `accumulate` off, `dst` is only written.
+/// Elements spanned by a `rows × cols` matrix at strides `s` (row, column).
+pub(crate) fn extent(rows: usize, cols: usize, s: (usize, usize)) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * s.0 + (cols - 1) * s.1 + 1
+    }
+}
+
+/// `dst [m, n] = (accumulate ? dst : ·) + beta · lhs [m, k] · rhs [k, n]` (strides as (row,
+/// column)) on `threads` threads: the one call into the `gemm` crate for our CPU products.
+/// With `accumulate` off, `dst` is only written.
 ///
 /// # Safety
 /// `dst` must be valid for writes (and, with `accumulate`, reads) of the `m × n` elements
-/// at `dst_s`; `lhs` and `rhs` hold the extents their strides reach (checked here).
+/// at `dst_s`, and not accessed by anything else during the call; `lhs` and `rhs` must hold
+/// the extents their strides reach (checked here).
 #[allow(clippy::too_many_arguments, unsafe_code)]
-unsafe fn gemm_raw(
+pub(crate) unsafe fn gemm_raw(
     m: usize,
     n: usize,
     k: usize,
@@ -117,19 +128,13 @@ unsafe fn gemm_raw(
     rhs: &[f32],
     rhs_s: (usize, usize),
     accumulate: bool,
+    beta: f32,
+    threads: usize,
 ) {
-    let last = |rows: usize, cols: usize, s: (usize, usize)| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * s.0 + (cols - 1) * s.1 + 1
-        }
-    };
     assert!(
-        lhs.len() >= last(m, k, lhs_s) && rhs.len() >= last(k, n, rhs_s),
-        "linear: operand out of bounds"
+        lhs.len() >= extent(m, k, lhs_s) && rhs.len() >= extent(k, n, rhs_s),
+        "matrix product: operand out of bounds"
     );
-    let threads = candle_core::utils::get_num_threads();
     // SAFETY: operand extents checked above; `dst`'s is the caller's contract.
     unsafe {
         gemm::gemm(
@@ -147,7 +152,7 @@ unsafe fn gemm_raw(
             rhs_s.1 as isize,
             rhs_s.0 as isize,
             1.0,
-            1.0,
+            beta,
             false,
             false,
             false,
@@ -157,6 +162,32 @@ unsafe fn gemm_raw(
                 gemm::Parallelism::None
             },
         );
+    }
+}
+
+/// [`gemm_raw`] on all of candle's CPU threads, `beta` 1.
+///
+/// # Safety
+/// As [`gemm_raw`].
+#[allow(clippy::too_many_arguments, unsafe_code)]
+unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_s: (usize, usize),
+    lhs: &[f32],
+    lhs_s: (usize, usize),
+    rhs: &[f32],
+    rhs_s: (usize, usize),
+    accumulate: bool,
+) {
+    let threads = candle_core::utils::get_num_threads();
+    // SAFETY: the caller's contract, passed on.
+    unsafe {
+        gemm_raw(
+            m, n, k, dst, dst_s, lhs, lhs_s, rhs, rhs_s, accumulate, 1.0, threads,
+        )
     }
 }
 
@@ -187,7 +218,7 @@ impl LinearOp {
                 // SAFETY: `y` holds rows × cout initialised elements, read and written.
                 #[allow(unsafe_code)]
                 unsafe {
-                    gemm_raw(
+                    product(
                         rows,
                         cout,
                         cin,
@@ -206,7 +237,7 @@ impl LinearOp {
             // writes each of them.
             #[allow(unsafe_code)]
             None => written(rows * cout, |dst| unsafe {
-                gemm_raw(
+                product(
                     rows,
                     cout,
                     cin,
@@ -298,7 +329,7 @@ impl CustomOp2 for LeftOp {
                 // buffer; `gemm` without accumulation writes all of it.
                 #[allow(unsafe_code)]
                 unsafe {
-                    gemm_raw(
+                    product(
                         m,
                         n,
                         k,
