@@ -165,30 +165,9 @@ pub(crate) unsafe fn gemm_raw(
     }
 }
 
-/// [`gemm_raw`] on all of candle's CPU threads, `beta` 1.
-///
-/// # Safety
-/// As [`gemm_raw`].
-#[allow(clippy::too_many_arguments, unsafe_code)]
-unsafe fn product(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_s: (usize, usize),
-    lhs: &[f32],
-    lhs_s: (usize, usize),
-    rhs: &[f32],
-    rhs_s: (usize, usize),
-    accumulate: bool,
-) {
-    let threads = candle_core::utils::get_num_threads();
-    // SAFETY: the caller's contract, passed on.
-    unsafe {
-        gemm_raw(
-            m, n, k, dst, dst_s, lhs, lhs_s, rhs, rhs_s, accumulate, 1.0, threads,
-        )
-    }
+/// candle's CPU thread count (what its own products use).
+fn threads() -> usize {
+    candle_core::utils::get_num_threads()
 }
 
 /// x [rows, cin] · wᵀ (w [cout, cin]) (+ bias [cout]) → [rows, cout].
@@ -218,7 +197,7 @@ impl LinearOp {
                 // SAFETY: `y` holds rows × cout initialised elements, read and written.
                 #[allow(unsafe_code)]
                 unsafe {
-                    product(
+                    gemm_raw(
                         rows,
                         cout,
                         cin,
@@ -229,6 +208,8 @@ impl LinearOp {
                         w,
                         (1, cin),
                         true,
+                        1.0,
+                        threads(),
                     )
                 };
                 y
@@ -237,7 +218,7 @@ impl LinearOp {
             // writes each of them.
             #[allow(unsafe_code)]
             None => written(rows * cout, |dst| unsafe {
-                product(
+                gemm_raw(
                     rows,
                     cout,
                     cin,
@@ -248,6 +229,8 @@ impl LinearOp {
                     w,
                     (1, cin),
                     false,
+                    1.0,
+                    threads(),
                 )
             }),
         };
@@ -329,7 +312,7 @@ impl CustomOp2 for LeftOp {
                 // buffer; `gemm` without accumulation writes all of it.
                 #[allow(unsafe_code)]
                 unsafe {
-                    product(
+                    gemm_raw(
                         m,
                         n,
                         k,
@@ -340,6 +323,8 @@ impl CustomOp2 for LeftOp {
                         &x[i * k * n..(i + 1) * k * n],
                         (n, 1),
                         false,
+                        1.0,
+                        threads(),
                     )
                 };
             }
