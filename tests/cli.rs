@@ -19,6 +19,27 @@ fn tiny() -> String {
 }
 
 /// A fast, valid generate command on the tiny model writing into `out`.
+/// The settings of the diffusers reference case the ControlNet and Hires. fix CLI tests
+/// compare against (tests/make_fixtures.py).
+const REFERENCE_CASE: &[&str] = &[
+    "--prompt",
+    "a photo of an astronaut riding a horse",
+    "--negative-prompt",
+    "blurry, low quality",
+    "--scheduler",
+    "euler",
+    "--steps",
+    "8",
+    "--guidance",
+    "7.5",
+    "--rng",
+    "torch-cpu",
+    "--seed",
+    "42",
+    "--batch",
+    "2",
+];
+
 fn generate(out: &Path, extra: &[&str]) -> Output {
     let model = tiny();
     let defaults = [
@@ -1301,27 +1322,15 @@ fn controlnet_from_the_cli_matches_diffusers_and_is_recorded() {
     let o = generate(
         dir.path(),
         &[
-            "--prompt",
-            "a photo of an astronaut riding a horse",
-            "--negative-prompt",
-            "blurry, low quality",
-            "--scheduler",
-            "euler",
-            "--steps",
-            "8",
-            "--guidance",
-            "7.5",
-            "--rng",
-            "torch-cpu",
-            "--seed",
-            "42",
-            "--batch",
-            "2",
-            "--controlnet",
-            cn.to_str().unwrap(),
-            "--control-image",
-            squares.to_str().unwrap(),
-        ],
+            REFERENCE_CASE,
+            &[
+                "--controlnet",
+                cn.to_str().unwrap(),
+                "--control-image",
+                squares.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let cases = common::refs_json("controlnet_cases.json");
@@ -1548,29 +1557,17 @@ fn hires_fix_from_the_cli_matches_diffusers_and_writes_a1111s_fields() {
     let o = generate(
         dir.path(),
         &[
-            "--prompt",
-            "a photo of an astronaut riding a horse",
-            "--negative-prompt",
-            "blurry, low quality",
-            "--scheduler",
-            "euler",
-            "--steps",
-            "8",
-            "--guidance",
-            "7.5",
-            "--rng",
-            "torch-cpu",
-            "--seed",
-            "42",
-            "--batch",
-            "2",
-            "--hires-scale",
-            "2",
-            "--hires-strength",
-            "0.55",
-            "--hires-steps",
-            "10",
-        ],
+            REFERENCE_CASE,
+            &[
+                "--hires-scale",
+                "2",
+                "--hires-strength",
+                "0.55",
+                "--hires-steps",
+                "10",
+            ],
+        ]
+        .concat(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("step 13/13"), "{}", stderr(&o));
